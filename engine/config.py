@@ -1,0 +1,52 @@
+"""What the user can choose: the engine (model, method, offload, tree) and one generation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Method = Literal["vanilla", "classic_sd", "subspec_sd", "eagle_sd"]
+METHODS: tuple[str, ...] = ("vanilla", "classic_sd", "subspec_sd", "eagle_sd")
+
+
+@dataclass
+class EngineConfig:
+    method: Method = "vanilla"
+    llm_path: str | None = None  # folder, hub id, .gguf file; None = bundled SmolLM2-135M-Instruct
+    draft_model_path: str | None = None  # classic_sd only
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1"
+    dtype: str = "auto"  # "auto" = bfloat16 on CUDA, float32 on CPU
+    vram_limit_gb: float | None = None  # emulate a smaller card
+    keep_first_n_layers_on_gpu: int | None = None  # None = all layers resident (or the profile's plan)
+    max_length: int = 2048  # KV cache slots: prompt + generated tokens (+ tree scratch)
+    prefill_chunk: int = 512
+    # drafting (subspec_sd / classic_sd)
+    tree_policy: Literal["reference", "best_first"] = "reference"
+    max_depth: int = 32
+    topk_len: int = 6
+    node_budget: int | None = None  # best_first: nodes besides the root; None = max_depth * topk_len
+    draft_temperature: float = 0.2
+    substitute_bits: int = 4
+    substitute_group_size: int = 64
+    # verification
+    verify_method: Literal["exact", "lossy"] = "exact"
+    threshold_method: Literal["entropy", "prob"] = "entropy"
+    threshold: float = 0.3
+    window_size: int = 4
+    compile_mode: str | None = None
+    nvtx_profiling: bool = False
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)  # stop strings (not part of the returned text)
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature <= 0.0
