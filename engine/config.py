@@ -20,6 +20,9 @@ class EngineConfig:
     keep_first_n_layers_on_gpu: int | None = None  # None = all layers resident (or the profile's plan)
     max_length: int = 2048  # KV cache slots: prompt + generated tokens (+ tree scratch)
     prefill_chunk: int = 512
+    # Stream offloaded layers through CPU buffers on a machine without a GPU (a fake device that
+    # exercises the offloader's slot logic; tests and development only).
+    emulate_offload: bool = False
     # drafting (subspec_sd / classic_sd)
     tree_policy: Literal["reference", "best_first"] = "reference"
     max_depth: int = 32

@@ -6,7 +6,13 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Literal
 
+import torch
+
 from engine.config import EngineConfig, SamplingConfig
+from engine.drafters import Drafter
+from engine.emit import Emitter
+from engine.errors import EngineError
+from engine.generate import Target, run
 from engine.stats import GenerationStats, IterationStats
 
 FinishReason = Literal["eos", "stop", "length", "context", "cancelled"]
@@ -23,13 +29,34 @@ class Generation:
 class Engine:
     """A loaded target (+ drafter) ready to generate. Not thread-safe: one generation at a time."""
 
-    config: EngineConfig
-    model_name: str
-    max_length: int
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_name: str,
+        tokenizer,
+        target: Target,
+        drafter: Drafter,
+        eos_ids: set[int],
+        stream_bound_ms: float | None,
+        details: dict,
+    ) -> None:
+        self.config = config
+        self.model_name = model_name
+        self.tokenizer = tokenizer
+        self.max_length = target.cache.max_length
+        self._target = target
+        self._drafter = drafter
+        self._eos_ids = eos_ids
+        self._stream_bound_ms = stream_bound_ms
+        self._details = details
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a chat (role/content dicts) with the generation prompt appended."""
-        raise NotImplementedError
+        if not getattr(self.tokenizer, "chat_template", None):
+            text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+            return self.tokenizer.encode(text)
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     def generate(
         self,
@@ -42,16 +69,50 @@ class Engine:
         """Generate after `prompt_ids`. `on_text` gets each new piece of decoded text (never a
         piece of a stop string); `on_iteration` gets each iteration's stats (for live panels).
         Raises EngineError if the prompt does not fit `max_length`."""
-        raise NotImplementedError
+        if not prompt_ids:
+            raise EngineError("the prompt is empty")
+        if len(prompt_ids) >= self.max_length:
+            raise EngineError(
+                f"the prompt has {len(prompt_ids)} tokens but the context holds {self.max_length}: "
+                "shorten it or raise --max-length"
+            )
+        if sampling.do_sample and not (0.0 < sampling.top_p <= 1.0):
+            raise EngineError(f"top_p must be in (0, 1], got {sampling.top_p}")
+        device = self._target.transformer.device
+        stats = GenerationStats(
+            method=self.config.method,
+            lossy=self.config.verify_method == "lossy",
+            prompt_tokens=len(prompt_ids),
+            stream_bound_ms=self._stream_bound_ms,
+        )
+        emitter = Emitter(self.tokenizer, self._eos_ids, sampling.max_new_tokens, sampling.stop, on_text)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            run(self._target, self._drafter, self.config, prompt_ids, sampling, emitter, stats, on_iteration, cancel)
+        except torch.cuda.OutOfMemoryError:
+            raise EngineError(
+                "out of GPU memory while generating: lower --max-length, the tree size, "
+                "or --keep-first-n-layers-on-gpu"
+            ) from None
+        if device.type == "cuda":
+            stats.peak_gpu_bytes = torch.cuda.max_memory_allocated(device)
+        stats.new_tokens = len(emitter.token_ids)
+        return Generation(emitter.token_ids, emitter.text, emitter.finish_reason or "length", stats)
 
     def describe(self) -> dict:
         """Device, dtype, layers on GPU / offloaded, method, substitute bits: for status panels."""
-        raise NotImplementedError
+        return dict(self._details)
 
     def close(self) -> None:
         """Free GPU memory and pinned buffers."""
+        self._target = self._drafter = None  # type: ignore[assignment]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def load_engine(config: EngineConfig, progress: Callable[[str], None] | None = None) -> Engine:
     """Load the model(s) named by `config`. Raises EngineError with one clear line on bad input."""
-    raise NotImplementedError
+    from engine.build import build_engine
+
+    return build_engine(config, progress)

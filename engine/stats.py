@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
 
 
 @dataclass
@@ -14,7 +19,7 @@ class IterationStats:
     verify_ms: float
     transfer_ms: float | None  # None where nothing streams (CPU, all layers resident)
     tree_nodes: int = 1
-    accepted_per_depth: list[int] = field(default_factory=list)  # detailed analysis
+    accepted_depth: int = 0  # draft tokens accepted (emitted - 1)
 
 
 @dataclass
@@ -63,3 +68,36 @@ class GenerationStats:
             "prompt_tokens": self.prompt_tokens,
             "prefill_ms": self.prefill_ms,
         }
+
+
+class Timer:
+    """Named spans timed with CUDA events on a GPU (no sync until `collect`), perf_counter on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._cuda = device.type == "cuda"
+        self._spans: dict[str, tuple] = {}
+
+    @contextmanager
+    def span(self, name: str) -> Iterator[None]:
+        if self._cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._spans[name] = (start, end)
+        else:
+            started = time.perf_counter()
+            yield
+            self._spans[name] = (started, time.perf_counter())
+
+    def collect(self) -> dict[str, float]:
+        """Milliseconds per span since the last collect (waits for the GPU to reach them)."""
+        if self._cuda:
+            times = {}
+            for name, (start, end) in self._spans.items():
+                end.synchronize()
+                times[name] = start.elapsed_time(end)
+        else:
+            times = {name: (end - start) * 1e3 for name, (start, end) in self._spans.items()}
+        self._spans.clear()
+        return times

@@ -1,0 +1,157 @@
+"""Assemble an Engine from a config: device, target (resident + streamed layers), drafter."""
+
+from __future__ import annotations
+
+import gc
+from typing import Callable
+
+import torch
+
+from engine.config import METHODS, EngineConfig
+from engine.drafters import Drafter, TreeDrafter, VanillaDrafter
+from engine.engine import Engine
+from engine.errors import EngineError
+from engine.generate import Target
+from engine.loading import LoadedModel, load_model
+from engine.model import Transformer
+from engine.offload import LayerStack, linear_tensors, measure_h2d_gbps
+from engine.substitute import build_substitute
+
+Progress = Callable[[str], None]
+
+
+def build_engine(config: EngineConfig, progress: Progress | None = None) -> Engine:
+    say = progress or (lambda _msg: None)
+    _check_config(config)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    if device.type == "cuda" and config.vram_limit_gb:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, config.vram_limit_gb * 2**30 / total), device)
+    if config.method == "classic_sd":
+        _check_draft_vocabulary(config)
+    loaded = load_model(config.llm_path, dtype, say)
+    try:
+        return _assemble(config, loaded, device, dtype, say)
+    except torch.cuda.OutOfMemoryError:
+        raise EngineError(
+            f"{loaded.name} does not fit the GPU memory with this plan: keep fewer layers on the "
+            "GPU (--keep-first-n-layers-on-gpu) or lower --max-length"
+        ) from None
+
+
+def _assemble(config: EngineConfig, loaded: LoadedModel, device: torch.device, dtype: torch.dtype, say: Progress) -> Engine:
+    hf = loaded.model
+    max_length = min(config.max_length, getattr(hf.config, "max_position_embeddings", config.max_length))
+    layers = [linear_tensors(layer) for layer in hf.model.layers]
+    keep_on_gpu = _keep_on_gpu(config, device, len(layers))
+    transformer = Transformer(hf, device, max_length)
+    substitute = None
+    if config.method == "subspec_sd":
+        say(f"quantizing the substitute ({config.substitute_bits}-bit, group {config.substitute_group_size})")
+        substitute = build_substitute(layers, device, dtype, config.substitute_bits, config.substitute_group_size)
+    say(f"placing {keep_on_gpu} of {len(layers)} layers on {device.type}")
+    stack = LayerStack(layers, device, keep_on_gpu, stream=True if config.emulate_offload else None)
+    del layers, hf
+    gc.collect()
+    cache = transformer.new_cache(max_length)
+    target = Target(transformer, stack, cache, stack.take_transfer_ms)
+    drafter: Drafter = VanillaDrafter()
+    details = {
+        "method": config.method,
+        "model": loaded.name,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "layers_total": stack.num_layers,
+        "layers_on_gpu": stack.keep_on_gpu,
+        "offloaded_bytes": stack.offloaded_bytes,
+        "max_length": max_length,
+    }
+    if substitute is not None:
+        drafter = TreeDrafter(transformer, substitute, cache, owns_cache=False, config=config)
+        details |= {"substitute_bits": config.substitute_bits, "substitute_bytes": substitute.nbytes}
+    elif config.method == "classic_sd":
+        drafter = _classic_drafter(config, device, dtype, max_length, say)
+        details["draft_model"] = config.draft_model_path
+    gbps = measure_h2d_gbps(device) if stack.offloaded_bytes and device.type == "cuda" else None
+    stream_bound_ms = stack.offloaded_bytes / (gbps * 1e9) * 1e3 if gbps else None
+    details |= {"h2d_gbps": gbps, "stream_bound_ms": stream_bound_ms}
+    return Engine(config, loaded.name, loaded.tokenizer, target, drafter, _eos_ids(loaded), stream_bound_ms, details)
+
+
+def _classic_drafter(config: EngineConfig, device: torch.device, dtype: torch.dtype, max_length: int, say: Progress) -> TreeDrafter:
+    say(f"loading the draft model {config.draft_model_path}")
+    draft = load_model(config.draft_model_path, dtype, say)
+    layers = [linear_tensors(layer) for layer in draft.model.model.layers]
+    transformer = Transformer(draft.model, device, max_length)
+    stack = LayerStack(layers, device, keep_on_gpu=len(layers))
+    return TreeDrafter(transformer, stack, transformer.new_cache(max_length), owns_cache=True, config=config)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise EngineError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError("--device cuda was asked for but this torch build sees no CUDA GPU")
+    if device.type not in ("cpu", "cuda"):
+        raise EngineError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise EngineError(f"unknown dtype {name!r}: use auto, {', '.join(dtypes)}")
+    return dtypes[name]
+
+
+def _keep_on_gpu(config: EngineConfig, device: torch.device, num_layers: int) -> int:
+    """Resident layers: the config's N on a GPU (or the fake device), all of them otherwise."""
+    n = config.keep_first_n_layers_on_gpu
+    if n is None or (device.type == "cpu" and not config.emulate_offload):
+        return num_layers
+    if not 0 <= n <= num_layers:
+        raise EngineError(f"--keep-first-n-layers-on-gpu must be between 0 and {num_layers}, got {n}")
+    return n
+
+
+def _check_config(config: EngineConfig) -> None:
+    if config.method not in METHODS:
+        raise EngineError(f"unknown method {config.method!r}: use one of {', '.join(METHODS)}")
+    if config.method == "eagle_sd":
+        raise EngineError("eagle_sd is not available yet: use subspec_sd, classic_sd or vanilla")
+    if config.method == "classic_sd" and not config.draft_model_path:
+        raise EngineError("classic_sd needs a draft model: pass --draft-model-path")
+    if config.max_length < 2:
+        raise EngineError(f"--max-length must be at least 2, got {config.max_length}")
+    if config.max_depth < 0 or config.topk_len < 1:
+        raise EngineError("--max-depth must be >= 0 and --topk-len >= 1")
+    if config.draft_temperature <= 0:
+        raise EngineError("the draft temperature must be > 0")
+
+
+def _check_draft_vocabulary(config: EngineConfig) -> None:
+    """A draft must speak the target's vocabulary: compare tokenizers before loading any weight."""
+    from engine.loading import load_tokenizer
+
+    target = load_tokenizer(config.llm_path)
+    draft = load_tokenizer(config.draft_model_path)
+    if target.get_vocab() != draft.get_vocab():
+        raise EngineError(
+            f"the draft model's vocabulary differs from the target's ({len(draft.get_vocab())} vs "
+            f"{len(target.get_vocab())} tokens): classic_sd needs a draft of the same tokenizer"
+        )
+
+
+def _eos_ids(loaded: LoadedModel) -> set[int]:
+    ids: set[int] = set()
+    for source in (loaded.model.generation_config, loaded.model.config, loaded.tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        ids |= set(value) if isinstance(value, (list, tuple)) else ({value} if value is not None else set())
+    return ids

@@ -1,0 +1,59 @@
+"""Static KV cache (batch 1) with in-place compaction of an accepted tree path.
+
+Slots [0, length) hold committed tokens. A forward writes its tokens' keys and values at explicit
+slots (a tree's nodes sit right after the prefix); after verification the accepted path is moved to
+contiguous slots after the prefix. Tensors are allocated once and never reallocated, so their
+addresses stay stable for CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_length: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (num_layers, num_kv_heads, max_length, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_length = max_length
+        self.length = 0  # committed tokens
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v ([kv_heads, T, head_dim]) of T tokens at `slots` (T,) of `layer`."""
+        self.keys[layer].index_copy_(1, slots, k)
+        self.values[layer].index_copy_(1, slots, v)
+
+    def view(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of slots [0, end) of `layer`: what attention reads."""
+        return self.keys[layer, :, :end], self.values[layer, :, :end]
+
+    def commit(self, path_slots: list[int]) -> None:
+        """Move the entries at `path_slots` (the accepted path, in order, all >= length) to the
+        slots right after the committed prefix, in every layer, and count them as committed.
+
+        A path only goes deeper and deeper nodes sit later, so `path_slots` ascends: when it is
+        already the destination range nothing moves; otherwise the gather copies before writing."""
+        start, count = self.length, len(path_slots)
+        if path_slots != list(range(start, start + count)):
+            src = torch.tensor(path_slots, device=self.keys.device)
+            dest = slice(start, start + count)
+            self.keys[:, :, dest] = self.keys[:, :, src]
+            self.values[:, :, dest] = self.values[:, :, src]
+        self.length = start + count
+
+    def truncate(self, length: int) -> None:
+        """Forget everything after slot `length` (entries are overwritten by later writes)."""
+        self.length = length

@@ -1,0 +1,142 @@
+"""THE generation loop, for every method: prefill, then draft -> verify -> accept -> emit.
+
+    root = first token from the prefill logits
+    repeat:
+        drafter grows a tree from root                   (vanilla: root only)
+        target runs ONE forward over every tree node     (streams offloaded layers once)
+        walk: follow the children the target agrees with; the target's token where it stops is
+              the bonus token
+        compact the accepted path's KV, emit path tokens + bonus; root = bonus
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from engine.cache import KVCache
+from engine.config import EngineConfig, SamplingConfig
+from engine.drafters import Drafter
+from engine.emit import Emitter
+from engine.model import Stack, Transformer
+from engine.stats import GenerationStats, IterationStats, Timer
+from engine.tree import Tree, TreeShape
+from engine.verify import choose, lenient_nodes, walk, walk_lossy
+
+
+@dataclass
+class Target:
+    transformer: Transformer
+    stack: Stack
+    cache: KVCache
+    transfer_ms: Callable[[], float | None]  # copy-stream time since the last call
+
+
+def run(
+    target: Target,
+    drafter: Drafter,
+    config: EngineConfig,
+    prompt_ids: list[int],
+    sampling: SamplingConfig,
+    emitter: Emitter,
+    stats: GenerationStats,
+    on_iteration: Callable[[IterationStats], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> None:
+    device = target.transformer.device
+    cache = target.cache
+    generator = _generator(sampling, device)
+    timer = Timer(device)
+    tree = Tree(_tree_capacity(config), device)
+
+    started = time.perf_counter()
+    prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device)
+    last_logits = target.transformer.prefill(target.stack, cache, prompt, config.prefill_chunk)
+    drafter.prefill(prompt, config.prefill_chunk)
+    root = choose(last_logits[None], sampling, generator)[0]
+    target.transfer_ms()  # the prefill's copies are not a verification's
+    stats.prefill_ms = (time.perf_counter() - started) * 1e3
+    decode_started = time.perf_counter()
+    emitter.push([int(root)])
+
+    while not emitter.finished:
+        if cancel is not None and cancel.is_set():
+            emitter.finish("cancelled")
+            break
+        room = cache.max_length - cache.length  # slots left for the root and its tree
+        if room < 1:
+            emitter.finish("context")
+            break
+        shape = TreeShape(
+            max_depth=min(config.max_depth, emitter.remaining - 1, room - 1),
+            max_nodes=min(_node_budget(config), room - 1),
+        )
+        tree.reset(root, cache.length)
+        with timer.span("draft"):
+            drafter.draft(tree, shape)
+        with timer.span("verify"):
+            nodes = torch.arange(tree.size, device=device)
+            logits = target.transformer.forward(
+                target.stack,
+                cache,
+                tree.tokens[: tree.size],
+                tree.positions(nodes),
+                tree.slots(nodes),
+                tree.mask(nodes) if tree.size > 1 else None,
+                kv_end=cache.length + tree.size,
+            )
+            chosen = choose(logits, sampling, generator)
+        tokens, parents = tree.host_view()
+        if config.verify_method == "lossy":
+            lenient = lenient_nodes(logits, tree.tokens[: tree.size], tree.parents[: tree.size],
+                                    config.threshold_method, config.threshold)
+            result = walk_lossy(tokens, parents, chosen.tolist(), lenient.tolist(), config.window_size)
+        else:
+            result = walk(tokens, parents, chosen.tolist())
+        path_slots = [cache.length] + [cache.length + node for node in result.path]
+        cache.commit(path_slots)
+        drafter.commit(path_slots)
+        emitted = [tokens[node] for node in result.path] + [result.bonus]
+        emitter.push(emitted)
+        timings = timer.collect()
+        iteration = IterationStats(
+            emitted=len(emitted),
+            draft_ms=timings["draft"] if tree.size > 1 else None,
+            verify_ms=timings["verify"],
+            transfer_ms=target.transfer_ms(),
+            tree_nodes=tree.size,
+            accepted_depth=len(result.path),
+        )
+        stats.add(iteration)
+        if on_iteration is not None:
+            on_iteration(iteration)
+        root = torch.tensor(result.bonus, device=device)
+
+    stats.decode_s = time.perf_counter() - decode_started
+
+
+def _node_budget(config: EngineConfig) -> int:
+    if config.method == "vanilla":
+        return 0
+    if config.tree_policy == "best_first" and config.node_budget:
+        return config.node_budget
+    return config.max_depth * config.topk_len
+
+
+def _tree_capacity(config: EngineConfig) -> int:
+    return 1 + _node_budget(config)
+
+
+def _generator(sampling: SamplingConfig, device: torch.device) -> torch.Generator | None:
+    if sampling.greedy:
+        return None
+    generator = torch.Generator(device=device)
+    if sampling.seed is not None:
+        generator.manual_seed(sampling.seed)
+    else:
+        generator.seed()
+    return generator

@@ -1,0 +1,132 @@
+"""The decoder forward pass (Llama / Qwen2 / Qwen3 / Mistral), written out in plain PyTorch.
+
+One `Transformer` owns what every copy of the network shares: embeddings, norms, rotary tables and
+lm_head. The decoder-layer linears come from a `LayerStack` passed to each call: the target's
+(resident + streamed bf16) or the substitute's (HQQ modules), so the draft and the target run the
+very same code over the very same KV cache. Any forward takes T tokens at explicit positions and
+cache slots with an explicit [T, kv_end] attention mask, which is all tree drafting and tree
+verification need.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+from engine.cache import KVCache
+
+
+class Stack(Protocol):
+    """Per-layer linears for one forward (see engine.offload.LayerStack)."""
+
+    num_layers: int
+
+    def weights(self, i: int) -> dict: ...
+
+    def done(self, i: int) -> None: ...
+
+
+class Transformer:
+    def __init__(self, hf_model: torch.nn.Module, device: torch.device, max_length: int) -> None:
+        config = hf_model.config
+        inner = hf_model.model
+        self.config = config
+        self.device = device
+        self.dtype = inner.embed_tokens.weight.dtype
+        self.num_layers = config.num_hidden_layers
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.vocab_size = config.vocab_size
+        self.act = ACT2FN[config.hidden_act]
+        self.embed = inner.embed_tokens.to(device)
+        self.norm = inner.norm.to(device)
+        self.lm_head = hf_model.lm_head.to(device)
+        self.norms = [
+            tuple(
+                getattr(module, name).to(device) if hasattr(module, name) else None
+                for module, name in (
+                    (layer, "input_layernorm"),
+                    (layer, "post_attention_layernorm"),
+                    (layer.self_attn, "q_norm"),
+                    (layer.self_attn, "k_norm"),
+                )
+            )
+            for layer in inner.layers
+        ]
+        positions = torch.arange(max_length, device=device)[None]
+        probe = torch.empty(0, dtype=self.dtype, device=device)
+        cos, sin = inner.rotary_emb.to(device)(probe, positions)
+        self.cos, self.sin = cos[0], sin[0]  # [max_length, head_dim]: the shared rotary tables
+
+    def new_cache(self, max_length: int) -> KVCache:
+        return KVCache(self.num_layers, self.num_kv_heads, self.head_dim, max_length, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        stack: Stack,
+        cache: KVCache,
+        tokens: torch.Tensor,  # [T] token ids
+        positions: torch.Tensor,  # [T] rotary positions
+        slots: torch.Tensor,  # [T] KV cache slots to write
+        mask: torch.Tensor | None,  # [T, kv_end] bool, True = may attend; None = attend all
+        kv_end: int,  # attention reads slots [0, kv_end)
+        logits_rows: torch.Tensor | slice = slice(None),
+    ) -> torch.Tensor:
+        """Logits (float32) of the selected rows, after writing the tokens' KV at `slots`."""
+        x = self.embed(tokens)
+        cos, sin = self.cos[positions], self.sin[positions]
+        attn_mask = None if mask is None else mask[None, None]
+        for i in range(stack.num_layers):
+            weights = stack.weights(i)
+            input_norm, post_norm, q_norm, k_norm = self.norms[i]
+            h = input_norm(x)
+            x = x + self._attention(weights, cache, i, h, cos, sin, slots, attn_mask, kv_end, q_norm, k_norm)
+            h = post_norm(x)
+            x = x + _linear(weights, "down_proj", self.act(_linear(weights, "gate_proj", h)) * _linear(weights, "up_proj", h))
+            stack.done(i)
+        return self.lm_head(self.norm(x[logits_rows])).float()
+
+    def prefill(self, stack: Stack, cache: KVCache, prompt: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Run the prompt in causal chunks from slot 0; returns the last token's logits [V]."""
+        cache.truncate(0)
+        for start in range(0, prompt.numel(), chunk):
+            end = min(start + chunk, prompt.numel())
+            slots = torch.arange(start, end, device=self.device)
+            # Row r (slot start + r) sees every slot up to and including its own.
+            mask = torch.arange(end, device=self.device)[None] <= slots[:, None]
+            logits = self.forward(stack, cache, prompt[start:end], slots, slots, mask, end, slice(-1, None))
+        cache.truncate(prompt.numel())
+        return logits[0]
+
+    def _attention(self, weights, cache, layer, h, cos, sin, slots, attn_mask, kv_end, q_norm, k_norm):
+        T = h.shape[0]
+        q = _linear(weights, "q_proj", h).view(T, self.num_heads, self.head_dim)
+        k = _linear(weights, "k_proj", h).view(T, self.num_kv_heads, self.head_dim)
+        v = _linear(weights, "v_proj", h).view(T, self.num_kv_heads, self.head_dim)
+        if q_norm is not None:  # Qwen3 normalises each head before rotary
+            q, k = q_norm(q), k_norm(k)
+        q, k = _rotate(q.transpose(0, 1), cos, sin), _rotate(k.transpose(0, 1), cos, sin)
+        cache.write(layer, slots, k, v.transpose(0, 1))
+        keys, values = cache.view(layer, kv_end)
+        out = F.scaled_dot_product_attention(
+            q[None], keys[None], values[None], attn_mask=attn_mask, enable_gqa=True
+        )
+        return _linear(weights, "o_proj", out[0].transpose(0, 1).reshape(T, -1))
+
+
+def _linear(weights: dict, name: str, x: torch.Tensor) -> torch.Tensor:
+    w = weights[name]
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, weights.get(f"{name}.bias"))
+    return w(x)  # a quantized module (the substitute) carries its own bias
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,182 @@
+"""Decoder-layer weights for a forward pass: resident on the device or streamed from pinned memory.
+
+The first `keep_on_gpu` layers' linears live on the device. The others live in pinned host memory,
+one flat buffer per layer (one large copy per layer runs at full PCIe speed), and stream through
+`num_slots` reusable device buffers on a dedicated copy stream. Streaming is cyclic: as soon as a
+slot's layer has been computed, the copy of the layer that will next use that slot is queued, so
+the first offloaded layers of the NEXT forward load while this one finishes (and while the drafter
+works). Waits are per event; nothing synchronizes the whole device.
+
+A "fake device" (device = CPU with streaming forced on) runs the same bookkeeping with synchronous
+copies, so the slot logic is tested on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+LayerWeights = dict[str, torch.Tensor]  # "q_proj" -> weight, "q_proj.bias" -> bias, ...
+
+
+def linear_tensors(hf_layer: torch.nn.Module) -> LayerWeights:
+    """The weights (and biases) of a transformers decoder layer's seven linears, by short name."""
+    modules = {**dict(hf_layer.self_attn.named_children()), **dict(hf_layer.mlp.named_children())}
+    tensors: LayerWeights = {}
+    for name in LINEAR_NAMES:
+        linear = modules[name]
+        tensors[name] = linear.weight.data
+        if linear.bias is not None:
+            tensors[f"{name}.bias"] = linear.bias.data
+    return tensors
+
+
+@dataclass
+class _Slot:
+    flat: torch.Tensor  # device buffer holding one layer
+    views: LayerWeights  # named views into `flat`
+    copied: torch.cuda.Event | None = None  # the layer's copy has landed
+    freed: torch.cuda.Event | None = None  # the layer's compute no longer reads it
+
+
+class LayerStack:
+    """Weights of every decoder layer for one forward: `weights(i)` then `done(i)`, in order."""
+
+    def __init__(
+        self,
+        layers: list[LayerWeights],
+        device: torch.device,
+        keep_on_gpu: int,
+        num_slots: int = 2,
+        stream: bool | None = None,
+    ) -> None:
+        self.device = device
+        self.num_layers = len(layers)
+        self.keep_on_gpu = max(0, min(keep_on_gpu, self.num_layers))
+        self.resident = [{k: t.to(device) for k, t in w.items()} for w in layers[: self.keep_on_gpu]]
+        offloaded = layers[self.keep_on_gpu :]
+        self._cuda = device.type == "cuda"
+        streaming = bool(offloaded) and (self._cuda if stream is None else stream)
+        if not streaming:  # nothing to stream: every layer resident (the CPU path)
+            self.resident += [{k: t.to(device) for k, t in w.items()} for w in offloaded]
+            self.keep_on_gpu, offloaded = self.num_layers, []
+        self._layout = _layout(offloaded[0]) if offloaded else {}
+        self._host = [self._pack(w) for w in offloaded]
+        self.num_slots = min(num_slots, len(self._host))
+        self._slots = [self._new_slot() for _ in range(self.num_slots)]
+        self._copy_stream = torch.cuda.Stream(device) if self._cuda and self._host else None
+        self._timings: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._cpu_transfer_s = 0.0
+        self._computed = 0  # offloaded layers computed so far, over all forwards
+        for n in range(self.num_slots):
+            self._copy(n)
+
+    @property
+    def offloaded_bytes(self) -> int:
+        """Bytes one forward streams: the physical floor's numerator."""
+        return sum(h.nbytes for h in self._host)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(t.nbytes for w in self.resident for t in w.values()) + sum(
+            s.flat.nbytes for s in self._slots
+        )
+
+    def weights(self, i: int) -> LayerWeights:
+        """Layer i's weights on the device; for a streamed layer, after its copy has landed."""
+        if i < self.keep_on_gpu:
+            return self.resident[i]
+        slot = self._slots[self._computed % self.num_slots]
+        if slot.copied is not None:
+            torch.cuda.current_stream(self.device).wait_event(slot.copied)
+        return slot.views
+
+    def done(self, i: int) -> None:
+        """Layer i's compute has been issued: its slot can take the next layer in cyclic order."""
+        if i < self.keep_on_gpu:
+            return
+        n = self._computed
+        self._computed += 1
+        if len(self._host) <= self.num_slots:  # every offloaded layer has a slot of its own
+            return
+        slot = self._slots[n % self.num_slots]
+        if self._cuda:
+            slot.freed = torch.cuda.Event()
+            slot.freed.record(torch.cuda.current_stream(self.device))
+        self._copy(n + self.num_slots)
+
+    def take_transfer_ms(self) -> float | None:
+        """Copy-stream time of the copies finished since the last call (None: nothing streams)."""
+        if not self._host:
+            return None
+        if not self._cuda:
+            ms, self._cpu_transfer_s = self._cpu_transfer_s * 1e3, 0.0
+            return ms
+        done = [t for t in self._timings if t[1].query()]
+        self._timings = [t for t in self._timings if not t[1].query()]
+        return sum(start.elapsed_time(end) for start, end in done)
+
+    def _copy(self, n: int) -> None:
+        """Queue the copy of the n-th offloaded layer (cyclic order) into its slot."""
+        host = self._host[n % len(self._host)]
+        slot = self._slots[n % self.num_slots]
+        if not self._cuda:
+            started = time.perf_counter()
+            slot.flat.copy_(host)
+            self._cpu_transfer_s += time.perf_counter() - started
+            return
+        with torch.cuda.stream(self._copy_stream):
+            if slot.freed is not None:
+                self._copy_stream.wait_event(slot.freed)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(self._copy_stream)
+            slot.flat.copy_(host, non_blocking=True)
+            end.record(self._copy_stream)
+            slot.copied = end
+            self._timings.append((start, end))
+
+    def _pack(self, weights: LayerWeights) -> torch.Tensor:
+        dtype = next(iter(weights.values())).dtype
+        flat = torch.empty(_numel(self._layout), dtype=dtype, pin_memory=self._cuda)
+        for name, (offset, shape) in self._layout.items():
+            flat[offset : offset + shape.numel()].view(shape).copy_(weights[name])
+        return flat
+
+    def _new_slot(self) -> _Slot:
+        flat = torch.empty_like(self._host[0], device=self.device, pin_memory=False)
+        views = {n: flat[o : o + s.numel()].view(s) for n, (o, s) in self._layout.items()}
+        return _Slot(flat=flat, views=views)
+
+
+def _layout(weights: LayerWeights) -> dict[str, tuple[int, torch.Size]]:
+    # Offsets rounded to 64 elements keep every view 128-byte aligned for the matmul kernels.
+    layout, offset = {}, 0
+    for name, tensor in weights.items():
+        layout[name] = (offset, tensor.shape)
+        offset += -(-tensor.numel() // 64) * 64
+    return layout
+
+
+def _numel(layout: dict[str, tuple[int, torch.Size]]) -> int:
+    offset, shape = max(layout.values(), key=lambda item: item[0])
+    return offset + -(-shape.numel() // 64) * 64
+
+
+def measure_h2d_gbps(device: torch.device, nbytes: int = 256 << 20, repeats: int = 5) -> float | None:
+    """Pinned host-to-device bandwidth in GB/s (1e9 bytes/s); None on a device without PCIe."""
+    if device.type != "cuda":
+        return None
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dev.copy_(host, non_blocking=True)  # warm-up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        dev.copy_(host, non_blocking=True)
+    end.record()
+    end.synchronize()
+    return nbytes * repeats / (start.elapsed_time(end) * 1e-3) / 1e9

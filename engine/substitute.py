@@ -1,0 +1,98 @@
+"""The substitute: the target's own decoder layers with every linear quantized by HQQ.
+
+Only the seven linears of each layer are new; embeddings, norms, rotary tables, lm_head and the KV
+cache are the target's (see engine.model.Transformer), so the substitute drafts over the target's
+exact prefix with no prefill and no second copy of anything shared.
+
+On CUDA each linear is an HQQLinear, switched to gemlite's fused low-bit kernels when gemlite is
+installed (hqq's torch backend otherwise). On the CPU, hqq's torch backend would unpack and
+dequantize every weight on every call (tens of ms per linear); the substitute keeps the dequantized
+weights instead: the same numbers the backend would multiply with, computed once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.offload import LINEAR_NAMES, LayerWeights
+
+
+class SubstituteStack:
+    """A LayerStack-like view over the quantized layers: all resident, nothing streams."""
+
+    def __init__(self, layers: list[dict]) -> None:
+        self.layers = layers
+        self.num_layers = len(layers)
+
+    def weights(self, i: int) -> dict:
+        return self.layers[i]
+
+    def done(self, i: int) -> None:
+        pass
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_nbytes(w) for layer in self.layers for w in layer.values())
+
+
+def build_substitute(
+    layers: list[LayerWeights],
+    device: torch.device,
+    compute_dtype: torch.dtype,
+    bits: int = 4,
+    group_size: int = 64,
+) -> SubstituteStack:
+    """Quantize every layer's linears (host or device tensors) onto `device`."""
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    config = BaseQuantizeConfig(nbits=bits, group_size=group_size, axis=1)
+    quantized = []
+    for weights in layers:
+        layer: dict = {}
+        for name in LINEAR_NAMES:
+            linear = _as_linear(weights[name], weights.get(f"{name}.bias"), device)
+            module = HQQLinear(linear, config, compute_dtype=compute_dtype, device=str(device), del_orig=True)
+            if device.type == "cpu":
+                layer[name] = module.dequantize().to(compute_dtype)
+                if module.bias is not None:
+                    layer[f"{name}.bias"] = module.bias.to(compute_dtype)
+            else:
+                layer[name] = module
+        quantized.append(layer)
+    if device.type == "cuda":
+        _use_gemlite(quantized)
+    return SubstituteStack(quantized)
+
+
+def _as_linear(weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device) -> torch.nn.Linear:
+    # A throw-away module around a device copy: HQQLinear deletes its input, never the target's.
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = torch.nn.Parameter(weight.to(device, copy=True), requires_grad=False)
+    if bias is not None:
+        linear.bias = torch.nn.Parameter(bias.to(device, copy=True), requires_grad=False)
+    return linear
+
+
+def _use_gemlite(layers: list[dict]) -> None:
+    """Swap HQQLinear modules for gemlite kernels when gemlite imports (it needs a CUDA torch)."""
+    try:
+        from hqq.utils.patching import prepare_for_inference
+    except Exception:  # noqa: BLE001 - an optional accelerator; hqq's torch backend still works
+        return
+    holder = torch.nn.ModuleList(torch.nn.ModuleDict(layer) for layer in layers)
+    try:
+        prepare_for_inference(holder, backend="gemlite")
+    except Exception:  # noqa: BLE001 - gemlite missing or failing to import: keep hqq's backend
+        return
+    for layer, modules in zip(layers, holder):
+        layer.update(dict(modules.items()))
+
+
+def _nbytes(w: object) -> int:
+    if isinstance(w, torch.Tensor):
+        return w.nbytes
+    if isinstance(w, torch.nn.Module):
+        return sum(t.nbytes for t in list(w.parameters()) + list(w.buffers())) + sum(
+            t.nbytes for t in vars(w).values() if isinstance(t, torch.Tensor)
+        )
+    return 0

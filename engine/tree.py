@@ -1,0 +1,120 @@
+"""Token trees: storage, attention masks, positions, and the drafting policies that grow them.
+
+Node 0 is the root (the last emitted token, whose KV is not cached yet). Node i sits at cache slot
+`prefix_len + i` and rotary position `prefix_len + depth[i]`; it may attend to the prefix, its
+ancestors and itself. A tree lives in device tensors sized once for its capacity, and node counts
+per step are fixed by the policy, so drafting never waits on the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+# Draft log-probabilities [F, V] of the children of frontier nodes `nodes` (F,), the frontier's KV
+# written into the cache as a side effect.
+DraftStep = Callable[["Tree", torch.Tensor], torch.Tensor]
+
+
+class Tree:
+    def __init__(self, capacity: int, device: torch.device) -> None:
+        self.capacity = capacity
+        self.tokens = torch.zeros(capacity, dtype=torch.long, device=device)
+        self.parents = torch.zeros(capacity, dtype=torch.long, device=device)
+        self.depths = torch.zeros(capacity, dtype=torch.long, device=device)
+        self.scores = torch.zeros(capacity, dtype=torch.float32, device=device)  # cumulative log p
+        self.ancestors = torch.zeros(capacity, capacity, dtype=torch.bool, device=device)
+        self.size = 0
+        self.prefix_len = 0
+
+    def reset(self, root_token: torch.Tensor, prefix_len: int) -> None:
+        self.prefix_len = prefix_len
+        self.size = 1
+        self.tokens[0] = root_token
+        self.depths[0] = 0
+        self.scores[0] = 0.0
+        self.ancestors[0].zero_()
+        self.ancestors[0, 0] = True
+
+    def add(self, parents: torch.Tensor, tokens: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Append len(parents) nodes; returns their indices."""
+        start, count = self.size, parents.numel()
+        idx = torch.arange(start, start + count, device=self.tokens.device)
+        self.tokens[idx] = tokens
+        self.parents[idx] = parents
+        self.depths[idx] = self.depths[parents] + 1
+        self.scores[idx] = scores
+        self.ancestors[idx] = self.ancestors[parents]
+        self.ancestors[idx, idx] = True
+        self.size = start + count
+        return idx
+
+    def positions(self, nodes: torch.Tensor) -> torch.Tensor:
+        return self.prefix_len + self.depths[nodes]
+
+    def slots(self, nodes: torch.Tensor) -> torch.Tensor:
+        return self.prefix_len + nodes
+
+    def mask(self, nodes: torch.Tensor) -> torch.Tensor:
+        """[len(nodes), prefix_len + size] bool: prefix, ancestors and self."""
+        prefix = torch.ones(nodes.numel(), self.prefix_len, dtype=torch.bool, device=nodes.device)
+        return torch.cat((prefix, self.ancestors[nodes, : self.size]), dim=1)
+
+    def host_view(self) -> tuple[list[int], list[int]]:
+        """(tokens, parents) of the whole tree on the host: one transfer for the acceptance walk."""
+        both = torch.stack((self.tokens[: self.size], self.parents[: self.size])).tolist()
+        return both[0], both[1]
+
+
+@dataclass
+class TreeShape:
+    """How big a tree may grow this iteration (the policy's budget capped by cache and output)."""
+
+    max_depth: int
+    max_nodes: int  # besides the root
+
+
+def grow_reference(tree: Tree, step: DraftStep, shape: TreeShape, topk: int) -> None:
+    """The reference policy: per depth, keep the global top-k children of the frontier by
+    cumulative draft probability; 1 + depth * k nodes."""
+    frontier = torch.zeros(1, dtype=torch.long, device=tree.tokens.device)
+    for _ in range(shape.max_depth):
+        width = min(topk, shape.max_nodes - (tree.size - 1))
+        if width <= 0:
+            break
+        logp = step(tree, frontier)  # [F, V]
+        candidates = (tree.scores[frontier][:, None] + logp).flatten()
+        scores, flat = candidates.topk(min(width, candidates.numel()))
+        vocab = logp.shape[1]
+        frontier = tree.add(frontier[flat // vocab], flat % vocab, scores)
+
+
+def grow_best_first(tree: Tree, step: DraftStep, shape: TreeShape, batch: int, children: int) -> None:
+    """Best-first: repeatedly add the `batch` most probable (cumulative) nodes not in the tree yet,
+    among the top `children` continuations of every node drafted so far, then draft them."""
+    device = tree.tokens.device
+    candidate_scores = torch.full((tree.capacity, children), float("-inf"), device=device)
+    candidate_tokens = torch.zeros((tree.capacity, children), dtype=torch.long, device=device)
+    frontier = torch.zeros(1, dtype=torch.long, device=device)
+    while True:
+        room = shape.max_nodes - (tree.size - 1)
+        if room <= 0:
+            break
+        logp = step(tree, frontier)
+        top_logp, top_tokens = logp.topk(min(children, logp.shape[1]), dim=1)
+        candidate_scores[frontier, : top_logp.shape[1]] = tree.scores[frontier][:, None] + top_logp
+        candidate_tokens[frontier, : top_tokens.shape[1]] = top_tokens
+        # A node deeper than max_depth must not be added: mask out children of the deepest nodes.
+        too_deep = (tree.depths[: tree.size] >= shape.max_depth)[:, None]
+        pool = candidate_scores[: tree.size].masked_fill(too_deep, float("-inf")).flatten()
+        scores, flat = pool.topk(min(batch, room, pool.numel()))
+        keep = torch.isfinite(scores)
+        if not bool(keep.all()):  # fewer real candidates than the batch (tiny vocab / depth cap)
+            scores, flat = scores[keep], flat[keep]
+            if flat.numel() == 0:
+                break
+        parents, picks = flat // children, flat % children
+        frontier = tree.add(parents, candidate_tokens[parents, picks], scores)
+        candidate_scores[parents, picks] = float("-inf")

@@ -1,0 +1,379 @@
+"""`subspec`: the headless CLI, command-compatible with the reference's `python -m run.main`.
+
+Global options come before the subcommand; settings resolve as method preset < `--config` YAML <
+command line (subspec_tui.settings). Expected failures print one line on stderr and exit 1
+(usage errors exit 2, from argparse); they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from engine import METHODS, Engine, EngineError, load_engine
+from subspec_tui.benchmark import (
+    BENCHMARKS,
+    BenchmarkError,
+    format_table,
+    parse_benchmark_names,
+    run_benchmarks,
+    warm_up,
+)
+from subspec_tui.settings import ConfigError, Settings, check_range, resolve_settings
+
+PROG = "subspec"
+DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
+# Set in the child process that `--nsys-output` starts, so it does not start nsys again.
+NSYS_CHILD_ENV = "SUBSPEC_UNDER_NSYS"
+
+
+class CliError(Exception):
+    """An expected failure of a command: one line for the user."""
+
+
+EXPECTED_ERRORS = (EngineError, ConfigError, BenchmarkError, CliError)
+
+
+# ---------------------------------------------------------------- argument parsing
+
+
+def _checked(key: str, convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type: convert, then apply the settings' range check for `key`."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {convert.__name__} value: {text!r}") from None
+        if (problem := check_range(key, value)) is not None:
+            raise argparse.ArgumentTypeError(f"{problem}, got {text}")
+        return value
+
+    parse.__name__ = convert.__name__  # argparse names the type in its own messages
+    return parse
+
+
+def _add_global_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("settings (method preset < --config YAML < these options)")
+    g.add_argument("--config", type=Path, help="YAML file of settings (keys as in configs/methods/*.yaml)")
+    g.add_argument("--method", choices=METHODS, help="decoding method (default: the YAML's, else subspec_sd)")
+    g.add_argument("--llm-path", help="target model: folder, hub id or .gguf (default: bundled SmolLM2-135M-Instruct)")
+    g.add_argument("--draft-model-path", help="draft model for classic_sd")
+    g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--vram-limit-gb", type=_checked("vram_limit_gb", float), help="emulate a smaller GPU")
+    g.add_argument("--keep-first-n-layers-on-gpu", type=_checked("keep_first_n_layers_on_gpu", int))
+    g.add_argument("--max-length", type=_checked("max_length", int), help="KV cache length (prompt + output)")
+    g.add_argument("--temperature", type=_checked("temperature", float))
+    g.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--warmup-iter", type=_checked("warmup_iter", int), help="untimed generations before measuring")
+    g.add_argument("--compile-mode", help="torch.compile mode (none to disable)")
+    g.add_argument("--max-depth", type=_checked("max_depth", int), help="draft tree depth")
+    g.add_argument("--topk-len", type=_checked("topk_len", int), help="draft tree width per depth")
+    g.add_argument("--tree-policy", choices=("reference", "best_first"))
+    g.add_argument("--node-budget", type=_checked("node_budget", int), help="best_first: draft nodes per tree")
+    g.add_argument("--verify-method", choices=("exact", "lossy"))
+    g.add_argument("--threshold-method", choices=("entropy", "prob"))
+    g.add_argument("--threshold", type=_checked("threshold", float), help="lossy verification threshold")
+    g.add_argument("--window-size", type=_checked("window_size", int), help="lossy: exact matches needed after")
+    g.add_argument("--nvtx-profiling", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap draft, verify, transfer and sampling in NVTX ranges")
+    g.add_argument("--nsys-output", help="re-run this command under `nsys profile -o NSYS_OUTPUT`")
+    g.add_argument("--detailed-analysis", action=argparse.BooleanOptionalAction, default=None,
+                   help="write per-iteration diagnostics into the benchmark JSONL")
+
+
+# Destinations of the options above (and of --max-new-tokens) that are settings keys.
+SETTING_KEYS = (
+    "method", "llm_path", "draft_model_path", "device", "vram_limit_gb", "keep_first_n_layers_on_gpu",
+    "max_length", "temperature", "do_sample", "seed", "warmup_iter", "compile_mode", "max_depth",
+    "topk_len", "tree_policy", "node_budget", "verify_method", "threshold_method", "threshold",
+    "window_size", "nvtx_profiling", "nsys_output", "detailed_analysis", "max_new_tokens",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="SubSpec Chat without the TUI: generate, benchmark, serve an OpenAI-compatible API.",
+        allow_abbrev=False,
+    )
+    _add_global_options(parser)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    max_new_tokens = _checked("max_new_tokens", int)
+
+    test = commands.add_parser("run-test", help="one chat-templated generation")
+    test.add_argument("--prompt", default=DEFAULT_PROMPT)
+    test.add_argument("--max-new-tokens", type=max_new_tokens)
+    test.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    test.set_defaults(handler=cmd_run_test)
+
+    bench = commands.add_parser("run-benchmark", help="speed figures over benchmark prompts")
+    bench.add_argument("--benchmarks", required=True, help="comma-separated: " + ",".join(BENCHMARKS))
+    bench.add_argument("--max-samples", type=_checked("max_samples", int), help="prompts per benchmark (seeded)")
+    bench.add_argument("--max-new-tokens", type=max_new_tokens)
+    bench.add_argument("--out", type=Path, default=Path("results"), help="results folder (default ./results)")
+    bench.set_defaults(handler=cmd_run_benchmark)
+
+    api = commands.add_parser("run-api", help="OpenAI-compatible HTTP server")
+    api.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    api.add_argument("--port", type=int, default=8000)
+    api.set_defaults(handler=cmd_run_api)
+
+    profile = commands.add_parser("profile", help="measure this GPU and plan what fits in VRAM")
+    profile.add_argument("--model", help="model to plan for (default: --llm-path, else the bundled model)")
+    profile.add_argument("--vram-limit-gb", dest="profile_vram_limit_gb", type=_checked("vram_limit_gb", float))
+    profile.add_argument("--force", action="store_true", help="measure again even if a profile is stored")
+    profile.add_argument("--json", action="store_true")
+    profile.set_defaults(handler=cmd_profile)
+
+    models = commands.add_parser("models", help="list, pull, remove or inspect local models")
+    actions = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="models on this machine")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=cmd_models_list)
+    pull = actions.add_parser("pull", help="download a model from the Hugging Face hub")
+    pull.add_argument("repo_id")
+    pull.add_argument("--revision")
+    pull.add_argument("--dry-run", action="store_true", help="list files and sizes, download nothing")
+    pull.add_argument("--json", action="store_true")
+    pull.set_defaults(handler=cmd_models_pull)
+    remove = actions.add_parser("rm", help="delete a downloaded model")
+    remove.add_argument("repo_id")
+    remove.add_argument("--json", action="store_true")
+    remove.set_defaults(handler=cmd_models_rm)
+    show = actions.add_parser("show", help="details of one local model")
+    show.add_argument("repo_id")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=cmd_models_show)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {key: getattr(args, key) for key in SETTING_KEYS if getattr(args, key, None) is not None}
+    return resolve_settings(args.config, overrides)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _progress(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, default=str))
+
+
+def _load(settings: Settings) -> Engine:
+    return load_engine(settings.engine, progress=_progress)
+
+
+def format_stats(method_label: str, stats: dict[str, Any]) -> str:
+    """One line of the section 5 figures, `-` where a figure does not apply."""
+
+    def ms(key: str) -> str:
+        return "-" if stats.get(key) is None else f"{stats[key]:.1f} ms"
+
+    peak = stats.get("peak_gpu_bytes")
+    return (
+        f"{method_label}: {stats['new_tokens']} tokens, {stats['tok_per_s']:.2f} tok/s, tau {stats['tau']:.2f}, "
+        f"draft {ms('draft_ms')}, verify {ms('verify_ms')}, transfer {ms('transfer_ms')}, "
+        f"stream bound {ms('stream_bound_ms')}, peak GPU {'-' if peak is None else f'{peak / 1024**3:.2f} GiB'}"
+    )
+
+
+def method_label(settings: Settings) -> str:
+    return settings.engine.method + (" (lossy)" if settings.engine.verify_method == "lossy" else "")
+
+
+def rerun_under_nsys(output: str, argv: Sequence[str]) -> int:
+    """Run this same command again inside `nsys profile`, with NVTX ranges on."""
+    nsys = shutil.which("nsys")
+    if nsys is None:
+        raise CliError("--nsys-output needs NVIDIA Nsight Systems, but `nsys` is not on PATH")
+    command = [
+        nsys, "profile", "--trace=cuda,nvtx,osrt", "--force-overwrite=true", "-o", output,
+        sys.executable, "-m", "subspec_tui.cli", "--nvtx-profiling", *argv,
+    ]
+    _progress("profiling under Nsight Systems: " + " ".join(command))
+    return subprocess.run(command, env={**os.environ, NSYS_CHILD_ENV: "1"}, check=False).returncode
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_run_test(args: argparse.Namespace, settings: Settings) -> int:
+    engine = _load(settings)
+    try:
+        warm_up(engine, settings)
+        prompt_ids = engine.chat_ids([{"role": "user", "content": args.prompt}])
+        stream = None if args.json else lambda piece: print(piece, end="", flush=True)
+        gen = engine.generate(prompt_ids, settings.sampling, on_text=stream)
+    finally:
+        engine.close()
+    stats = gen.stats.as_dict()
+    if args.json:
+        _print_json({
+            "method": settings.engine.method,
+            "model": engine.model_name,
+            "text": gen.text,
+            "token_ids": gen.token_ids,
+            "stats": stats,
+        })
+    else:
+        print()
+        print(format_stats(method_label(settings), stats), file=sys.stderr)
+    return 0
+
+
+def cmd_run_benchmark(args: argparse.Namespace, settings: Settings) -> int:
+    names = parse_benchmark_names(args.benchmarks)
+    engine = _load(settings)
+    try:
+        run_dir, summary = run_benchmarks(engine, settings, names, args.max_samples, args.out)
+    finally:
+        engine.close()
+    print(format_table(summary))
+    print(f"results: {run_dir}")
+    return 0
+
+
+def cmd_run_api(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        from subspec_tui.server import serve
+    except ImportError as err:
+        raise CliError(f"run-api needs the server extra ({err.name} is missing): pip install 'subspec-chat[server]'") from None
+    engine = _load(settings)
+    try:
+        serve(engine, settings.sampling, args.host, args.port)
+    finally:
+        engine.close()
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        from profiles import format_profile, run_profile
+    except ImportError as err:
+        raise CliError(f"profiling is not available in this installation ({err})") from None
+    model = args.model or settings.engine.llm_path
+    vram_limit = args.profile_vram_limit_gb or settings.engine.vram_limit_gb
+    profile = run_profile(model, vram_limit, settings.engine.method, _progress, args.force)
+    if args.json:
+        _print_json(profile.as_dict())
+    else:
+        print(format_profile(profile))
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from subspec_tui import models
+
+    found = models.list_models()
+    if args.json:
+        _print_json([m.as_dict() for m in found])
+        return 0
+    rows = [("model", "family", "params", "size", "path")]
+    rows += [
+        (m.repo_id, m.family or "?", models.format_params(m.params), models.format_bytes(m.size_bytes), str(m.path))
+        for m in found
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def cmd_models_pull(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from subspec_tui import models
+
+    bar = tqdm(total=0, unit="B", unit_scale=True, desc=args.repo_id, file=sys.stderr, disable=args.dry_run)
+    lock = threading.Lock()
+
+    def on_progress(p: models.PullProgress) -> None:  # called from download threads
+        with lock:
+            bar.total = p.bytes_total
+            bar.update(p.bytes_done - bar.n)
+
+    try:
+        result = models.pull_model(args.repo_id, revision=args.revision, progress_cb=on_progress, dry_run=args.dry_run)
+    finally:
+        bar.close()
+    if args.json:
+        _print_json(result.as_dict())
+    elif args.dry_run:
+        for f in result.files:
+            print(f"{f.filename}  {models.format_bytes(f.size_bytes)}{'  (cached)' if f.cached else ''}")
+        print(f"total {models.format_bytes(result.total_bytes)}, to download {models.format_bytes(result.download_bytes)}")
+    else:
+        print(f"{result.repo_id} ({result.revision[:10]}) -> {result.path}")
+    return 0
+
+
+def cmd_models_rm(args: argparse.Namespace) -> int:
+    from subspec_tui import models
+
+    freed = models.remove_model(args.repo_id)
+    if args.json:
+        _print_json({"repo_id": args.repo_id, "freed_bytes": freed})
+    else:
+        print(f"removed {args.repo_id}, freed {models.format_bytes(freed)}")
+    return 0
+
+
+def cmd_models_show(args: argparse.Namespace) -> int:
+    from subspec_tui import models
+
+    info = models.show_model(args.repo_id)
+    if args.json:
+        _print_json(info)
+    else:
+        for key, value in info.items():
+            if key == "files":
+                print("files:")
+                for f in value:
+                    print(f"  {f['filename']}  {models.format_bytes(f['size_bytes'])}")
+            elif key == "config":
+                print("config:")
+                for name, figure in value.items():
+                    print(f"  {name}: {figure}")
+            else:
+                print(f"{key}: {value}")
+    return 0
+
+
+# Commands that load an engine and therefore need the resolved settings.
+ENGINE_COMMANDS = {cmd_run_test, cmd_run_benchmark, cmd_run_api, cmd_profile}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.handler not in ENGINE_COMMANDS:
+            return args.handler(args)
+        settings = settings_from_args(args)
+        if settings.run.nsys_output and not os.environ.get(NSYS_CHILD_ENV):
+            return rerun_under_nsys(settings.run.nsys_output, argv)
+        return args.handler(args, settings)
+    except EXPECTED_ERRORS as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Chat transcript widgets: user turns, streaming assistant replies, and the prompt input."""
+
+from __future__ import annotations
+
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.widgets import Input, Markdown, Static
+from textual.widgets.markdown import MarkdownStream
+
+
+class UserTurn(Static):
+    """A user's message, shown verbatim (no markup interpretation)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text, markup=False, classes="turn user-turn")
+
+
+class AssistantTurn(Vertical):
+    """An assistant reply: Markdown streamed while generating, fully re-rendered at the end."""
+
+    def __init__(self, text: str = "", notice: str | None = None) -> None:
+        super().__init__(classes="turn assistant-turn")
+        self.text = text
+        self._initial_notice = notice
+        self._stream: MarkdownStream | None = None
+
+    def compose(self):
+        yield Markdown(self.text)
+        yield Static(self._initial_notice or "", classes="turn-notice", markup=False)
+
+    def on_mount(self) -> None:
+        self.query_one(".turn-notice", Static).display = bool(self._initial_notice)
+
+    async def append(self, fragment: str) -> None:
+        if self._stream is None:
+            self._stream = Markdown.get_stream(self.query_one(Markdown))
+        self.text += fragment
+        await self._stream.write(fragment)
+
+    async def finish(self, text: str, notice: str | None = None) -> None:
+        """Stop streaming and render the final text in one pass (streaming renders incrementally)."""
+        if self._stream is not None:
+            await self._stream.stop()
+            self._stream = None
+        self.text = text
+        await self.query_one(Markdown).update(text)
+        if notice:
+            self.show_notice(notice)
+
+    def show_notice(self, notice: str) -> None:
+        label = self.query_one(".turn-notice", Static)
+        label.update(notice)
+        label.display = True
+
+
+class PromptInput(Input):
+    """The prompt line, with shell-like history on up/down."""
+
+    BINDINGS = [
+        Binding("up", "history(-1)", "Previous prompt", show=False, id="prompt.history_previous"),
+        Binding("down", "history(1)", "Next prompt", show=False, id="prompt.history_next"),
+    ]
+
+    def __init__(self, history: list[str] | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.history: list[str] = list(history or [])
+        self._position = len(self.history)
+        self._draft = ""
+
+    def remember(self, prompt: str) -> None:
+        if prompt and (not self.history or self.history[-1] != prompt):
+            self.history.append(prompt)
+        self._position = len(self.history)
+        self._draft = ""
+
+    def action_history(self, step: int) -> None:
+        if not self.history:
+            return
+        if self._position == len(self.history):
+            self._draft = self.value
+        self._position = max(0, min(len(self.history), self._position + step))
+        self.value = self.history[self._position] if self._position < len(self.history) else self._draft
+        self.cursor_position = len(self.value)

@@ -1,0 +1,223 @@
+"""The memory model against real model configs, real transformers modules and real HQQ tensors.
+
+Cards are counted in GiB (an "8 GB" card has 8 * 1024**3 bytes); DESIGN.md quotes layer sizes in
+decimal GB, so `GB` below is 1e9.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from profiles.memory import (
+    CUDA_CONTEXT_BYTES,
+    GB,
+    GIB,
+    ModelShape,
+    ModelShapeError,
+    estimate_plan,
+    hqq_linear_bytes,
+)
+
+QWEN25_7B = {
+    "model_type": "qwen2",
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "vocab_size": 152064,
+    "tie_word_embeddings": False,
+}
+QWEN25_14B = {
+    "model_type": "qwen2",
+    "hidden_size": 5120,
+    "intermediate_size": 13824,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 8,
+    "vocab_size": 152064,
+    "tie_word_embeddings": False,
+}
+QWEN25_32B = {
+    "model_type": "qwen2",
+    "hidden_size": 5120,
+    "intermediate_size": 27648,
+    "num_hidden_layers": 64,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 8,
+    "vocab_size": 152064,
+    "tie_word_embeddings": False,
+}
+LLAMA31_8B = {
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+}
+QWEN3_8B = {
+    "model_type": "qwen3",
+    "hidden_size": 4096,
+    "intermediate_size": 12288,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 151936,
+    "tie_word_embeddings": False,
+}
+
+
+def test_7b_layer_sizes_match_design_figures():
+    shape = ModelShape.from_config(QWEN25_7B)
+    # q,o: 3584x3584; k,v: 512x3584 (4 KV heads x 128); gate,up,down: 18944x3584; q/k/v biases;
+    # two norms: 233.06 M parameters -> 0.466 GB in bf16, DESIGN.md section 6's figure.
+    assert shape.layer_bytes() / GB == pytest.approx(0.466, abs=0.0005)
+    # 4-bit g64: half a byte per parameter + 4 bytes (bf16 scale + zero) per 64 -> 0.131 GB.
+    assert shape.substitute_layer_bytes(4, 64) / GB == pytest.approx(0.131, abs=0.0005)
+    # KV per token: 2 (K and V) x 28 layers x 4 heads x 128 x 2 bytes.
+    assert shape.kv_bytes_per_token() == 57344
+
+
+@pytest.mark.parametrize("config", [QWEN25_7B, LLAMA31_8B, QWEN3_8B], ids=["qwen2", "llama", "qwen3"])
+def test_layer_and_embedding_bytes_match_transformers_modules(config):
+    """Count the parameters transformers actually builds (on the meta device: no memory)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_config = AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    shape = ModelShape.from_config(hf_config)  # a PretrainedConfig works as well as a dict
+    layer_params = sum(p.numel() for p in model.model.layers[0].parameters())
+    assert shape.layer_bytes(2) == layer_params * 2
+    outside_layers = sum(p.numel() for p in model.parameters()) - layer_params * shape.layers
+    assert shape.embedding_bytes(2) == outside_layers * 2
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+def test_hqq_linear_bytes_match_hqq_storage(bits):
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    linear = torch.nn.Linear(320, 192, bias=False, dtype=torch.bfloat16)
+    quantized = HQQLinear(
+        linear, BaseQuantizeConfig(nbits=bits, group_size=64, axis=1), compute_dtype=torch.bfloat16, device="cpu"
+    )
+    tensors = [quantized.W_q] + [v for v in quantized.meta.values() if isinstance(v, torch.Tensor)]
+    stored = sum(t.numel() * t.element_size() for t in tensors)
+    assert hqq_linear_bytes(192, 320, bits, 64) == stored
+
+
+def test_qwen25_7b_at_8gb_subspec_streams_every_layer():
+    plan = estimate_plan(QWEN25_7B, 8 * GIB, "subspec_sd", max_context=2048)
+    # Always resident: embeddings + untied lm_head 2 x 152064 x 3584 x 2 B = 2.18 GB, 28 substitute
+    # layers x 0.131 GB = 3.67 GB, KV 2048 x 57344 B = 0.12 GB, two 0.466 GB streaming buffers,
+    # a 512-token prefill chunk's workspace (logits 512 x 152064 x 6 B = 0.47 GB dominate) = 0.66 GB,
+    # CUDA context 0.52 GB and a 4% margin 0.34 GB: 7.86 GiB of the 8 GiB. The 0.14 GiB left is
+    # less than one 0.434 GiB bf16 layer, so all 28 target layers stream (12.2 GiB per forward).
+    assert plan.fits
+    assert (plan.layers_on_gpu, plan.layers_total) == (0, 28)
+    assert plan.substitute_bytes == 28 * plan.substitute_layer_bytes
+    assert plan.total_bytes / GIB == pytest.approx(7.85, abs=0.01)
+    assert plan.vram_bytes - plan.total_bytes < plan.layer_bytes
+    # Without the substitute (vanilla) those 3.4 GiB hold 8 bf16 layers instead.
+    assert estimate_plan(QWEN25_7B, 8 * GIB, "vanilla").layers_on_gpu == 8
+
+
+def test_qwen25_32b_at_24gb_subspec_streams_every_layer():
+    plan = estimate_plan(QWEN25_32B, 24 * GIB, "subspec_sd", max_context=2048)
+    # A 32B layer is 0.975 GB bf16 and 0.274 GB as 4-bit g64: 64 substitute layers are 17.6 GB,
+    # embeddings + head 3.11 GB, KV 2048 x 262144 B = 0.54 GB, two streaming buffers 1.95 GB,
+    # workspace 0.75 GB, context + 4% margin 1.56 GB: 23.71 of 24 GiB. The 0.29 GiB left is less
+    # than one 0.908 GiB bf16 layer.
+    assert plan.fits
+    assert (plan.layers_on_gpu, plan.layers_total) == (0, 64)
+    assert plan.total_bytes / GIB == pytest.approx(23.71, abs=0.01)
+    # Each layer streams: 58.1 GiB per verification, ~1.1 s at 55 GB/s pinned.
+    assert plan.stream_bound_ms(55.0) == pytest.approx(64 * 0.975210496 / 55.0 * 1000, rel=1e-6)
+
+
+def test_llama31_8b_at_12gb_keeps_9_layers():
+    plan = estimate_plan(LLAMA31_8B, 12 * GIB, "subspec_sd", max_context=2048)
+    # Layer 0.436 GB bf16 (no biases), 0.123 GB as 4-bit: 32 substitutes 3.93 GB; embeddings +
+    # head 2 x 128256 x 4096 x 2 B = 2.10 GB; KV 2048 x 131072 B = 0.27 GB; two buffers 0.87 GB;
+    # workspace 0.60 GB; context + margin 1.04 GB: 8.20 GiB fixed. (12 - 8.20) / 0.406 GiB = 9.3
+    # -> 9 bf16 layers resident, 23 stream.
+    assert plan.fits
+    assert plan.layers_on_gpu == 9
+    fixed = plan.total_bytes - plan.resident_layers_bytes
+    assert (12 * GIB - fixed) // plan.layer_bytes == 9
+
+
+def test_qwen25_14b_at_12gb_needs_3bit_substitute():
+    plan = estimate_plan(QWEN25_14B, 12 * GIB, "subspec_sd", max_context=2048)
+    # 48 substitute layers x 0.155 GB (4-bit) = 7.43 GB + embeddings/head 3.11 GB + KV 0.40 GB +
+    # two 0.55 GB buffers + workspace 0.71 GB + context/margin 1.04 GB = 12.85 GiB > 12 GiB even with
+    # every bf16 layer streamed: the plan says so in one line instead of pretending.
+    assert not plan.fits
+    assert plan.layers_on_gpu == 0
+    assert "12.85 GiB" in plan.reason and "12.00 GiB" in plan.reason
+    # At 3 bits (ten values per int32 -> 3.2 bits + 4 bytes per group) a substitute layer is
+    # 0.127 GB: 1.32 GB less in all, 11.62 GiB: it fits, every bf16 layer streaming (the 0.38 GiB
+    # left is less than one 0.513 GiB layer).
+    three_bit = estimate_plan(QWEN25_14B, 12 * GIB, "subspec_sd", substitute_bits=3)
+    assert three_bit.fits
+    assert three_bit.layers_on_gpu == 0
+    assert three_bit.total_bytes / GIB == pytest.approx(11.62, abs=0.01)
+
+
+def test_everything_resident_needs_no_streaming_buffers():
+    plan = estimate_plan(QWEN25_7B, 80 * GIB, "subspec_sd")
+    assert plan.layers_on_gpu == plan.layers_total == 28
+    assert plan.stream_buffer_bytes == 0
+    assert plan.offloaded_bytes == 0
+
+
+def test_longer_context_and_bigger_tree_cost_memory():
+    base = estimate_plan(LLAMA31_8B, 12 * GIB, "subspec_sd", max_context=2048)
+    long = estimate_plan(LLAMA31_8B, 12 * GIB, "subspec_sd", max_context=32768)
+    assert long.kv_cache_bytes == 16 * base.kv_cache_bytes
+    assert long.layers_on_gpu < base.layers_on_gpu
+    small_prefill = dict(prefill_chunk=1)  # so the tree, not the prefill chunk, sizes the workspace
+    small_tree = estimate_plan(LLAMA31_8B, 12 * GIB, "subspec_sd", tree_nodes=64, **small_prefill)
+    big_tree = estimate_plan(LLAMA31_8B, 12 * GIB, "subspec_sd", tree_nodes=1024, **small_prefill)
+    assert big_tree.workspace_bytes > small_tree.workspace_bytes
+    # logits in bf16 + an fp32 copy dominate: 1024 nodes x 128256 x 6 B.
+    assert big_tree.workspace_bytes > 1024 * 128256 * 6
+
+
+def test_classic_sd_counts_the_whole_draft_model():
+    draft = {**QWEN25_7B, "hidden_size": 1536, "intermediate_size": 8960, "num_attention_heads": 12,
+             "num_key_value_heads": 2, "tie_word_embeddings": True}  # Qwen2.5-1.5B
+    plan = estimate_plan(QWEN25_7B, 24 * GIB, "classic_sd", draft_config=draft)
+    shape = ModelShape.from_config(draft)
+    assert plan.draft_bytes == (
+        28 * shape.layer_bytes() + shape.embedding_bytes() + 2048 * shape.kv_bytes_per_token()
+    )
+    assert plan.substitute_bytes == 0 and plan.substitute_bits is None
+    with pytest.raises(ModelShapeError, match="draft model's config"):
+        estimate_plan(QWEN25_7B, 24 * GIB, "classic_sd")
+
+
+def test_unusable_configs_get_one_line_errors():
+    with pytest.raises(ModelShapeError, match="lacks hidden_size"):
+        estimate_plan({"model_type": "llama"}, 8 * GIB)
+    with pytest.raises(ModelShapeError, match="mixture-of-experts"):
+        estimate_plan({**QWEN25_7B, "num_experts": 64}, 8 * GIB)
+    with pytest.raises(ModelShapeError, match="no 7-bit packing"):
+        estimate_plan(QWEN25_7B, 8 * GIB, substitute_bits=7)
+    with pytest.raises(ModelShapeError, match="unknown method"):
+        estimate_plan(QWEN25_7B, 8 * GIB, method="magic")
+
+
+def test_summary_is_one_line_with_the_breakdown():
+    plan = estimate_plan(LLAMA31_8B, 12 * GIB, "subspec_sd")
+    line = plan.summary()
+    assert "\n" not in line
+    assert "9 of 32 layers on GPU" in line and line.endswith("fits")
+    data = plan.as_dict()
+    assert data["total_bytes"] == plan.total_bytes
+    assert data["cuda_context_bytes"] == CUDA_CONTEXT_BYTES
