@@ -12,7 +12,7 @@ from engine.drafters import Drafter, TreeDrafter, VanillaDrafter
 from engine.engine import Engine
 from engine.errors import EngineError
 from engine.generate import Target
-from engine.loading import LoadedModel, load_model
+from engine.loading import LoadedModel, load_model, substitute_cache_file
 from engine.model import Transformer
 from engine.offload import LayerStack, linear_tensors, measure_h2d_gbps
 from engine.substitute import build_substitute
@@ -49,9 +49,14 @@ def _assemble(config: EngineConfig, loaded: LoadedModel, device: torch.device, d
     substitute = None
     if config.method == "subspec_sd":
         say(f"quantizing the substitute ({config.substitute_bits}-bit, group {config.substitute_group_size})")
-        substitute = build_substitute(layers, device, dtype, config.substitute_bits, config.substitute_group_size)
+        cache_file = substitute_cache_file(loaded.folder, config, dtype)
+        substitute = build_substitute(
+            layers, device, dtype, config.substitute_bits, config.substitute_group_size, cache_file
+        )
     say(f"placing {keep_on_gpu} of {len(layers)} layers on {device.type}")
-    stack = LayerStack(layers, device, keep_on_gpu, stream=True if config.emulate_offload else None)
+    stack = LayerStack(
+        layers, device, keep_on_gpu, config.offload_slots, stream=True if config.emulate_offload else None
+    )
     del layers, hf
     gc.collect()
     cache = transformer.new_cache(max_length)
@@ -130,6 +135,8 @@ def _check_config(config: EngineConfig) -> None:
         raise EngineError("classic_sd needs a draft model: pass --draft-model-path")
     if config.max_length < 2:
         raise EngineError(f"--max-length must be at least 2, got {config.max_length}")
+    if config.offload_slots < 1:
+        raise EngineError(f"offload_slots must be at least 1, got {config.offload_slots}")
     if config.max_depth < 0 or config.topk_len < 1:
         raise EngineError("--max-depth must be >= 0 and --topk-len >= 1")
     if config.draft_temperature <= 0:

@@ -23,6 +23,7 @@ class EngineConfig:
     # Stream offloaded layers through CPU buffers on a machine without a GPU (a fake device that
     # exercises the offloader's slot logic; tests and development only).
     emulate_offload: bool = False
+    offload_slots: int = 2  # device buffers streamed layers rotate through (prefetch depth)
     # drafting (subspec_sd / classic_sd)
     tree_policy: Literal["reference", "best_first"] = "reference"
     max_depth: int = 32

@@ -10,7 +10,7 @@ loop (engine.generate) verifies and emits the same way for all of them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -26,7 +26,7 @@ class Drafter(Protocol):
 
     def draft(self, tree: Tree, shape: TreeShape) -> None: ...
 
-    def commit(self, path_slots: list[int]) -> None: ...
+    def commit(self, path_slots: list[int], path_tokens: list[int]) -> None: ...
 
 
 class VanillaDrafter:
@@ -36,36 +36,61 @@ class VanillaDrafter:
     def draft(self, tree: Tree, shape: TreeShape) -> None:
         pass
 
-    def commit(self, path_slots: list[int]) -> None:
+    def commit(self, path_slots: list[int], path_tokens: list[int]) -> None:
         pass
 
 
 @dataclass
 class TreeDrafter:
     """Drafts with `transformer` over `stack` and `cache`. For the substitute, cache is the target's
-    (owns_cache False: the loop already prefills and compacts it)."""
+    (owns_cache False: the loop already prefills and compacts it, and verification writes the KV
+    of every node). A draft with its own cache never ran the deepest nodes it proposed, so when
+    such a node is accepted its KV is computed at the start of the next draft."""
 
     transformer: Transformer
     stack: Stack
     cache: KVCache
     owns_cache: bool
     config: EngineConfig
+    _drafted: int = 0  # tree nodes [0, _drafted) went through a draft forward this iteration
+    _missing: list[tuple[int, int]] = field(default_factory=list)  # (slot, token) without draft KV
 
     def prefill(self, prompt: torch.Tensor, chunk: int) -> None:
         if self.owns_cache:
             self.transformer.prefill(self.stack, self.cache, prompt, chunk)
 
     def draft(self, tree: Tree, shape: TreeShape) -> None:
+        self._catch_up()
+        self._drafted = 0
         if self.config.tree_policy == "best_first":
             grow_best_first(tree, self._step, shape, batch=self.config.topk_len, children=self.config.topk_len)
         else:
             grow_reference(tree, self._step, shape, topk=self.config.topk_len)
 
-    def commit(self, path_slots: list[int]) -> None:
-        if self.owns_cache:
-            self.cache.commit(path_slots)
+    def commit(self, path_slots: list[int], path_tokens: list[int]) -> None:
+        if not self.owns_cache:
+            return
+        start = self.cache.length
+        self.cache.commit(path_slots)
+        # Path nodes ascend, so only a tail of the path can lack draft KV.
+        self._missing = [
+            (start + i, token)
+            for i, (slot, token) in enumerate(zip(path_slots, path_tokens))
+            if slot - path_slots[0] >= self._drafted
+        ]
+
+    def _catch_up(self) -> None:
+        if not self._missing:
+            return
+        device = self.transformer.device
+        slots = torch.tensor([slot for slot, _ in self._missing], device=device)
+        tokens = torch.tensor([token for _, token in self._missing], device=device)
+        mask = torch.arange(int(slots[-1]) + 1, device=device)[None] <= slots[:, None]
+        self.transformer.forward(self.stack, self.cache, tokens, slots, slots, mask, int(slots[-1]) + 1, slice(0, 0))
+        self._missing = []
 
     def _step(self, tree: Tree, nodes: torch.Tensor) -> torch.Tensor:
+        self._drafted = tree.size  # the frontier is always the newest nodes
         logits = self.transformer.forward(
             self.stack,
             self.cache,

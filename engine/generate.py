@@ -99,7 +99,7 @@ def run(
             result = walk(tokens, parents, chosen.tolist())
         path_slots = [cache.length] + [cache.length + node for node in result.path]
         cache.commit(path_slots)
-        drafter.commit(path_slots)
+        drafter.commit(path_slots, [tokens[0]] + [tokens[node] for node in result.path])
         emitted = [tokens[node] for node in result.path] + [result.bonus]
         emitter.push(emitted)
         timings = timer.collect()

@@ -35,6 +35,7 @@ class LoadedModel:
     model: torch.nn.Module  # a transformers *ForCausalLM on the CPU, eval mode
     tokenizer: object
     name: str  # what to show the user: hub id, folder name or the bundled model's name
+    folder: Path  # where the config and weights were read
 
 
 def cache_dir() -> Path:
@@ -59,7 +60,7 @@ def load_model(source: str | None, dtype: torch.dtype, progress: Progress | None
     """Load `source` on the CPU in `dtype`. Every expected failure is an EngineError."""
     say = progress or (lambda _msg: None)
     folder, name = resolve_source(source, say)
-    return LoadedModel(*_load_folder(folder, dtype, say), name=name)
+    return LoadedModel(*_load_folder(folder, dtype, say), name=name, folder=folder)
 
 
 def load_tokenizer(source: str | None) -> object:
@@ -91,6 +92,16 @@ def resolve_source(source: str | None, say: Progress) -> tuple[Path, str]:
     folder = _hub_snapshot(source, say)
     read_config(folder)
     return folder, source
+
+
+def substitute_cache_file(folder: Path, config, dtype: torch.dtype) -> Path:
+    """Where the quantized substitute of the weights in `folder` is kept between starts. The key
+    covers every weight file's size and mtime, so changed weights never reuse a stale substitute."""
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    identity = ";".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    identity += f";{config.substitute_bits};{config.substitute_group_size};{dtype}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    return cache_dir() / "substitutes" / f"{folder.name}-{key}.safetensors"
 
 
 def read_config(folder: Path) -> dict:

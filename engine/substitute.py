@@ -12,7 +12,11 @@ weights instead: the same numbers the backend would multiply with, computed once
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file, save_file
 
 from engine.offload import LINEAR_NAMES, LayerWeights
 
@@ -41,17 +45,30 @@ def build_substitute(
     compute_dtype: torch.dtype,
     bits: int = 4,
     group_size: int = 64,
+    cache_file: Path | None = None,
 ) -> SubstituteStack:
-    """Quantize every layer's linears (host or device tensors) onto `device`."""
+    """Quantize every layer's linears (host or device tensors) onto `device`.
+
+    HQQ's data-free optimisation takes seconds per layer on a CPU, so the quantized state (packed
+    weights, scales, zeros) is kept in `cache_file` and reused on the next start."""
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
     config = BaseQuantizeConfig(nbits=bits, group_size=group_size, axis=1)
+    cached = load_file(cache_file) if cache_file is not None and cache_file.is_file() else {}
+    to_save: dict[str, torch.Tensor] = {}
     quantized = []
-    for weights in layers:
+    for i, weights in enumerate(layers):
         layer: dict = {}
         for name in LINEAR_NAMES:
-            linear = _as_linear(weights[name], weights.get(f"{name}.bias"), device)
-            module = HQQLinear(linear, config, compute_dtype=compute_dtype, device=str(device), del_orig=True)
+            key = f"{i}.{name}."
+            state = {k[len(key):]: v for k, v in cached.items() if k.startswith(key)}
+            if state:
+                module = HQQLinear(None, config, compute_dtype=compute_dtype, device=str(device), initialize=False)
+                module.load_state_dict(state)
+            else:
+                linear = _as_linear(weights[name], weights.get(f"{name}.bias"), device)
+                module = HQQLinear(linear, config, compute_dtype=compute_dtype, device=str(device), del_orig=True)
+                to_save |= {key + k: v.cpu() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
             if device.type == "cpu":
                 layer[name] = module.dequantize().to(compute_dtype)
                 if module.bias is not None:
@@ -59,9 +76,18 @@ def build_substitute(
             else:
                 layer[name] = module
         quantized.append(layer)
+    if to_save and cache_file is not None:
+        _save_atomic(to_save, cache_file)
     if device.type == "cuda":
         _use_gemlite(quantized)
     return SubstituteStack(quantized)
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, staging)
+    os.replace(staging, path)
 
 
 def _as_linear(weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device) -> torch.nn.Linear:

@@ -10,13 +10,14 @@ config.json dict, like LM Studio's estimate::
                          substitute_bits=4, substitute_group=64)
     plan.fits, plan.layers_on_gpu, plan.layers_total, plan.reason
     plan.weights_bytes, plan.kv_cache_bytes, plan.buffers_bytes, plan.total_bytes
-    plan.summary()  # "weights 5.45 GiB, KV 0.11 GiB, buffers 1.49 GiB, 0 of 28 layers on GPU, ..."
+    plan.summary()  # "weights 5.88 GiB, KV 0.11 GiB, buffers 1.10 GiB, 1 of 28 layers on GPU, ..."
 
 Measured on this machine (`subspec profile`, the TUI's first start)::
 
     from profiles import run_profile, format_profile
     profile = run_profile(model=None, vram_limit_gb=None, method="subspec_sd", progress=print)
     profile.plan            # ModelPlan: layers_on_gpu, tree budget, measured peak, ...
+    profile.plan.engine_overrides()  # EngineConfig fields the plan decides
     profile.as_dict()       # for --json
     print(format_profile(profile))
 
@@ -27,5 +28,18 @@ Expected failures raise `ProfileError`, a subclass of `engine.EngineError` (one 
 """
 
 from profiles.memory import GIB, ModelShapeError, Plan, estimate_plan
+from profiles.runner import Profile, format_profile, run_profile
+from profiles.store import ModelPlan, ProfileError, ProfileStore
 
-__all__ = ["GIB", "ModelShapeError", "Plan", "estimate_plan"]
+__all__ = [
+    "GIB",
+    "ModelPlan",
+    "ModelShapeError",
+    "Plan",
+    "Profile",
+    "ProfileError",
+    "ProfileStore",
+    "estimate_plan",
+    "format_profile",
+    "run_profile",
+]

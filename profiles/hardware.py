@@ -18,7 +18,7 @@ class GpuInfo:
     uuid: str  # a profile file belongs to one physical card, not to a slot
     total_vram_bytes: int
     compute_capability: str  # "9.0"
-    driver: str | None  # NVIDIA driver version, None when nvidia-smi is absent
+    driver: str | None = None  # NVIDIA driver version, None when nvidia-smi is absent
     h2d_gbps: float | None = None  # measured pinned host-to-device bandwidth (decimal GB/s)
 
 
@@ -26,7 +26,7 @@ class GpuInfo:
 class CpuInfo:
     name: str
     cores: int
-    ram_bytes: int | None
+    ram_bytes: int | None = None
 
 
 @dataclass(frozen=True)

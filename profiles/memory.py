@@ -130,15 +130,17 @@ class ModelShape:
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
 
-    def workspace_bytes(self, tokens: int, context: int, dtype_bytes: int = 2) -> int:
-        """Transient memory of one forward over `tokens` new tokens attending to `context` slots.
+    def workspace_bytes(self, tokens: int, context: int, logits_tokens: int, dtype_bytes: int = 2) -> int:
+        """Transient memory of one forward over `tokens` new tokens attending to `context` slots,
+        with logits for `logits_tokens` of them (every node of a tree; the last token of a prefill
+        chunk, as engine/model.py's prefill asks).
 
-        The logits dominate (tokens * vocab, in the compute dtype and again as fp32 for softmax and
-        acceptance); then attention scores if the attention path materializes them (fp32,
-        heads * tokens * context) and the additive tree/causal mask (tokens * context); the MLP's
-        gate, up and product and a few hidden-sized tensors are small next to them.
+        The logits dominate a tree verification (nodes * vocab, in the compute dtype and again as
+        fp32 for softmax and acceptance); then attention scores where SDPA falls back to its math
+        path and materializes them (fp32, heads * tokens * context) and the tree/causal mask
+        (tokens * context); the MLP's gate, up and product and a few hidden-sized tensors are small.
         """
-        logits = tokens * self.vocab * (dtype_bytes + FP32_BYTES)
+        logits = logits_tokens * self.vocab * (dtype_bytes + FP32_BYTES)
         scores = self.heads * tokens * context * FP32_BYTES
         mask = tokens * context * dtype_bytes
         mlp = 3 * tokens * self.intermediate * dtype_bytes
@@ -294,8 +296,8 @@ def estimate_plan(
     layer = shape.layer_bytes(dtype_bytes)
     substitute_layer = shape.substitute_layer_bytes(substitute_bits, substitute_group, dtype_bytes) if uses_substitute else 0
     workspace = max(
-        shape.workspace_bytes(nodes, max_context, dtype_bytes),  # one tree verification
-        shape.workspace_bytes(min(prefill_chunk, max_context), max_context, dtype_bytes),  # one prefill chunk
+        shape.workspace_bytes(nodes, max_context, nodes, dtype_bytes),  # one tree verification
+        shape.workspace_bytes(min(prefill_chunk, max_context), max_context, 1, dtype_bytes),  # one prefill chunk
     )
     margin = safety_margin_bytes(vram_bytes)
 

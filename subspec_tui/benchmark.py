@@ -161,11 +161,21 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return sum(present) / len(present) if present else None
 
 
+def acceptance_by_depth(records: list[Record]) -> list[float]:
+    """Item d: the share of verifications that accepted at least d + 1 draft tokens (from
+    --detailed-analysis records; each iteration emits its accepted tokens plus the bonus one)."""
+    accepted = [it["emitted"] - 1 for r in records for it in r.get("iterations", [])]
+    if not accepted:
+        return []
+    return [sum(a >= depth for a in accepted) / len(accepted) for depth in range(1, max(accepted) + 1)]
+
+
 def summarize(records: list[Record]) -> dict[str, Any]:
     """Means of the section 5 metrics over the samples that generated."""
     done = [r["stats"] for r in records if "stats" in r]
     peaks = [s["peak_gpu_bytes"] for s in done if s.get("peak_gpu_bytes") is not None]
     return {
+        "acceptance_by_depth": acceptance_by_depth(records),
         "samples": len(done),
         "skipped": len(records) - len(done),
         "new_tokens": sum(s["new_tokens"] for s in done),
@@ -232,9 +242,15 @@ def format_table(summary: dict[str, Any]) -> str:
             _fmt(f["draft_ms"], ".1f"), _fmt(f["verify_ms"], ".1f"), _fmt(f["transfer_ms"], ".1f"),
             _fmt(peak, ".2f"), speedup,
         ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return format_columns(rows, rule=True)
+
+
+def format_columns(rows: list[tuple[str, ...]], rule: bool = False) -> str:
+    """Left-aligned text columns; `rule` underlines the first row (the header)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    if rule:
+        lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
@@ -263,19 +279,23 @@ def warm_up(engine: Engine, settings: Settings, progress: IO[str] = sys.stderr) 
         engine.generate(ids, settings.sampling)
 
 
+def select_samples(names: list[str], max_samples: int | None, seed: int) -> dict[str, list[Sample]]:
+    """The prompts of every benchmark, loaded before any model so a missing dataset fails fast."""
+    return {name: load_samples(name, max_samples, seed) for name in names}
+
+
 def run_benchmarks(
     engine: Engine,
     settings: Settings,
-    names: list[str],
+    samples: dict[str, list[Sample]],
     max_samples: int | None,
     out_root: Path,
     progress: IO[str] = sys.stderr,
 ) -> tuple[Path, dict[str, Any]]:
     """Run every sample of every benchmark; returns the run folder and its summary."""
-    samples = {name: load_samples(name, max_samples, settings.sampling.seed or 0) for name in names}
     run_dir = new_run_dir(out_root, settings.engine.method)
     warm_up(engine, settings, progress)
-    per_benchmark: dict[str, list[Record]] = {name: [] for name in names}
+    per_benchmark: dict[str, list[Record]] = {name: [] for name in samples}
     with (run_dir / SAMPLES_FILE).open("w", encoding="utf-8") as out:
         for name, chosen in samples.items():
             for sample in tqdm(chosen, desc=name, file=progress, unit="prompt"):

@@ -22,9 +22,11 @@ from engine import METHODS, Engine, EngineError, load_engine
 from subspec_tui.benchmark import (
     BENCHMARKS,
     BenchmarkError,
+    format_columns,
     format_table,
     parse_benchmark_names,
     run_benchmarks,
+    select_samples,
     warm_up,
 )
 from subspec_tui.settings import ConfigError, Settings, check_range, resolve_settings
@@ -237,9 +239,10 @@ def cmd_run_test(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_run_benchmark(args: argparse.Namespace, settings: Settings) -> int:
     names = parse_benchmark_names(args.benchmarks)
+    samples = select_samples(names, args.max_samples, settings.sampling.seed or 0)
     engine = _load(settings)
     try:
-        run_dir, summary = run_benchmarks(engine, settings, names, args.max_samples, args.out)
+        run_dir, summary = run_benchmarks(engine, settings, samples, args.max_samples, args.out)
     finally:
         engine.close()
     print(format_table(summary))
@@ -261,17 +264,17 @@ def cmd_run_api(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_profile(args: argparse.Namespace, settings: Settings) -> int:
-    try:
-        from profiles import format_profile, run_profile
-    except ImportError as err:
-        raise CliError(f"profiling is not available in this installation ({err})") from None
+    import profiles
+
     model = args.model or settings.engine.llm_path
     vram_limit = args.profile_vram_limit_gb or settings.engine.vram_limit_gb
-    profile = run_profile(model, vram_limit, settings.engine.method, _progress, args.force)
+    profile = profiles.run_profile(model, vram_limit, settings.engine.method, _progress, args.force)
     if args.json:
         _print_json(profile.as_dict())
     else:
-        print(format_profile(profile))
+        for message in profile.messages:
+            _progress(message)
+        print(profiles.format_profile(profile))
     return 0
 
 
@@ -287,9 +290,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
         (m.repo_id, m.family or "?", models.format_params(m.params), models.format_bytes(m.size_bytes), str(m.path))
         for m in found
     ]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    print(format_columns(rows))
     return 0
 
 
@@ -298,18 +299,20 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
 
     from subspec_tui import models
 
-    bar = tqdm(total=0, unit="B", unit_scale=True, desc=args.repo_id, file=sys.stderr, disable=args.dry_run)
+    bars: list[tqdm] = []  # drawn from the first progress report: none for a dry run or a failed look-up
     lock = threading.Lock()
 
     def on_progress(p: models.PullProgress) -> None:  # called from download threads
         with lock:
-            bar.total = p.bytes_total
-            bar.update(p.bytes_done - bar.n)
+            if not bars:
+                bars.append(tqdm(total=p.bytes_total, unit="B", unit_scale=True, desc=args.repo_id, file=sys.stderr))
+            bars[0].update(p.bytes_done - bars[0].n)
 
     try:
         result = models.pull_model(args.repo_id, revision=args.revision, progress_cb=on_progress, dry_run=args.dry_run)
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     if args.json:
         _print_json(result.as_dict())
     elif args.dry_run:

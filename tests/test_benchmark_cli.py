@@ -26,7 +26,7 @@ def engines(monkeypatch):
     loaded: list[FakeEngine] = []
 
     def fake_load(config: EngineConfig, progress=None):
-        loaded.append(FakeEngine(config, max_length=400))
+        loaded.append(FakeEngine(config, max_length=4000))
         return loaded[-1]
 
     monkeypatch.setattr(cli, "load_engine", fake_load)
@@ -102,9 +102,10 @@ def test_unknown_benchmark_is_a_clear_error(engines, capsys, tmp_path):
     assert err.startswith("subspec: error: unknown benchmark 'mmlu' (choose from mt-bench, human-eval, gsm8k,")
 
 
-def run_bench(capsys, tmp_path: Path, *options: str) -> tuple[Path, dict, str]:
+def run_bench(capsys, tmp_path: Path, *options: str, max_new_tokens: int | None = None) -> tuple[Path, dict, str]:
+    limit = [] if max_new_tokens is None else ["--max-new-tokens", str(max_new_tokens)]
     code = cli.main([*options, "run-benchmark", "--benchmarks", "mt-bench,gsm8k", "--max-samples", "3",
-                     "--out", str(tmp_path / "results")])
+                     "--out", str(tmp_path / "results"), *limit])
     out, _ = capsys.readouterr()
     assert code == 0
     run_dir = Path(out.strip().splitlines()[-1].removeprefix("results: "))
@@ -112,7 +113,7 @@ def run_bench(capsys, tmp_path: Path, *options: str) -> tuple[Path, dict, str]:
 
 
 def test_benchmark_run_writes_samples_summary_and_table(engines, capsys, tmp_path):
-    run_dir, summary, out = run_bench(capsys, tmp_path, "--warmup-iter", "2", "--max-new-tokens", "12")
+    run_dir, summary, out = run_bench(capsys, tmp_path, "--warmup-iter", "2", max_new_tokens=12)
     assert run_dir.parent == tmp_path / "results" and run_dir.name.endswith("_subspec_sd")
     records = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert [r["benchmark"] for r in records] == ["mt-bench"] * 3 + ["gsm8k"] * 3
@@ -149,10 +150,17 @@ def test_runs_never_overwrite_and_speedup_uses_the_vanilla_run(engines, capsys, 
 
 
 def test_detailed_analysis_writes_every_iteration(engines, capsys, tmp_path):
-    run_dir, _, _ = run_bench(capsys, tmp_path, "--detailed-analysis", "--max-new-tokens", "7")
+    run_dir, summary, _ = run_bench(capsys, tmp_path, "--detailed-analysis", max_new_tokens=7)
     record = json.loads((run_dir / "samples.jsonl").read_text().splitlines()[0])
     assert [it["emitted"] for it in record["iterations"]] == [3, 3, 1]
     assert all(it["draft_ms"] == 1.5 and it["tree_nodes"] == 7 for it in record["iterations"])
+    # per sample: two verifications accepted 2 draft tokens, one accepted none
+    assert summary["benchmarks"]["gsm8k"]["acceptance_by_depth"] == [pytest.approx(2 / 3)] * 2
+
+
+def test_acceptance_by_depth_is_empty_without_detailed_analysis(engines, capsys, tmp_path):
+    _, summary, _ = run_bench(capsys, tmp_path)
+    assert summary["benchmarks"]["mt-bench"]["acceptance_by_depth"] == []
 
 
 def test_prompts_that_do_not_fit_are_recorded_as_skipped(monkeypatch, capsys, tmp_path):

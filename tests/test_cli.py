@@ -204,3 +204,41 @@ def test_models_list_json_is_a_list_of_models(capsys, monkeypatch, tmp_path):
     assert code == 0
     listed = json.loads(out)
     assert [m["repo_id"] for m in listed] == [m.repo_id for m in models.list_models()]
+
+
+class StoredProfile:
+    messages = ["no CUDA GPU: --vram-limit-gb does not apply, profiling the CPU"]
+
+    def as_dict(self) -> dict:
+        return {"model": "bundled", "plan": {"method": "vanilla"}}
+
+
+def test_profile_command_passes_model_cap_method_and_force(capsys, monkeypatch):
+    import profiles
+
+    calls = []
+
+    def fake_run_profile(model, vram_limit_gb, method, progress, force):
+        calls.append((model, vram_limit_gb, method, force))
+        return StoredProfile()
+
+    monkeypatch.setattr(profiles, "run_profile", fake_run_profile)
+    monkeypatch.setattr(profiles, "format_profile", lambda p: f"Model: {p.as_dict()['model']}")
+    code, out, _ = run(capsys, "--method", "vanilla", "--llm-path", "org/model", "profile", "--vram-limit-gb", "8",
+                       "--force", "--json")
+    assert (code, json.loads(out)) == (0, StoredProfile().as_dict())
+    code, out, err = run(capsys, "--vram-limit-gb", "12", "profile", "--model", "other/model")
+    assert (code, out) == (0, "Model: bundled\n")
+    assert "profiling the CPU" in err
+    assert calls == [("org/model", 8.0, "vanilla", True), ("other/model", 12.0, "subspec_sd", False)]
+
+
+def test_profile_errors_are_one_line(capsys, monkeypatch):
+    import profiles
+
+    def failing(*args):
+        raise profiles.ProfileError("model 'x/y' is not on this machine")
+
+    monkeypatch.setattr(profiles, "run_profile", failing)
+    code, out, err = run(capsys, "profile", "--model", "x/y")
+    assert (code, out, err) == (1, "", "subspec: error: model 'x/y' is not on this machine\n")

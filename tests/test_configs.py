@@ -122,3 +122,14 @@ def test_extends_is_relative_to_the_file_and_checks_the_parent(tmp_path):
     child = write(tmp_path, "extends: bad.yaml\n", "child.yaml")
     with pytest.raises(ConfigError, match=f"{bad_parent}: unknown key 'tree_depth'"):
         resolve_settings(child)
+
+
+def test_no_setting_name_belongs_to_two_sections():
+    """Flat YAML keys need every field name of EngineConfig, SamplingConfig and RunOptions to be unique."""
+    import dataclasses
+
+    from engine import EngineConfig, SamplingConfig
+    from subspec_tui.settings import SCHEMA, RunOptions
+
+    names = [f.name for cls in (EngineConfig, SamplingConfig, RunOptions) for f in dataclasses.fields(cls)]
+    assert len(names) == len(set(names)) == len(SCHEMA)

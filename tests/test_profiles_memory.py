@@ -111,62 +111,63 @@ def test_hqq_linear_bytes_match_hqq_storage(bits):
     assert hqq_linear_bytes(192, 320, bits, 64) == stored
 
 
-def test_qwen25_7b_at_8gb_subspec_streams_every_layer():
+def test_qwen25_7b_at_8gb_subspec_keeps_1_layer():
     plan = estimate_plan(QWEN25_7B, 8 * GIB, "subspec_sd", max_context=2048)
     # Always resident: embeddings + untied lm_head 2 x 152064 x 3584 x 2 B = 2.18 GB, 28 substitute
     # layers x 0.131 GB = 3.67 GB, KV 2048 x 57344 B = 0.12 GB, two 0.466 GB streaming buffers,
-    # a 512-token prefill chunk's workspace (logits 512 x 152064 x 6 B = 0.47 GB dominate) = 0.66 GB,
-    # CUDA context 0.52 GB and a 4% margin 0.34 GB: 7.86 GiB of the 8 GiB. The 0.14 GiB left is
-    # less than one 0.434 GiB bf16 layer, so all 28 target layers stream (12.2 GiB per forward).
+    # the workspace of a 193-node verification (logits 193 x 152064 x 6 B = 0.18 GB dominate) =
+    # 0.25 GB, CUDA context 0.52 GB and a 4% margin 0.34 GB: 7.47 GiB of the 8 GiB. The 0.53 GiB
+    # left hold one 0.434 GiB bf16 layer: 1 resident, 27 stream (11.7 GiB per forward).
     assert plan.fits
-    assert (plan.layers_on_gpu, plan.layers_total) == (0, 28)
+    assert (plan.layers_on_gpu, plan.layers_total) == (1, 28)
     assert plan.substitute_bytes == 28 * plan.substitute_layer_bytes
-    assert plan.total_bytes / GIB == pytest.approx(7.85, abs=0.01)
+    assert plan.total_bytes / GIB == pytest.approx(7.90, abs=0.01)
     assert plan.vram_bytes - plan.total_bytes < plan.layer_bytes
-    # Without the substitute (vanilla) those 3.4 GiB hold 8 bf16 layers instead.
-    assert estimate_plan(QWEN25_7B, 8 * GIB, "vanilla").layers_on_gpu == 8
+    # Without the substitute (vanilla) those 3.4 GiB hold 8 more bf16 layers.
+    assert estimate_plan(QWEN25_7B, 8 * GIB, "vanilla").layers_on_gpu == 9
 
 
 def test_qwen25_32b_at_24gb_subspec_streams_every_layer():
     plan = estimate_plan(QWEN25_32B, 24 * GIB, "subspec_sd", max_context=2048)
     # A 32B layer is 0.975 GB bf16 and 0.274 GB as 4-bit g64: 64 substitute layers are 17.6 GB,
     # embeddings + head 3.11 GB, KV 2048 x 262144 B = 0.54 GB, two streaming buffers 1.95 GB,
-    # workspace 0.75 GB, context + 4% margin 1.56 GB: 23.71 of 24 GiB. The 0.29 GiB left is less
+    # workspace 0.28 GB, context + 4% margin 1.56 GB: 23.28 of 24 GiB. The 0.72 GiB left is less
     # than one 0.908 GiB bf16 layer.
     assert plan.fits
     assert (plan.layers_on_gpu, plan.layers_total) == (0, 64)
-    assert plan.total_bytes / GIB == pytest.approx(23.71, abs=0.01)
-    # Each layer streams: 58.1 GiB per verification, ~1.1 s at 55 GB/s pinned.
+    assert plan.total_bytes / GIB == pytest.approx(23.28, abs=0.01)
+    # Each layer streams: 62.4 GB per verification, ~1.1 s at 55 GB/s pinned.
     assert plan.stream_bound_ms(55.0) == pytest.approx(64 * 0.975210496 / 55.0 * 1000, rel=1e-6)
 
 
-def test_llama31_8b_at_12gb_keeps_9_layers():
+def test_llama31_8b_at_12gb_keeps_10_layers():
     plan = estimate_plan(LLAMA31_8B, 12 * GIB, "subspec_sd", max_context=2048)
     # Layer 0.436 GB bf16 (no biases), 0.123 GB as 4-bit: 32 substitutes 3.93 GB; embeddings +
     # head 2 x 128256 x 4096 x 2 B = 2.10 GB; KV 2048 x 131072 B = 0.27 GB; two buffers 0.87 GB;
-    # workspace 0.60 GB; context + margin 1.04 GB: 8.20 GiB fixed. (12 - 8.20) / 0.406 GiB = 9.3
-    # -> 9 bf16 layers resident, 23 stream.
+    # workspace 0.23 GB; context + margin 1.04 GB: 7.85 GiB fixed. (12 - 7.85) / 0.406 GiB = 10.2
+    # -> 10 bf16 layers resident, 22 stream.
     assert plan.fits
-    assert plan.layers_on_gpu == 9
+    assert plan.layers_on_gpu == 10
     fixed = plan.total_bytes - plan.resident_layers_bytes
-    assert (12 * GIB - fixed) // plan.layer_bytes == 9
+    assert fixed / GIB == pytest.approx(7.85, abs=0.01)
+    assert (12 * GIB - fixed) // plan.layer_bytes == 10
 
 
 def test_qwen25_14b_at_12gb_needs_3bit_substitute():
     plan = estimate_plan(QWEN25_14B, 12 * GIB, "subspec_sd", max_context=2048)
     # 48 substitute layers x 0.155 GB (4-bit) = 7.43 GB + embeddings/head 3.11 GB + KV 0.40 GB +
-    # two 0.55 GB buffers + workspace 0.71 GB + context/margin 1.04 GB = 12.85 GiB > 12 GiB even with
-    # every bf16 layer streamed: the plan says so in one line instead of pretending.
+    # two 0.55 GB buffers + workspace 0.27 GB + context/margin 1.04 GB = 12.44 GiB > 12 GiB even
+    # with every bf16 layer streamed: the plan says so in one line instead of pretending.
     assert not plan.fits
     assert plan.layers_on_gpu == 0
-    assert "12.85 GiB" in plan.reason and "12.00 GiB" in plan.reason
+    assert "12.44 GiB" in plan.reason and "12.00 GiB" in plan.reason
     # At 3 bits (ten values per int32 -> 3.2 bits + 4 bytes per group) a substitute layer is
-    # 0.127 GB: 1.32 GB less in all, 11.62 GiB: it fits, every bf16 layer streaming (the 0.38 GiB
-    # left is less than one 0.513 GiB layer).
+    # 0.127 GB: 1.32 GB less in all, 11.21 GiB with no layer resident; the 0.79 GiB left hold
+    # one 0.513 GiB bf16 layer.
     three_bit = estimate_plan(QWEN25_14B, 12 * GIB, "subspec_sd", substitute_bits=3)
     assert three_bit.fits
-    assert three_bit.layers_on_gpu == 0
-    assert three_bit.total_bytes / GIB == pytest.approx(11.62, abs=0.01)
+    assert three_bit.layers_on_gpu == 1
+    assert three_bit.total_bytes / GIB == pytest.approx(11.72, abs=0.01)
 
 
 def test_everything_resident_needs_no_streaming_buffers():
@@ -217,7 +218,7 @@ def test_summary_is_one_line_with_the_breakdown():
     plan = estimate_plan(LLAMA31_8B, 12 * GIB, "subspec_sd")
     line = plan.summary()
     assert "\n" not in line
-    assert "9 of 32 layers on GPU" in line and line.endswith("fits")
+    assert "10 of 32 layers on GPU" in line and line.endswith("fits")
     data = plan.as_dict()
     assert data["total_bytes"] == plan.total_bytes
     assert data["cuda_context_bytes"] == CUDA_CONTEXT_BYTES

@@ -1,0 +1,268 @@
+"""Measure a plan on the real device with the engine (DESIGN.md section 4).
+
+GPU: start from the memory model's N, load the engine with N resident layers, run a long-prompt
+generation with a full tree and timed forwards, and compare the measured peak allocation with the
+budget; over budget (or out of memory) -> fewer layers, load again. Never hand back a plan that has
+not run. The tree budget is the largest node count whose forward costs within FREE_TOLERANCE of a
+one-token forward: while weights stream, extra tokens ride along for free.
+
+CPU: no offload; the method and tree that generate fastest on a short prompt win (vanilla included).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from typing import Callable
+
+import torch
+
+from engine import Engine, EngineConfig, EngineError, SamplingConfig, load_engine
+from profiles.memory import DEFAULT_PREFILL_CHUNK, Plan, estimate_plan
+from profiles.store import ModelPlan, ProfileError
+
+Progress = Callable[[str], None]
+Loader = Callable[[EngineConfig, Progress], Engine]
+
+TOPK = 6  # the reference tree's width; the depth follows from the node budget
+# Reference trees of depth 4, 8, 16, 32, 48, 64 (1 + 6 * depth nodes), all within one prefill chunk.
+NODE_CANDIDATES = (1, 25, 49, 97, 193, 289, 385)
+TRIAL_DEPTH = 32  # the tree of the first trial load (the reference default, 193 nodes)
+FREE_TOLERANCE = 0.05  # "free" = within 5% of a one-token forward
+TIMING_REPEATS = 2  # best of: one-off stalls (page faults, a neighbour's copy) are not the cost
+PROMPT_TEXT = ", ".join(str(n) for n in range(1, 3000))  # tokenizes to any length we need
+
+
+@dataclass(frozen=True)
+class CpuCandidate:
+    label: str
+    method: str
+    max_depth: int = 0
+    topk_len: int = 1
+
+
+CPU_CANDIDATES = (
+    CpuCandidate("vanilla", "vanilla"),
+    CpuCandidate("subspec_sd depth 6 top-2", "subspec_sd", 6, 2),
+    CpuCandidate("subspec_sd depth 12 top-4", "subspec_sd", 12, 4),
+)
+CPU_PROMPT = "Write the numbers from 1 to 40, separated by commas."
+
+
+def engine_loader(config: EngineConfig, progress: Progress) -> Engine:
+    return load_engine(config, progress)
+
+
+@dataclass
+class _Trial:
+    engine: Engine
+    peak_bytes: int
+    forward_ms_by_nodes: dict[int, float]
+
+
+def fit_gpu(
+    source: str | None,
+    method: str,
+    model_config: dict,
+    vram_bytes: int,
+    vram_limit_gb: float | None,
+    max_context: int,
+    fingerprint: str,
+    progress: Progress,
+    loader: Loader = engine_loader,
+) -> ModelPlan:
+    """The largest resident-layer count whose measured peak fits `vram_bytes`, and a tree budget."""
+    estimate = estimate_plan(model_config, vram_bytes, method, max_context=max_context, tree_nodes=1 + TRIAL_DEPTH * TOPK)
+    if not estimate.fits:
+        raise ProfileError(f"the model does not fit this GPU with {method}: {estimate.reason}")
+    allowed = allocation_budget(estimate)
+    progress(f"memory model: {estimate.summary()}")
+    layers = estimate.layers_on_gpu
+    while True:
+        base = EngineConfig(
+            method=method,
+            llm_path=source,
+            vram_limit_gb=vram_limit_gb,
+            keep_first_n_layers_on_gpu=layers,
+            max_length=max_context,
+            max_depth=TRIAL_DEPTH,
+            topk_len=TOPK,
+            prefill_chunk=DEFAULT_PREFILL_CHUNK,
+        )
+        trial = _try(base, loader, progress, timed=True)
+        if trial is not None and trial.peak_bytes <= allowed:
+            break
+        if trial is not None:
+            progress(f"{layers} layers: measured peak {trial.peak_bytes / 2**30:.2f} GiB > budget {allowed / 2**30:.2f} GiB")
+            trial.engine.close()
+            excess_layers = math.ceil((trial.peak_bytes - allowed) / estimate.layer_bytes)
+        else:
+            excess_layers = 1
+        if layers == 0:
+            raise ProfileError(
+                f"the model does not fit this GPU with {method} even with every layer streamed: "
+                "lower --max-length or use a larger --vram-limit-gb"
+            )
+        layers = max(0, layers - excess_layers)
+
+    nodes = choose_node_budget(trial.forward_ms_by_nodes, FREE_TOLERANCE) if method != "vanilla" else 1
+    peak = trial.peak_bytes
+    depth = (nodes - 1) // TOPK
+    trial.engine.close()
+    if method != "vanilla" and depth > TRIAL_DEPTH:
+        # The chosen tree is larger than the one that ran: its verification must fit too.
+        bigger = _try(replace(base, max_depth=depth), loader, progress, timed=False)
+        if bigger is not None and bigger.peak_bytes <= allowed:
+            peak = max(peak, bigger.peak_bytes)
+            bigger.engine.close()
+        else:
+            progress(f"a {nodes}-node tree does not fit: keeping {1 + TRIAL_DEPTH * TOPK} nodes")
+            if bigger is not None:
+                bigger.engine.close()
+            depth, nodes = TRIAL_DEPTH, 1 + TRIAL_DEPTH * TOPK
+    return ModelPlan(
+        method=method,
+        device="cuda",
+        layers_on_gpu=layers,
+        layers_total=estimate.layers_total,
+        max_context=max_context,
+        config_fingerprint=fingerprint,
+        measured_at=_now(),
+        vram_limit_gb=vram_limit_gb,
+        vram_budget_bytes=vram_bytes,
+        substitute_bits=estimate.substitute_bits,
+        substitute_group=estimate.substitute_group,
+        tree_policy="reference" if method != "vanilla" else None,
+        max_depth=depth if method != "vanilla" else None,
+        topk_len=TOPK if method != "vanilla" else None,
+        node_budget=nodes - 1 if method != "vanilla" else None,
+        estimated_peak_bytes=estimate.estimated_peak_bytes,
+        measured_peak_bytes=peak,
+        verify_ms_by_nodes=trial.forward_ms_by_nodes,
+    )
+
+
+def allocation_budget(plan: Plan) -> int:
+    """What torch may allocate: the card minus the CUDA context and the safety margin."""
+    return plan.vram_bytes - plan.cuda_context_bytes - plan.safety_margin_bytes
+
+
+def choose_node_budget(forward_ms_by_nodes: dict[int, float], tolerance: float = FREE_TOLERANCE) -> int:
+    """The largest node count whose forward costs at most (1 + tolerance) x a one-token forward.
+    When even the smallest tree is not free (a compute-bound GPU), the smallest tree: drafting
+    still saves forwards, it just does not come for free."""
+    single = forward_ms_by_nodes[1]
+    free = [n for n, ms in forward_ms_by_nodes.items() if n > 1 and ms <= single * (1 + tolerance)]
+    trees = [n for n in forward_ms_by_nodes if n > 1]
+    return max(free) if free else min(trees)
+
+
+def choose_cpu(
+    source: str | None,
+    candidates: tuple[CpuCandidate, ...],
+    max_context: int,
+    new_tokens: int,
+    fingerprint: str,
+    progress: Progress,
+    loader: Loader = engine_loader,
+) -> ModelPlan:
+    """Generate the same short reply with each candidate; the highest decode tok/s wins."""
+    tok_per_s: dict[str, float] = {}
+    layers_total = 0
+    for candidate in candidates:
+        progress(f"measuring {candidate.label}")
+        config = EngineConfig(
+            method=candidate.method,  # type: ignore[arg-type]
+            llm_path=source,
+            device="cpu",
+            max_length=max_context,
+            max_depth=candidate.max_depth,
+            topk_len=candidate.topk_len,
+        )
+        engine = loader(config, progress)
+        try:
+            layers_total = int(engine.describe()["layers_total"])
+            prompt = engine.chat_ids([{"role": "user", "content": CPU_PROMPT}])
+            engine.generate(prompt, SamplingConfig(max_new_tokens=2))  # warm-up: first calls allocate
+            generation = engine.generate(prompt, SamplingConfig(max_new_tokens=new_tokens))
+        finally:
+            engine.close()
+        tok_per_s[candidate.label] = generation.stats.tok_per_s
+        progress(f"{candidate.label}: {generation.stats.tok_per_s:.1f} tok/s, tau {generation.stats.tau:.2f}")
+    best = max(candidates, key=lambda c: tok_per_s[c.label])
+    drafts = best.method != "vanilla"
+    return ModelPlan(
+        method=best.method,
+        device="cpu",
+        layers_on_gpu=0,
+        layers_total=layers_total,
+        max_context=max_context,
+        config_fingerprint=fingerprint,
+        measured_at=_now(),
+        tree_policy="reference" if drafts else None,
+        max_depth=best.max_depth if drafts else None,
+        topk_len=best.topk_len if drafts else None,
+        node_budget=best.max_depth * best.topk_len if drafts else None,
+        tok_per_s_by_candidate=tok_per_s,
+    )
+
+
+def _try(config: EngineConfig, loader: Loader, progress: Progress, timed: bool) -> _Trial | None:
+    """Load and run `config`; None when it ran out of memory. Other engine errors propagate."""
+    progress(f"trial: {config.keep_first_n_layers_on_gpu} layers on the GPU, tree depth {config.max_depth}")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    engine = None
+    try:
+        engine = loader(config, progress)
+        peaks = [torch.cuda.max_memory_allocated() if cuda else 0]  # loading has its own transients
+        # A prompt that leaves just room for the tree: the attention and mask at full context.
+        prompt_len = max(1, config.max_length - (1 + config.max_depth * config.topk_len) - config.max_depth - 8)
+        prompt = engine.tokenizer.encode(PROMPT_TEXT)[:prompt_len]
+        generation = engine.generate(prompt, SamplingConfig(max_new_tokens=config.max_depth + 2))
+        peaks.append(generation.stats.peak_gpu_bytes or 0)
+        forward_ms: dict[int, float] = {}
+        if timed:
+            for nodes in (n for n in NODE_CANDIDATES if n < config.max_length):
+                forward_ms[nodes], peak = _forward_ms(engine, prompt[:nodes])
+                peaks.append(peak)
+        return _Trial(engine, max(peaks), forward_ms)
+    except EngineError as err:
+        if engine is not None:
+            engine.close()
+        if not _is_out_of_memory(err):
+            raise
+        progress(f"out of memory: {err}")
+        return None
+
+
+def _forward_ms(engine: Engine, prompt: list[int]) -> tuple[float, int]:
+    """Best wall time of one forward over `prompt` (a 1-token generation is exactly the prefill),
+    synchronised on CUDA since the engine only waits for events; and the peak it allocated."""
+    best = math.inf
+    peak = 0
+    for _ in range(TIMING_REPEATS):
+        _synchronize()
+        started = time.perf_counter()
+        generation = engine.generate(prompt, SamplingConfig(max_new_tokens=1))
+        _synchronize()
+        best = min(best, (time.perf_counter() - started) * 1e3)
+        peak = max(peak, generation.stats.peak_gpu_bytes or 0)
+    return best, peak
+
+
+def _is_out_of_memory(err: EngineError) -> bool:
+    # The engine turns torch's OOM into a one-line EngineError and keeps the original as context.
+    return isinstance(err.__context__, torch.cuda.OutOfMemoryError)
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(microsecond=0)

@@ -1,0 +1,147 @@
+"""`run_profile`: the stored profile for this device + model + method, measured when missing or stale."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from engine.offload import measure_h2d_gbps
+from profiles import fit
+from profiles.hardware import DeviceInfo, detect
+from profiles.memory import CUDA_CONTEXT_BYTES, DEFAULT_MAX_CONTEXT, GIB
+from profiles.source import config_fingerprint, model_config, model_key
+from profiles.store import ModelPlan, ProfileError, ProfileStore
+
+CPU_NEW_TOKENS = 16
+
+
+@dataclass
+class Profile:
+    device: DeviceInfo
+    model: str  # the profile key of the model (bundled:..., an absolute path or a hub id)
+    requested_method: str
+    plan: ModelPlan
+    path: Path | None  # where it is stored; None when it could not be saved (kept in memory)
+    reused: bool  # True: read from the store, nothing measured
+    messages: list[str] = field(default_factory=list)  # moved-aside files, unsaved profile...
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready (`subspec profile --json`)."""
+        return {
+            "device": {
+                "key": self.device.key,
+                "gpu": dataclasses.asdict(self.device.gpu) if self.device.gpu else None,
+                "cpu": dataclasses.asdict(self.device.cpu),
+            },
+            "model": self.model,
+            "requested_method": self.requested_method,
+            "plan": self.plan.as_dict(),
+            "engine_overrides": self.plan.engine_overrides(),
+            "path": str(self.path) if self.path else None,
+            "reused": self.reused,
+            "messages": list(self.messages),
+        }
+
+
+def run_profile(
+    model: str | None,
+    vram_limit_gb: float | None,
+    method: str = "subspec_sd",
+    progress: Callable[[str], None] | None = None,
+    force: bool = False,
+    *,
+    max_context: int = DEFAULT_MAX_CONTEXT,
+    store: ProfileStore | None = None,
+    cpu_candidates: tuple[fit.CpuCandidate, ...] = fit.CPU_CANDIDATES,
+    cpu_new_tokens: int = CPU_NEW_TOKENS,
+    loader: fit.Loader = fit.engine_loader,
+) -> Profile:
+    """The profile of `model` (None = bundled) + `method` on this machine's GPU (or CPU).
+
+    Reused from the store when it matches (same device file, model fingerprint, method, cap and
+    context) unless `force`; otherwise measured and saved. A store that cannot be written leaves
+    the profile in memory with a message. Raises ProfileError / EngineError (one line) when the
+    model cannot be found or does not fit at all.
+    """
+    say = progress or (lambda _msg: None)
+    if vram_limit_gb is not None and vram_limit_gb <= 0:
+        raise ProfileError(f"--vram-limit-gb must be positive, got {vram_limit_gb}")
+    store = store or ProfileStore()
+    device = detect()
+    key = model_key(model)
+    fingerprint = config_fingerprint(model)
+    cap = vram_limit_gb if device.gpu else None
+    stored, messages = store.read(device.key)
+    if device.gpu is None and vram_limit_gb is not None:
+        messages.append("no CUDA GPU: --vram-limit-gb does not apply, profiling the CPU")
+    if stored is not None and not force:
+        plan = stored.plans.get(key, {}).get(method)
+        if plan and (plan.config_fingerprint, plan.vram_limit_gb, plan.max_context) == (fingerprint, cap, max_context):
+            return Profile(stored.device, key, method, plan, store.path(device.key), True, messages)
+
+    say(f"profiling {key} ({method}) on {device.describe()}")
+    if device.gpu is None:
+        plan = fit.choose_cpu(model, cpu_candidates, max_context, cpu_new_tokens, fingerprint, say, loader)
+    else:
+        gpu_device = torch.device("cuda", device.gpu.index)
+        device = dataclasses.replace(device, gpu=dataclasses.replace(device.gpu, h2d_gbps=measure_h2d_gbps(gpu_device)))
+        say(f"pinned host-to-device bandwidth {device.gpu.h2d_gbps:.1f} GB/s")
+        plan = fit.fit_gpu(
+            model, method, model_config(model), vram_budget(device.gpu.index, cap), cap,
+            max_context, fingerprint, say, loader,
+        )
+    try:
+        path, save_messages = store.save_plan(device, key, method, plan)
+    except ProfileError as err:
+        path, save_messages = None, [f"{err}: the profile is kept for this session only"]
+    return Profile(device, key, method, plan, path, False, messages + save_messages)
+
+
+def vram_budget(index: int, vram_limit_gb: float | None) -> int:
+    """The card (or the cap), less what other processes hold: their memory is left alone."""
+    free, total = torch.cuda.mem_get_info(index)
+    ours = torch.cuda.memory_reserved(index)
+    # Our own CUDA context is in `total - free` too; the memory model counts it separately.
+    elsewhere = max(0, total - free - ours - CUDA_CONTEXT_BYTES)
+    available = total - elsewhere
+    return min(available, int(vram_limit_gb * GIB)) if vram_limit_gb else available
+
+
+def format_profile(profile: Profile) -> str:
+    """Plain text for `subspec profile` and the TUI (`profile.messages` are shown separately)."""
+    plan = profile.plan
+    lines = [
+        f"Device:   {profile.device.describe()}",
+        f"Model:    {profile.model}",
+        f"Method:   {plan.method}" + ("" if plan.method == profile.requested_method else f" (fastest measured; asked for {profile.requested_method})"),
+    ]
+    if plan.device == "cuda":
+        streamed = plan.layers_total - plan.layers_on_gpu
+        lines.append(f"Layers:   {plan.layers_on_gpu} of {plan.layers_total} on the GPU, {streamed} streamed from pinned memory")
+        cap = f" (capped at {plan.vram_limit_gb:g} GiB)" if plan.vram_limit_gb else ""
+        lines.append(
+            f"Memory:   budget {_gib(plan.vram_budget_bytes)}{cap}, estimated peak {_gib(plan.estimated_peak_bytes)}, "
+            f"measured peak {_gib(plan.measured_peak_bytes)}"
+        )
+    if plan.substitute_bits:
+        lines.append(f"Substitute: HQQ {plan.substitute_bits}-bit, group {plan.substitute_group}")
+    if plan.max_depth is not None:
+        lines.append(f"Tree:     {plan.tree_policy}, depth {plan.max_depth}, top-{plan.topk_len} ({(plan.node_budget or 0) + 1} nodes)")
+    lines.append(f"Context:  {plan.max_context} tokens")
+    if plan.verify_ms_by_nodes:
+        costs = ", ".join(f"{n}: {ms:.1f} ms" for n, ms in sorted(plan.verify_ms_by_nodes.items()))
+        lines.append(f"Forward cost by tokens: {costs}")
+    if plan.tok_per_s_by_candidate:
+        speeds = ", ".join(f"{label} {tps:.1f} tok/s" for label, tps in plan.tok_per_s_by_candidate.items())
+        lines.append(f"Measured: {speeds}")
+    origin = "reused" if profile.reused else "measured"
+    lines.append(f"Profile:  {origin} {plan.measured_at:%Y-%m-%d %H:%M} UTC, " + (f"stored in {profile.path}" if profile.path else "not saved"))
+    return "\n".join(lines)
+
+
+def _gib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / GIB:.2f} GiB"

@@ -1,0 +1,65 @@
+"""A stand-in for `engine.load_engine` in profile-fitting tests: its memory and speed follow rules
+the test sets, so the fitting loop (lower N on over-budget or OOM, pick the free tree) is checked
+without a GPU."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from engine import EngineConfig, EngineError, Generation, GenerationStats, SamplingConfig
+
+
+class WordTokenizer:
+    def encode(self, text: str) -> list[int]:
+        return list(range(len(text.split())))
+
+
+@dataclass
+class FakeGpu:
+    """What the fake "GPU" does: peak bytes for N resident layers and tree depth, OOM above a
+    layer count, and the wall time of a forward over T tokens."""
+
+    peak_bytes: Callable[[int, int], int]  # (layers_on_gpu, max_depth) -> peak allocated bytes
+    forward_s: Callable[[int], float]  # tokens -> seconds (the fake sleeps that long)
+    oom_above_layers: int = 10**6
+    loads: list[EngineConfig] = field(default_factory=list)
+
+    def load(self, config: EngineConfig, progress) -> FakeEngine:
+        self.loads.append(config)
+        if (config.keep_first_n_layers_on_gpu or 0) > self.oom_above_layers:
+            try:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            except torch.cuda.OutOfMemoryError:
+                raise EngineError("fake does not fit the GPU memory with this plan") from None
+        return FakeEngine(config, self)
+
+
+class FakeEngine:
+    def __init__(self, config: EngineConfig, gpu: FakeGpu) -> None:
+        self.config = config
+        self.gpu = gpu
+        self.tokenizer = WordTokenizer()
+        self.closed = False
+
+    def generate(self, prompt_ids: list[int], sampling: SamplingConfig, **_ignored) -> Generation:
+        assert not self.closed
+        if sampling.max_new_tokens == 1:
+            time.sleep(self.gpu.forward_s(len(prompt_ids)))
+        # Deeper trees "decode" faster, so a CPU comparison has a predictable winner.
+        decode_s = 0.1 / (1 + self.config.max_depth if self.config.method != "vanilla" else 1)
+        stats = GenerationStats(method=self.config.method, new_tokens=sampling.max_new_tokens, decode_s=decode_s)
+        stats.peak_gpu_bytes = self.gpu.peak_bytes(self.config.keep_first_n_layers_on_gpu or 0, self.config.max_depth)
+        return Generation([0] * sampling.max_new_tokens, "", "length", stats)
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.tokenizer.encode(" ".join(m["content"] for m in messages))
+
+    def describe(self) -> dict:
+        return {"layers_total": 28}
+
+    def close(self) -> None:
+        self.closed = True

@@ -1,0 +1,201 @@
+"""Lossless is the product's promise: every method's greedy tokens equal plain decoding.
+
+Plain decoding is checked against transformers' own `generate`; then every method and offload
+setting is checked against plain decoding, on the real bundled model and on random models of each
+architecture, including trees deeper than what is left to generate, EOS inside a tree and a prompt
+near the context limit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from engine import EngineConfig, SamplingConfig, load_engine
+from tests.random_models import save_random_model
+
+DATA = Path(__file__).resolve().parents[1] / "subspec_tui" / "data" / "mt_bench_questions.jsonl"
+ARCHS = ["llama", "qwen2", "qwen3"]
+
+
+def mt_bench_prompts(n: int) -> list[str]:
+    lines = DATA.read_text().splitlines()
+    return [json.loads(line)["turns"][0] for line in lines[:n]]
+
+
+def random_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
+                         attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return out[0, len(prompt):].tolist()
+
+
+def greedy(engine, prompt: list[int], new_tokens: int) -> list[int]:
+    return engine.generate(prompt, SamplingConfig(max_new_tokens=new_tokens)).token_ids
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def random_folder(request, tmp_path_factory, bundled_folder) -> Path:
+    return save_random_model(tmp_path_factory.mktemp(request.param), request.param, bundled_folder)
+
+
+# --- plain decoding (and the offloader) against transformers ------------------------------------
+
+OFFLOAD_SETTINGS = [
+    {},  # every layer resident
+    {"emulate_offload": True, "keep_first_n_layers_on_gpu": 0, "offload_slots": 1},
+    {"emulate_offload": True, "keep_first_n_layers_on_gpu": 1, "offload_slots": 2},
+    {"emulate_offload": True, "keep_first_n_layers_on_gpu": 2, "offload_slots": 3},  # slots > streamed
+]
+
+
+@pytest.mark.parametrize("offload", OFFLOAD_SETTINGS, ids=["resident", "n0s1", "n1s2", "n2s3"])
+def test_random_models_vanilla_equals_transformers_generate(random_folder, offload):
+    engine = load_engine(EngineConfig(llm_path=str(random_folder), **offload))
+    reference = AutoModelForCausalLM.from_pretrained(random_folder, dtype=torch.float32).eval()
+    for prompt in random_prompts(10, 512):
+        assert greedy(engine, prompt, 16) == hf_greedy(reference, prompt, 16)
+
+
+def test_emulated_offload_streams_every_offloaded_layer(random_folder):
+    engine = load_engine(EngineConfig(llm_path=str(random_folder), emulate_offload=True,
+                                      keep_first_n_layers_on_gpu=1, offload_slots=1))
+    info = engine.describe()
+    assert info["layers_on_gpu"] == 1 and info["offloaded_bytes"] > 0
+    gen = engine.generate([5, 6, 7], SamplingConfig(max_new_tokens=4))
+    assert gen.stats.as_dict()["transfer_ms"] > 0  # copies really ran through the slot buffers
+
+
+@pytest.mark.slow
+def test_bundled_vanilla_equals_transformers_generate(bundled_engine, bundled_folder):
+    reference = AutoModelForCausalLM.from_pretrained(bundled_folder, dtype=torch.float32).eval()
+    offloaded = bundled_engine("vanilla", emulate_offload=True, keep_first_n_layers_on_gpu=20)
+    resident = bundled_engine("vanilla")
+    for question in mt_bench_prompts(10):
+        prompt = resident.chat_ids([{"role": "user", "content": question}])
+        expected = hf_greedy(reference, prompt, 24)
+        assert greedy(resident, prompt, 24) == expected
+        assert greedy(offloaded, prompt, 24) == expected
+
+
+@pytest.mark.slow
+def test_bundled_model_knows_the_capital_of_france(bundled_engine):
+    engine = bundled_engine("vanilla")
+    ids = engine.chat_ids([{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in engine.generate(ids, SamplingConfig(max_new_tokens=32)).text
+
+
+# --- speculative methods against plain decoding --------------------------------------------------
+
+SMALL_TREES = [
+    {"tree_policy": "reference", "max_depth": 6, "topk_len": 3},
+    {"tree_policy": "best_first", "max_depth": 8, "topk_len": 3, "node_budget": 16},
+]
+
+
+@pytest.mark.slow
+def test_bundled_subspec_equals_vanilla_on_20_mt_bench_prompts(bundled_engine):
+    vanilla = bundled_engine("vanilla")
+    subspec = bundled_engine("subspec_sd", max_depth=8, topk_len=3)
+    taus = []
+    for question in mt_bench_prompts(20):
+        prompt = vanilla.chat_ids([{"role": "user", "content": question}])
+        gen = subspec.generate(prompt, SamplingConfig(max_new_tokens=64))
+        assert gen.token_ids == greedy(vanilla, prompt, 64), question
+        taus.append(gen.stats.tau)
+    assert sum(taus) / len(taus) > 1.5  # the substitute really drafted accepted tokens
+
+
+@pytest.mark.slow
+def test_bundled_classic_equals_vanilla(bundled_engine, tmp_path, bundled_folder):
+    vanilla = bundled_engine("vanilla")
+    # A random draft with the bundled tokenizer: same vocabulary, mostly wrong guesses.
+    draft = save_random_model(tmp_path / "draft", "llama", bundled_folder, vocab_size=49152)
+    classic = load_engine(EngineConfig(method="classic_sd", draft_model_path=str(draft), max_depth=4, topk_len=2))
+    for question in mt_bench_prompts(5):
+        prompt = vanilla.chat_ids([{"role": "user", "content": question}])
+        assert classic.generate(prompt, SamplingConfig(max_new_tokens=32)).token_ids == greedy(vanilla, prompt, 32)
+
+
+@pytest.mark.parametrize("tree", SMALL_TREES, ids=["reference", "best_first"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_random_subspec_equals_vanilla(random_folder, tree, bits):
+    vanilla = load_engine(EngineConfig(llm_path=str(random_folder)))
+    subspec = load_engine(EngineConfig(method="subspec_sd", llm_path=str(random_folder), substitute_bits=bits, **tree))
+    accepted = 0
+    for prompt in random_prompts(12, 512, seed=1):
+        gen = subspec.generate(prompt, SamplingConfig(max_new_tokens=24))
+        assert gen.token_ids == greedy(vanilla, prompt, 24)
+        accepted += sum(it.accepted_depth for it in gen.stats.iterations)
+    assert accepted > 0
+
+
+@pytest.mark.parametrize("tree", SMALL_TREES, ids=["reference", "best_first"])
+def test_random_classic_equals_vanilla(random_folder, tmp_path, bundled_folder, tree):
+    arch = json.loads((random_folder / "config.json").read_text())["model_type"]
+    draft = save_random_model(tmp_path / "draft", arch, bundled_folder, seed=7, num_hidden_layers=1)
+    vanilla = load_engine(EngineConfig(llm_path=str(random_folder)))
+    classic = load_engine(EngineConfig(method="classic_sd", llm_path=str(random_folder),
+                                       draft_model_path=str(draft), **tree))
+    for prompt in random_prompts(10, 512, seed=2):
+        assert classic.generate(prompt, SamplingConfig(max_new_tokens=20)).token_ids == greedy(vanilla, prompt, 20)
+
+
+def test_classic_with_the_target_as_its_own_draft_accepts_whole_trees(random_folder):
+    classic = load_engine(EngineConfig(method="classic_sd", llm_path=str(random_folder),
+                                       draft_model_path=str(random_folder), max_depth=5, topk_len=2))
+    vanilla = load_engine(EngineConfig(llm_path=str(random_folder)))
+    for prompt in random_prompts(5, 512, seed=3):
+        gen = classic.generate(prompt, SamplingConfig(max_new_tokens=30))
+        assert gen.token_ids == greedy(vanilla, prompt, 30)
+        assert gen.stats.tau > 4  # a perfect draft: nearly the whole depth accepted every time
+
+
+def test_trees_deeper_than_the_tokens_left(random_folder):
+    vanilla = load_engine(EngineConfig(llm_path=str(random_folder)))
+    subspec = load_engine(EngineConfig(method="subspec_sd", llm_path=str(random_folder), substitute_bits=8,
+                                       max_depth=40, topk_len=2))
+    for new_tokens in (1, 2, 3, 7):
+        for prompt in random_prompts(4, 512, seed=4):
+            gen = subspec.generate(prompt, SamplingConfig(max_new_tokens=new_tokens))
+            assert gen.token_ids == greedy(vanilla, prompt, new_tokens)
+            assert len(gen.token_ids) == new_tokens and gen.finish_reason == "length"
+
+
+def test_eos_inside_a_tree_ends_generation_there(random_folder, tmp_path, bundled_folder):
+    arch = json.loads((random_folder / "config.json").read_text())["model_type"]
+    plain = load_engine(EngineConfig(llm_path=str(random_folder)))
+    prompt = random_prompts(1, 512, seed=5)[0]
+    free_run = greedy(plain, prompt, 40)
+    eos = next(t for t in free_run[4:] if t not in free_run[:4])  # first appears mid-output
+    folder = save_random_model(tmp_path / "eos", arch, bundled_folder, eos_token_id=eos)
+    vanilla = load_engine(EngineConfig(llm_path=str(folder)))
+    subspec = load_engine(EngineConfig(method="subspec_sd", llm_path=str(folder), substitute_bits=8,
+                                       max_depth=12, topk_len=3))
+    expected = vanilla.generate(prompt, SamplingConfig(max_new_tokens=40))
+    gen = subspec.generate(prompt, SamplingConfig(max_new_tokens=40))
+    assert expected.finish_reason == gen.finish_reason == "eos"
+    assert gen.token_ids == expected.token_ids and gen.token_ids[-1] == eos
+    assert free_run[: len(gen.token_ids)] == gen.token_ids
+
+
+def test_prompt_near_the_context_limit_stops_cleanly(random_folder):
+    vanilla = load_engine(EngineConfig(llm_path=str(random_folder), max_length=48))
+    subspec = load_engine(EngineConfig(method="subspec_sd", llm_path=str(random_folder), max_length=48,
+                                       substitute_bits=8, max_depth=10, topk_len=3))
+    prompt = random_prompts(1, 512, seed=6)[0]
+    prompt = (prompt * 10)[:43]  # 5 slots left
+    expected = vanilla.generate(prompt, SamplingConfig(max_new_tokens=30))
+    gen = subspec.generate(prompt, SamplingConfig(max_new_tokens=30))
+    assert gen.token_ids == expected.token_ids
+    assert gen.finish_reason == expected.finish_reason == "context"
+    assert len(prompt) + len(gen.token_ids) == 48 + 1  # the last token needs no KV slot
