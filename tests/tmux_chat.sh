@@ -30,11 +30,10 @@ tmux new-session -d -s "$SESSION" -x 140 -y 40 \
     "cd '$PWD' && SUBSPEC_DATA_DIR='$SUBSPEC_DATA_DIR' $APP --method $METHOD"
 wait_for "$METHOD · chat\|$METHOD · new chat" 600      # status line once the model is loaded
 tmux send-keys -t "$SESSION" "What is the capital of France?" Enter
-wait_for "tokens/s       [0-9]" 300                    # stats panel filled by the generation
-sleep 2                                                 # let the final render land
+wait_for "Paris" 300                                  # the answer streams in
+wait_for "tokens/s       [0-9]" 60                      # stats panel filled by the generation
 SCREEN="$(capture)"
 echo "$SCREEN"
-grep -q "Paris" <<<"$SCREEN" || { echo "FAIL: no 'Paris' in the answer" >&2; exit 1; }
 grep -q "CPU, no offload\|layers on GPU" <<<"$SCREEN" || { echo "FAIL: no device line in the stats panel" >&2; exit 1; }
 grep -q "tau last/mean  [0-9]" <<<"$SCREEN" || { echo "FAIL: no tau in the stats panel" >&2; exit 1; }
 echo "OK: subspec-chat answered and showed its stats"

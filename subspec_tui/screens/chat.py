@@ -38,6 +38,7 @@ def context_notice(max_length: int) -> str:
 
 
 class ChatScreen(Screen):
+    AUTO_FOCUS = "#prompt"
     BINDINGS = [
         Binding("escape", "stop", "Stop", id="chat.stop"),
         Binding("ctrl+n", "new_chat", "New chat", id="chat.new"),
