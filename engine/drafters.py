@@ -56,6 +56,7 @@ class TreeDrafter:
     _missing: list[tuple[int, int]] = field(default_factory=list)  # (slot, token) without draft KV
 
     def prefill(self, prompt: torch.Tensor, chunk: int) -> None:
+        self._missing = []  # left over from the previous generation: not this prompt's
         if self.owns_cache:
             self.transformer.prefill(self.stack, self.cache, prompt, chunk)
 
