@@ -25,12 +25,20 @@ def build_engine(config: EngineConfig, progress: Progress | None = None) -> Engi
     _check_config(config)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    if config.method == "classic_sd":
+        _check_draft_vocabulary(config)
+    return engine_from_model(config, load_model(config.llm_path, dtype, say), say)
+
+
+def engine_from_model(config: EngineConfig, loaded: LoadedModel, progress: Progress | None = None) -> Engine:
+    """An Engine around a model already in host memory (benchmarks build random-weight ones)."""
+    say = progress or (lambda _msg: None)
+    _check_config(config)
+    device = resolve_device(config.device)
+    dtype = loaded.model.dtype
     if device.type == "cuda" and config.vram_limit_gb:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, config.vram_limit_gb * 2**30 / total), device)
-    if config.method == "classic_sd":
-        _check_draft_vocabulary(config)
-    loaded = load_model(config.llm_path, dtype, say)
     try:
         return _assemble(config, loaded, device, dtype, say)
     except torch.cuda.OutOfMemoryError:
@@ -49,7 +57,7 @@ def _assemble(config: EngineConfig, loaded: LoadedModel, device: torch.device, d
     substitute = None
     if config.method == "subspec_sd":
         say(f"quantizing the substitute ({config.substitute_bits}-bit, group {config.substitute_group_size})")
-        cache_file = substitute_cache_file(loaded.folder, config, dtype)
+        cache_file = substitute_cache_file(loaded.folder, config, dtype) if loaded.folder else None
         substitute = build_substitute(
             layers, device, dtype, config.substitute_bits, config.substitute_group_size, cache_file
         )
@@ -95,7 +103,7 @@ def _classic_drafter(config: EngineConfig, device: torch.device, dtype: torch.dt
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -104,6 +112,8 @@ def resolve_device(name: str) -> torch.device:
         raise EngineError("--device cuda was asked for but this torch build sees no CUDA GPU")
     if device.type not in ("cpu", "cuda"):
         raise EngineError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # memory caps need an index
     return device
 
 

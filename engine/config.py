@@ -23,7 +23,9 @@ class EngineConfig:
     # Stream offloaded layers through CPU buffers on a machine without a GPU (a fake device that
     # exercises the offloader's slot logic; tests and development only).
     emulate_offload: bool = False
-    offload_slots: int = 2  # device buffers streamed layers rotate through (prefetch depth)
+    # Device buffers streamed layers rotate through. Measured on the H200 (7B shape, 8 GB cap):
+    # 2 slots ran at 0.82 of the streaming bound, 3 slots at 1.00.
+    offload_slots: int = 3
     # drafting (subspec_sd / classic_sd)
     tree_policy: Literal["reference", "best_first"] = "reference"
     max_depth: int = 32

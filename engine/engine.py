@@ -44,8 +44,8 @@ class Engine:
         self.model_name = model_name
         self.tokenizer = tokenizer
         self.max_length = target.cache.max_length
-        self._target = target
-        self._drafter = drafter
+        self.target = target
+        self.drafter = drafter
         self._eos_ids = eos_ids
         self._stream_bound_ms = stream_bound_ms
         self._details = details
@@ -78,7 +78,7 @@ class Engine:
             )
         if sampling.do_sample and not (0.0 < sampling.top_p <= 1.0):
             raise EngineError(f"top_p must be in (0, 1], got {sampling.top_p}")
-        device = self._target.transformer.device
+        device = self.target.transformer.device
         stats = GenerationStats(
             method=self.config.method,
             lossy=self.config.verify_method == "lossy",
@@ -89,7 +89,7 @@ class Engine:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         try:
-            run(self._target, self._drafter, self.config, prompt_ids, sampling, emitter, stats, on_iteration, cancel)
+            run(self.target, self.drafter, self.config, prompt_ids, sampling, emitter, stats, on_iteration, cancel)
         except torch.cuda.OutOfMemoryError:
             raise EngineError(
                 "out of GPU memory while generating: lower --max-length, the tree size, "
@@ -106,7 +106,7 @@ class Engine:
 
     def close(self) -> None:
         """Free GPU memory and pinned buffers."""
-        self._target = self._drafter = None  # type: ignore[assignment]
+        self.target = self.drafter = None  # type: ignore[assignment]
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

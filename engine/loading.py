@@ -35,7 +35,7 @@ class LoadedModel:
     model: torch.nn.Module  # a transformers *ForCausalLM on the CPU, eval mode
     tokenizer: object
     name: str  # what to show the user: hub id, folder name or the bundled model's name
-    folder: Path  # where the config and weights were read
+    folder: Path | None  # where the config and weights were read (None: built in memory)
 
 
 def cache_dir() -> Path:

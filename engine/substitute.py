@@ -102,16 +102,13 @@ def _as_linear(weight: torch.Tensor, bias: torch.Tensor | None, device: torch.de
 def _use_gemlite(layers: list[dict]) -> None:
     """Swap HQQLinear modules for gemlite kernels when gemlite imports (it needs a CUDA torch)."""
     try:
-        from hqq.utils.patching import prepare_for_inference
-    except Exception:  # noqa: BLE001 - an optional accelerator; hqq's torch backend still works
-        return
-    holder = torch.nn.ModuleList(torch.nn.ModuleDict(layer) for layer in layers)
-    try:
-        prepare_for_inference(holder, backend="gemlite")
+        from hqq.backends.gemlite import patch_hqq_to_gemlite
+
+        converted = [{name: patch_hqq_to_gemlite(layer[name], None) for name in LINEAR_NAMES} for layer in layers]
     except Exception:  # noqa: BLE001 - gemlite missing or failing to import: keep hqq's backend
         return
-    for layer, modules in zip(layers, holder):
-        layer.update(dict(modules.items()))
+    for layer, modules in zip(layers, converted):
+        layer.update(modules)
 
 
 def _nbytes(w: object) -> int:
