@@ -25,7 +25,7 @@ CUDA_CONTEXT_BYTES = 500 * MIB
 SAFETY_MARGIN_FRACTION = 0.04
 SAFETY_MARGIN_MIN_BYTES = 256 * MIB
 # Reusable GPU buffers offloaded layers stream into: the layer being computed and the next one.
-STREAM_BUFFERS = 3  # engine default (EngineConfig.offload_slots): 2 left a 20% bubble on the H200
+STREAM_BUFFERS = 2
 # The reference tree: max_depth 32, top-6 per depth, plus the root.
 DEFAULT_TREE_NODES = 1 + 32 * 6
 DEFAULT_PREFILL_CHUNK = 512

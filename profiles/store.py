@@ -36,6 +36,7 @@ from platformdirs import user_config_dir
 
 from engine import EngineError
 from profiles.hardware import CpuInfo, DeviceInfo, GpuInfo
+from profiles.memory import STREAM_BUFFERS
 
 SCHEMA_VERSION = 1
 LOCK_TIMEOUT_S = 30.0
@@ -81,7 +82,9 @@ class ModelPlan:
         """EngineConfig fields this plan decides (a front end applies them over its defaults)."""
         overrides: dict[str, Any] = {"method": self.method, "max_length": self.max_context}
         if self.device == "cuda":
-            overrides |= {"keep_first_n_layers_on_gpu": self.layers_on_gpu, "vram_limit_gb": self.vram_limit_gb}
+            # The plan budgets STREAM_BUFFERS prefetch slots: the engine must use exactly those.
+            overrides |= {"keep_first_n_layers_on_gpu": self.layers_on_gpu, "vram_limit_gb": self.vram_limit_gb,
+                          "offload_slots": STREAM_BUFFERS}
         for name, key in (
             ("substitute_bits", "substitute_bits"),
             ("substitute_group", "substitute_group_size"),

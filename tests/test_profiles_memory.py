@@ -72,9 +72,6 @@ QWEN3_8B = {
 }
 
 
-# The derivations below were written for two streaming buffers; the engine now defaults to three
-# (EngineConfig.offload_slots), so they pass stream_buffers=2 to keep each count explained.
-
 def test_7b_layer_sizes_match_design_figures():
     shape = ModelShape.from_config(QWEN25_7B)
     # q,o: 3584x3584; k,v: 512x3584 (4 KV heads x 128); gate,up,down: 18944x3584; q/k/v biases;
@@ -115,7 +112,7 @@ def test_hqq_linear_bytes_match_hqq_storage(bits):
 
 
 def test_qwen25_7b_at_8gb_subspec_keeps_1_layer():
-    plan = estimate_plan(QWEN25_7B, 8 * GIB, "subspec_sd", max_context=2048, stream_buffers=2)
+    plan = estimate_plan(QWEN25_7B, 8 * GIB, "subspec_sd", max_context=2048)
     # Always resident: embeddings + untied lm_head 2 x 152064 x 3584 x 2 B = 2.18 GB, 28 substitute
     # layers x 0.131 GB = 3.67 GB, KV 2048 x 57344 B = 0.12 GB, two 0.466 GB streaming buffers,
     # the workspace of a 193-node verification (logits 193 x 152064 x 6 B = 0.18 GB dominate) =
@@ -127,14 +124,11 @@ def test_qwen25_7b_at_8gb_subspec_keeps_1_layer():
     assert plan.total_bytes / GIB == pytest.approx(7.90, abs=0.01)
     assert plan.vram_bytes - plan.total_bytes < plan.layer_bytes
     # Without the substitute (vanilla) those 3.4 GiB hold 8 more bf16 layers.
-    assert estimate_plan(QWEN25_7B, 8 * GIB, "vanilla", stream_buffers=2).layers_on_gpu == 9
-    # With the engine's default third buffer (one layer's room) one fewer stays: this plan ran on
-    # the H200 under the 8 GB cap with a measured peak of 7.48 GB (benchmarks/offload_gpu.py).
-    assert estimate_plan(QWEN25_7B, 8 * GIB, "vanilla").layers_on_gpu == 8
+    assert estimate_plan(QWEN25_7B, 8 * GIB, "vanilla").layers_on_gpu == 9
 
 
 def test_qwen25_32b_at_24gb_subspec_streams_every_layer():
-    plan = estimate_plan(QWEN25_32B, 24 * GIB, "subspec_sd", max_context=2048, stream_buffers=2)
+    plan = estimate_plan(QWEN25_32B, 24 * GIB, "subspec_sd", max_context=2048)
     # A 32B layer is 0.975 GB bf16 and 0.274 GB as 4-bit g64: 64 substitute layers are 17.6 GB,
     # embeddings + head 3.11 GB, KV 2048 x 262144 B = 0.54 GB, two streaming buffers 1.95 GB,
     # workspace 0.28 GB, context + 4% margin 1.56 GB: 23.28 of 24 GiB. The 0.72 GiB left is less
@@ -147,7 +141,7 @@ def test_qwen25_32b_at_24gb_subspec_streams_every_layer():
 
 
 def test_llama31_8b_at_12gb_keeps_10_layers():
-    plan = estimate_plan(LLAMA31_8B, 12 * GIB, "subspec_sd", max_context=2048, stream_buffers=2)
+    plan = estimate_plan(LLAMA31_8B, 12 * GIB, "subspec_sd", max_context=2048)
     # Layer 0.436 GB bf16 (no biases), 0.123 GB as 4-bit: 32 substitutes 3.93 GB; embeddings +
     # head 2 x 128256 x 4096 x 2 B = 2.10 GB; KV 2048 x 131072 B = 0.27 GB; two buffers 0.87 GB;
     # workspace 0.23 GB; context + margin 1.04 GB: 7.85 GiB fixed. (12 - 7.85) / 0.406 GiB = 10.2
@@ -160,7 +154,7 @@ def test_llama31_8b_at_12gb_keeps_10_layers():
 
 
 def test_qwen25_14b_at_12gb_needs_3bit_substitute():
-    plan = estimate_plan(QWEN25_14B, 12 * GIB, "subspec_sd", max_context=2048, stream_buffers=2)
+    plan = estimate_plan(QWEN25_14B, 12 * GIB, "subspec_sd", max_context=2048)
     # 48 substitute layers x 0.155 GB (4-bit) = 7.43 GB + embeddings/head 3.11 GB + KV 0.40 GB +
     # two 0.55 GB buffers + workspace 0.27 GB + context/margin 1.04 GB = 12.44 GiB > 12 GiB even
     # with every bf16 layer streamed: the plan says so in one line instead of pretending.
@@ -170,27 +164,27 @@ def test_qwen25_14b_at_12gb_needs_3bit_substitute():
     # At 3 bits (ten values per int32 -> 3.2 bits + 4 bytes per group) a substitute layer is
     # 0.127 GB: 1.32 GB less in all, 11.21 GiB with no layer resident; the 0.79 GiB left hold
     # one 0.513 GiB bf16 layer.
-    three_bit = estimate_plan(QWEN25_14B, 12 * GIB, "subspec_sd", substitute_bits=3, stream_buffers=2)
+    three_bit = estimate_plan(QWEN25_14B, 12 * GIB, "subspec_sd", substitute_bits=3)
     assert three_bit.fits
     assert three_bit.layers_on_gpu == 1
     assert three_bit.total_bytes / GIB == pytest.approx(11.72, abs=0.01)
 
 
 def test_everything_resident_needs_no_streaming_buffers():
-    plan = estimate_plan(QWEN25_7B, 80 * GIB, "subspec_sd", stream_buffers=2)
+    plan = estimate_plan(QWEN25_7B, 80 * GIB, "subspec_sd")
     assert plan.layers_on_gpu == plan.layers_total == 28
     assert plan.stream_buffer_bytes == 0
     assert plan.offloaded_bytes == 0
 
 
 def test_longer_context_and_bigger_tree_cost_memory():
-    base = estimate_plan(LLAMA31_8B, 12 * GIB, "subspec_sd", max_context=2048, stream_buffers=2)
-    long = estimate_plan(LLAMA31_8B, 12 * GIB, "subspec_sd", max_context=32768, stream_buffers=2)
+    base = estimate_plan(LLAMA31_8B, 12 * GIB, "subspec_sd", max_context=2048)
+    long = estimate_plan(LLAMA31_8B, 12 * GIB, "subspec_sd", max_context=32768)
     assert long.kv_cache_bytes == 16 * base.kv_cache_bytes
     assert long.layers_on_gpu < base.layers_on_gpu
     small_prefill = dict(prefill_chunk=1)  # so the tree, not the prefill chunk, sizes the workspace
-    small_tree = estimate_plan(LLAMA31_8B, 12 * GIB, "subspec_sd", tree_nodes=64, **small_prefill, stream_buffers=2)
-    big_tree = estimate_plan(LLAMA31_8B, 12 * GIB, "subspec_sd", tree_nodes=1024, **small_prefill, stream_buffers=2)
+    small_tree = estimate_plan(LLAMA31_8B, 12 * GIB, "subspec_sd", tree_nodes=64, **small_prefill)
+    big_tree = estimate_plan(LLAMA31_8B, 12 * GIB, "subspec_sd", tree_nodes=1024, **small_prefill)
     assert big_tree.workspace_bytes > small_tree.workspace_bytes
     # logits in bf16 + an fp32 copy dominate: 1024 nodes x 128256 x 6 B.
     assert big_tree.workspace_bytes > 1024 * 128256 * 6
