@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 from platformdirs import user_cache_dir
+from safetensors import SafetensorError
 
 from engine.errors import EngineError
 
@@ -132,7 +133,7 @@ def _load_folder(folder: Path, dtype: torch.dtype, say: Progress) -> tuple[torch
             tokenizer = AutoTokenizer.from_pretrained(folder)
     except EngineError:
         raise
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
         raise EngineError(f"cannot load the model in {folder} (corrupt or incomplete?): {_one_line(err)}") from None
     _check_finite(model, folder)
     return model.eval(), tokenizer
