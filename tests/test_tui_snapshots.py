@@ -47,6 +47,18 @@ async def settle(pilot) -> None:
     await pilot.pause()
 
 
+async def reply_finished(pilot) -> None:
+    """Wait for the Finished message itself (not wall time: CI machines are slow), then redraw stats."""
+    screen = pilot.app.chat_screen()
+    for _ in range(500):
+        if not screen.generating:
+            break
+        await pilot.pause(0.01)
+    assert not screen.generating, "the fake reply never finished"
+    screen.query_one(stats_panel.StatsPanel).refresh_stats()
+    await pilot.pause()
+
+
 def test_chat_screen_after_a_reply(snap_compare):
     async def run_before(pilot) -> None:
         await settle(pilot)
@@ -55,7 +67,7 @@ def test_chat_screen_after_a_reply(snap_compare):
         prompt.value = "What is the capital of France?"
         await pilot.press("enter")
         await settle(pilot)
-        await pilot.pause(0.2)  # one 10 Hz stats refresh
+        await reply_finished(pilot)
 
     assert snap_compare(make_app(), terminal_size=SIZE, run_before=run_before)
 
