@@ -1,46 +1,64 @@
-"""Offloaded decoding on a real GPU with a random-weight model of a real shape, under a VRAM cap.
+"""Offloaded decoding on a real GPU with random-weight models of real shapes under VRAM caps.
 
-Prints, next to each figure, its physical bound measured in the same run:
-- pinned host-to-device bandwidth (GB/s);
-- vanilla offloaded decode: ms per token and tok/s against stream_bound_ms (offloaded bytes /
-  measured bandwidth), efficiency = bound / measured;
-- SubSpec: one verification forward over trees of 193 and 289 nodes against the same bound, and one
-  draft step (all substitute layers, 6 tokens) against the HBM floor of the 4-bit bytes.
-Random weights do not change timings (they do change tau: tau needs real weights).
+For each case (Qwen2.5-7B at 8 GB, Llama-3.1-8B at 8 GB, Qwen2.5-14B at 12 GB, Qwen2.5-32B at
+24 GB by default) ONE run measures, each figure next to its physical bound from the same run:
+- pinned host-to-device bandwidth, and stream_bound_ms = offloaded bytes / that bandwidth;
+- vanilla offloaded decode: ms per token, tok/s, efficiency = bound / measured;
+- SubSpec: verification forwards over 1..289-node trees; one draft depth (all substitute layers,
+  6 tokens) eager and replayed from a CUDA graph, against the HBM floor of the bytes it reads;
+  the iteration split of real generations (draft, verify, transfer, KV compaction, host work) for
+  the reference tree (depth 48 x top-6) and for the tree the profile rule picks from the verify
+  timings; peak GPU memory against the cap;
+- tok/s of SubSpec = tau / iteration time, for stated taus (random weights say nothing about tau).
+The first case also compares 4-bit kernels per layer (gemlite, torch's tinygemm through hqq) and
+bf16, each inside a CUDA graph.
 
-    python benchmarks/offload_gpu.py --shape qwen2.5-7b --vram-limit-gb 8 [--json out.json]
-On a CPU it runs a tiny shape end to end (nothing meaningful is timed), so it cannot rot.
+    python benchmarks/offload_gpu.py [--cases qwen2.5-7b:8,qwen2.5-32b:24] [--json out.json]
+        [--tau bundled=6.7 --tau reference-paper=28.35]
+On a CPU it runs a tiny shape end to end (no figure means anything), so CI keeps it working.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import statistics
+import threading
 import time
+from typing import Callable
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from engine import EngineConfig, SamplingConfig
 from engine.build import engine_from_model
+from engine.engine import Engine
 from engine.loading import LoadedModel
 from engine.stats import Timer
 from engine.tree import Tree
 from profiles import estimate_plan
+from profiles.fit import choose_node_budget
 
+QWEN = dict(vocab_size=152064, tie_word_embeddings=False, max_position_embeddings=32768)
 SHAPES = {
     "qwen2.5-7b": lambda: Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
-                                       tie_word_embeddings=False, max_position_embeddings=32768),
+                                       num_attention_heads=28, num_key_value_heads=4, **QWEN),
     "qwen2.5-14b": lambda: Qwen2Config(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
-                                        num_attention_heads=40, num_key_value_heads=8, vocab_size=152064,
-                                        tie_word_embeddings=False, max_position_embeddings=32768),
+                                        num_attention_heads=40, num_key_value_heads=8, **QWEN),
+    "qwen2.5-32b": lambda: Qwen2Config(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
+                                        num_attention_heads=40, num_key_value_heads=8, **QWEN),
     "llama-3.1-8b": lambda: LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                                          tie_word_embeddings=False, max_position_embeddings=131072),
     "tiny": lambda: Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False),
 }
+DEFAULT_CASES = "qwen2.5-7b:8,llama-3.1-8b:8,qwen2.5-14b:12,qwen2.5-32b:24"
+HBM_GBPS = 4800.0  # H200 datasheet: the floor of anything that reads its bytes once from HBM
+VERIFY_NODES = (1, 97, 193, 289)
+REFERENCE_TREE = (48, 6)  # depth x top-k: 289 nodes with the root
+WIDTH = 6
 
 
 class _NoText:
@@ -54,9 +72,14 @@ class _NoText:
 
 
 def random_model(config, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """Built on the meta device and filled tensor by tensor where the random numbers are fast."""
+    """Random weights, filled on the device (seconds, not minutes). Every decoder layer is the same
+    module: host memory holds one layer, while the engine still packs and streams (or quantizes)
+    one copy per layer, so every byte moves as it would for a real model."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    layers = model.model.layers
+    for i in range(1, len(layers)):
+        layers[i] = layers[0]
     model = model.to_empty(device="cpu")
     with torch.no_grad():
         for tensor in list(model.parameters()) + list(model.buffers()):
@@ -66,130 +89,300 @@ def random_model(config, dtype: torch.dtype, device: torch.device) -> torch.nn.M
     return model.eval()
 
 
-def plan_layers(config, vram_gb: float, method: str, max_length: int, tree_nodes: int, slots: int = 3) -> int:
-    plan = estimate_plan(config, int(vram_gb * 2**30), method, max_context=max_length, tree_nodes=tree_nodes,
-                         stream_buffers=slots)
-    if not plan.fits:
-        raise SystemExit(f"{method} does not fit {vram_gb} GB: {plan.reason}")
-    return plan.layers_on_gpu
+def median_ms(fn: Callable[[], None], timer: Timer, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        with timer.span("x"):
+            fn()
+        times.append(timer.collect()["x"])
+    return statistics.median(times)
 
 
-def bench_vanilla(model, config, args, device, slots: int) -> dict:
-    keep = plan_layers(config, args.vram_limit_gb, "vanilla", args.max_length, 1, slots) if device.type == "cuda" else 2
+def fitting_plan(config, vram_gb: float, method: str, max_length: int, nodes: int):
+    """The memory model's plan with the most stream buffers (3, else 2, else 1) that fits."""
+    for buffers in (3, 2, 1):
+        plan = estimate_plan(config, int(vram_gb * 2**30), method, max_context=max_length, tree_nodes=nodes,
+                             stream_buffers=buffers)
+        if plan.fits:
+            return plan, buffers
+    raise SystemExit(f"{method} does not fit {vram_gb} GB: {plan.reason}")
+
+
+def build(model, config, args, device, method: str, vram_gb: float, **extra) -> tuple[Engine, object]:
+    if device.type == "cuda":
+        plan, buffers = fitting_plan(config, vram_gb, method, args.max_length, 1 + 48 * 6 if method != "vanilla" else 1)
+        keep, estimated = plan.layers_on_gpu, plan.estimated_peak_bytes
+    else:
+        keep, buffers, estimated = 2, 2, None
     engine = engine_from_model(
-        EngineConfig(method="vanilla", device=str(device), vram_limit_gb=args.vram_limit_gb, offload_slots=slots,
-                     keep_first_n_layers_on_gpu=keep, max_length=args.max_length, emulate_offload=device.type == "cpu"),
+        EngineConfig(method=method, device=str(device), vram_limit_gb=vram_gb if device.type == "cuda" else None,
+                     keep_first_n_layers_on_gpu=keep, offload_slots=buffers, max_length=args.max_length,
+                     emulate_offload=device.type == "cpu", **extra),
         LoadedModel(model, _NoText(), args.shape, None),
     )
-    prompt = torch.randint(0, config.vocab_size, (64,)).tolist()
+    return engine, {"stream_buffers": buffers, "estimated_peak_gb": estimated / 1e9 if estimated else None}
+
+
+def bench_vanilla(model, config, args, device, vram_gb: float, prompt: list[int]) -> dict:
+    engine, plan = build(model, config, args, device, "vanilla", vram_gb)
     engine.generate(prompt, SamplingConfig(max_new_tokens=4))  # warm-up
     gen = engine.generate(prompt, SamplingConfig(max_new_tokens=args.tokens))
-    stats = gen.stats.as_dict()
-    info = engine.describe()
-    engine.close()
+    stats, info = gen.stats.as_dict(), engine.describe()
+    close(engine)
     ms_per_token = 1e3 / stats["tok_per_s"]
+    bound = stats["stream_bound_ms"]
     return {
-        "layers_on_gpu": info["layers_on_gpu"], "layers_total": info["layers_total"],
+        **plan, "layers_on_gpu": info["layers_on_gpu"], "layers_total": info["layers_total"],
         "offloaded_gb": info["offloaded_bytes"] / 1e9, "h2d_gbps": info["h2d_gbps"],
         "ms_per_token": ms_per_token, "tok_per_s": stats["tok_per_s"], "verify_ms": stats["verify_ms"],
-        "transfer_ms": stats["transfer_ms"], "stream_bound_ms": stats["stream_bound_ms"],
-        "efficiency": stats["stream_bound_ms"] / ms_per_token if stats["stream_bound_ms"] else None,
-        "peak_gpu_gb": (stats["peak_gpu_bytes"] or 0) / 1e9,
+        "transfer_ms": stats["transfer_ms"], "stream_bound_ms": bound,
+        "efficiency": bound / ms_per_token if bound else None,
+        "peak_gpu_gb": (stats["peak_gpu_bytes"] or 0) / 1e9, "greedy_tokens": gen.token_ids,
     }
 
 
-def bench_subspec(model, config, args, device) -> dict:
-    keep = plan_layers(config, args.vram_limit_gb, "subspec_sd", args.max_length, 289) if device.type == "cuda" else 2
-    engine = engine_from_model(
-        EngineConfig(method="subspec_sd", device=str(device), vram_limit_gb=args.vram_limit_gb,
-                     keep_first_n_layers_on_gpu=keep, max_length=args.max_length, max_depth=48, topk_len=6,
-                     emulate_offload=device.type == "cpu"),
-        LoadedModel(model, _NoText(), args.shape, None),
-    )
-    target, drafter = engine.target, engine.drafter
-    prompt = torch.randint(0, config.vocab_size, (64,), device=device)
-    target.transformer.prefill(target.stack, target.cache, prompt, 512)
+def bench_subspec(model, config, args, device, vram_gb: float, prompt: list[int], vanilla_tokens: list[int]) -> dict:
+    depth, topk = REFERENCE_TREE
+    engine, plan = build(model, config, args, device, "subspec_sd", vram_gb, max_depth=depth, topk_len=topk)
+    target, drafter, info = engine.target, engine.drafter, engine.describe()
+    bound = info["stream_bound_ms"]
+    out: dict = {**plan, "layers_on_gpu": info["layers_on_gpu"], "substitute_gb": info["substitute_bytes"] / 1e9,
+                 "stream_bound_ms": bound, "draft_graphs": info["draft_graphs"]}
+    # Greedy tokens against vanilla's (bf16: a near-tie can flip between batch shapes; reported, not asserted).
+    gen = engine.generate(prompt, SamplingConfig(max_new_tokens=args.tokens))
+    out["greedy_match"] = _matching_prefix(gen.token_ids, vanilla_tokens)
+
     timer = Timer(device)
-    out: dict = {"layers_on_gpu": engine.describe()["layers_on_gpu"],
-                 "substitute_gb": engine.describe()["substitute_bytes"] / 1e9,
-                 "stream_bound_ms": engine.describe()["stream_bound_ms"]}
-    for nodes in (1, 193, 289):
-        tree = _random_tree(nodes, config.vocab_size, target.cache.length, device)
-        times = []
-        for _ in range(args.repeats):
-            with timer.span("verify"):
-                idx = torch.arange(tree.size, device=device)
-                target.transformer.forward(target.stack, target.cache, tree.tokens[: tree.size], tree.positions(idx),
-                                           tree.slots(idx), tree.mask(idx), target.cache.length + tree.size)
-            times.append(timer.collect()["verify"])
-            target.stack.take_transfer_ms()
-        out[f"verify_ms_{nodes}"] = sorted(times)[len(times) // 2]
-    tree = _random_tree(1 + 6 * 8, config.vocab_size, target.cache.length, device)
-    frontier = torch.arange(tree.size - 6, tree.size, device=device)
-    times = []
-    for _ in range(args.repeats):
-        with timer.span("draft"):
-            drafter._step(tree, frontier)
-        times.append(timer.collect()["draft"])
-    out["draft_ms_per_depth"] = sorted(times)[len(times) // 2]
-    out["substitute_hbm_floor_ms"] = out["substitute_gb"] / 4.8e3 * 1e3  # 4.8 TB/s datasheet HBM
-    engine.close()
+    ids = torch.tensor(prompt, device=device)
+    target.transformer.prefill(target.stack, target.cache, ids, 512)
+    verify = {}
+    for nodes in VERIFY_NODES:
+        tree = _reference_tree(nodes, config.vocab_size, target.cache.length, device)
+        verify[nodes] = median_ms(lambda: _verify(target, tree), timer, args.repeats)
+        target.stack.take_transfer_ms()
+    out["verify_ms"] = verify
+    out["profile_nodes"] = choose_node_budget(verify)
+
+    tree = _reference_tree(1 + WIDTH * 8, config.vocab_size, target.cache.length, device)
+    frontier = torch.arange(tree.size - WIDTH, tree.size, device=device)
+    graphs, drafter.graphs = drafter.graphs, None
+    out["draft_depth_eager_ms"] = median_ms(lambda: drafter.draft_step(tree, frontier), timer, args.repeats)
+    drafter.graphs = graphs
+    if graphs is not None:
+        drafter.draft_step(tree, frontier)  # capture
+        out["draft_depth_graph_ms"] = median_ms(lambda: drafter.draft_step(tree, frontier), timer, 20)
+    head_gb = (model.lm_head.weight.nbytes + model.model.embed_tokens.weight[:WIDTH].nbytes) / 1e9
+    out["draft_hbm_floor_ms"] = (out["substitute_gb"] + head_gb) / HBM_GBPS * 1e3
+
+    path = [target.cache.length + 6 * i for i in range(8)]  # an 8-node path out of a 289-node tree
+    out["compaction_ms"] = median_ms(lambda: _commit_and_forget(target.cache, path), timer, args.repeats)
+
+    out["iteration_reference"] = _iterations(engine, prompt, depth, args)
+    profile_depth = max(1, (out["profile_nodes"] - 1) // topk)
+    out["profile_depth"] = profile_depth
+    out["iteration_profile"] = _iterations(engine, prompt, profile_depth, args)
+    out["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+    close(engine)
     return out
 
 
-def _random_tree(nodes: int, vocab: int, prefix_len: int, device: torch.device) -> Tree:
-    """Reference-shaped tree: a root then layers of 6 nodes, each hanging off the previous layer."""
+def _iterations(engine: Engine, prompt: list[int], depth: int, args) -> dict:
+    """Median split of real iterations (the first two capture graphs and are left out)."""
+    engine.config.max_depth = depth  # the drafter reads the same config object
+    cancel, seen = threading.Event(), []
+
+    def record(it) -> None:
+        seen.append(it)
+        if len(seen) >= 2 + args.iterations:
+            cancel.set()
+
+    engine.generate(prompt, SamplingConfig(max_new_tokens=4096), on_iteration=record, cancel=cancel)
+    steady = seen[2:]
+
+    def med(name: str) -> float:
+        return statistics.median(getattr(it, name) or 0.0 for it in steady)
+
+    draft, verify, total = med("draft_ms"), med("verify_ms"), med("iteration_ms")
+    return {"depth": depth, "nodes": statistics.median(it.tree_nodes for it in steady), "draft_ms": draft,
+            "draft_ms_per_depth": draft / depth, "verify_ms": verify, "transfer_ms": med("transfer_ms"),
+            "iteration_ms": total, "host_ms": total - draft - verify,
+            "tau_random_weights": statistics.mean(it.emitted for it in steady)}
+
+
+def _verify(target, tree: Tree) -> None:
+    idx = torch.arange(tree.size, device=tree.tokens.device)
+    target.transformer.forward(target.stack, target.cache, tree.tokens[: tree.size], tree.positions(idx),
+                               tree.slots(idx), tree.mask(idx), target.cache.length + tree.size)
+
+
+def _commit_and_forget(cache, path: list[int]) -> None:
+    length = cache.length
+    cache.commit(path)
+    cache.truncate(length)
+
+
+def _matching_prefix(a: list[int], b: list[int]) -> str:
+    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return f"{same}/{len(b)}"
+
+
+def _reference_tree(nodes: int, vocab: int, prefix_len: int, device: torch.device) -> Tree:
+    """Reference-shaped: a root then levels of 6 nodes hanging off the previous level."""
     tree = Tree(nodes, device)
-    tree.reset(torch.tensor(1, device=device), prefix_len)
+    tree.reset(1, prefix_len)
     frontier = torch.zeros(1, dtype=torch.long, device=device)
     while tree.size < nodes:
-        width = min(6, nodes - tree.size)
+        width = min(WIDTH, nodes - tree.size)
         parents = frontier[torch.randint(0, frontier.numel(), (width,), device=device)]
         frontier = tree.add(parents, torch.randint(0, vocab, (width,), device=device), torch.zeros(width, device=device))
     return tree
 
 
+def kernels_per_layer(model, device: torch.device, repeats: int) -> dict:
+    """One layer's seven linears at 6 tokens inside a CUDA graph: bf16, HQQ 4-bit via gemlite, and
+    torch's tinygemm int4 kernel via hqq (which re-rounds HQQ's zero points: max deviation shown)."""
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    layer = model.model.layers[0]
+    linears = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    x = {m: torch.randn(WIDTH, m.in_features, dtype=torch.bfloat16, device=device) for m in linears}
+    quant = BaseQuantizeConfig(nbits=4, group_size=64, axis=1)
+    variants: dict[str, list] = {"bf16": [torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
+                                                          dtype=torch.bfloat16, device=device) for m in linears]}
+    for dst, src in zip(variants["bf16"], linears):
+        dst.weight.data.copy_(src.weight)
+    hqq = [HQQLinear(_copy(m, device), quant, compute_dtype=torch.bfloat16, device=str(device)) for m in linears]
+    reference = [h.dequantize() for h in hqq]
+    out = {}
+    try:
+        from hqq.backends.gemlite import patch_hqq_to_gemlite
+
+        variants["gemlite"] = [patch_hqq_to_gemlite(h, None) for h in hqq]
+    except Exception as err:  # noqa: BLE001 - report, keep measuring the others
+        out["gemlite_error"] = repr(err)[:200]
+    try:
+        from hqq.backends.torchao import patch_hqq_to_aoint4
+
+        fresh = [HQQLinear(_copy(m, device), quant, compute_dtype=torch.bfloat16, device=str(device)) for m in linears]
+        variants["tinygemm"] = [patch_hqq_to_aoint4(h, None) for h in fresh]
+        out["tinygemm_max_weight_deviation"] = max(
+            float((t.dequantize() - r).abs().max() / r.abs().max()) for t, r in zip(variants["tinygemm"], reference))
+    except Exception as err:  # noqa: BLE001
+        out["tinygemm_error"] = repr(err)[:200]
+    for name, modules in variants.items():
+        def step(modules=modules) -> None:
+            for m, lin in zip(modules, linears):
+                m(x[lin])
+
+        try:
+            out[f"{name}_eager_ms"] = _bench_eager(step, repeats)
+            out[f"{name}_graph_ms"] = _bench_graph(step, repeats)
+        except Exception as err:  # noqa: BLE001
+            out[f"{name}_error"] = repr(err)[:200]
+    out["layer_4bit_hbm_floor_ms"] = sum(r.numel() for r in reference) / 2 / (HBM_GBPS * 1e9) * 1e3
+    return out
+
+
+def _copy(m: torch.nn.Linear, device) -> torch.nn.Linear:
+    new = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=torch.bfloat16, device=device)
+    new.weight.data.copy_(m.weight)
+    return new
+
+
+def _bench_eager(step: Callable[[], None], repeats: int) -> float:
+    timer = Timer(torch.device("cuda"))
+    step()
+    return median_ms(step, timer, repeats * 4)
+
+
+def _bench_graph(step: Callable[[], None], repeats: int) -> float:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    timer = Timer(torch.device("cuda"))
+    return median_ms(graph.replay, timer, repeats * 4)
+
+
+def close(engine: Engine) -> None:
+    engine.close()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def report(case: dict, taus: dict[str, float]) -> None:
+    v, s = case["vanilla"], case.get("subspec")
+    print(f"\n== {case['shape']} at {case['vram_limit_gb']} GB ==")
+    if v["stream_bound_ms"]:
+        print(f"pinned H2D {v['h2d_gbps']:.1f} GB/s")
+        print(f"vanilla: {v['layers_on_gpu']}/{v['layers_total']} layers on GPU, {v['stream_buffers']} buffers, "
+              f"{v['offloaded_gb']:.2f} GB streamed per token, bound {v['stream_bound_ms']:.1f} ms")
+        print(f"  {v['ms_per_token']:.1f} ms/token = {v['tok_per_s']:.2f} tok/s, efficiency {v['efficiency']:.3f} "
+              f"(bound/measured); peak {v['peak_gpu_gb']:.2f} GB (estimate {v['estimated_peak_gb']:.2f}, cap {case['vram_limit_gb']})")
+    if not s:
+        return
+    bound = s["stream_bound_ms"] or float("nan")
+    print(f"subspec: {s['layers_on_gpu']} bf16 layers resident, {s['stream_buffers']} buffers, "
+          f"substitute {s['substitute_gb']:.2f} GB, bound {bound:.1f} ms, draft steps: {s['draft_graphs']}")
+    print("  verify: " + ", ".join(f"{n} nodes {ms:.1f} ms ({ms / bound:.3f}x)" for n, ms in s["verify_ms"].items()))
+    graph = s.get("draft_depth_graph_ms")
+    print(f"  one draft depth (6 tokens): eager {s['draft_depth_eager_ms']:.2f} ms"
+          + (f", CUDA graph {graph:.2f} ms" if graph else "") + f"; HBM floor {s['draft_hbm_floor_ms']:.2f} ms")
+    print(f"  KV compaction (8-node path): {s['compaction_ms']:.3f} ms; greedy tokens equal to vanilla: {s['greedy_match']}")
+    for key in ("iteration_reference", "iteration_profile"):
+        it = s[key]
+        print(f"  {key.split('_')[1]} tree, depth {it['depth']} ({it['nodes']:.0f} nodes): iteration {it['iteration_ms']:.1f} ms "
+              f"= {it['iteration_ms'] / bound:.2f}x bound [draft {it['draft_ms']:.1f} ({it['draft_ms_per_depth']:.2f}/depth), "
+              f"verify {it['verify_ms']:.1f}, transfer {it['transfer_ms']:.1f}, host {it['host_ms']:.1f}]")
+        for name, tau in taus.items():
+            print(f"    with tau {tau} ({name}): {tau / it['iteration_ms'] * 1e3:.2f} tok/s "
+                  f"vs vanilla {v['tok_per_s']:.2f} tok/s measured in this run")
+    print(f"  peak {s['peak_gpu_gb'] or 0:.2f} GB (estimate {s['estimated_peak_gb'] or 0:.2f}, cap {case['vram_limit_gb']})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-7b")
-    parser.add_argument("--vram-limit-gb", type=float, default=8.0)
+    parser.add_argument("--cases", default=DEFAULT_CASES, help="shape:GB,... (shapes: %s)" % ", ".join(SHAPES))
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--skip-subspec", action="store_true")
-    parser.add_argument("--slots", type=int, nargs="+", default=[3])
+    parser.add_argument("--iterations", type=int, default=4, help="steady iterations timed per tree")
+    parser.add_argument("--tau", action="append", default=[], help="name=value: report tok/s at this tau")
+    parser.add_argument("--skip-kernels", action="store_true")
     parser.add_argument("--json")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    taus = {name: float(value) for name, value in (t.split("=", 1) for t in args.tau)}
+    cases = [(c.split(":")[0], float(c.split(":")[1])) for c in args.cases.split(",")]
     if device.type == "cpu":
-        args.shape = "tiny"
-    config = SHAPES[args.shape]()
-    started = time.perf_counter()
-    model = random_model(config, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
-    print(f"built random {args.shape} in {time.perf_counter() - started:.1f} s on {device}")
-    result = {"shape": args.shape, "vram_limit_gb": args.vram_limit_gb,
-              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
-    for slots in args.slots:
-        result[f"vanilla_slots{slots}"] = v = bench_vanilla(model, config, args, device, slots)
-        print(f"vanilla, {slots} prefetch slots: {v['layers_on_gpu']}/{v['layers_total']} layers on GPU, "
-              f"{v['offloaded_gb']:.2f} GB streamed per token")
-        if v["stream_bound_ms"]:
-            print(f"  pinned H2D {v['h2d_gbps']:.1f} GB/s -> stream_bound_ms {v['stream_bound_ms']:.1f}")
-            print(f"  measured {v['ms_per_token']:.1f} ms/token ({v['tok_per_s']:.2f} tok/s), forward {v['verify_ms']:.1f} ms, "
-                  f"copy stream {v['transfer_ms']:.1f} ms -> efficiency {v['efficiency']:.3f} of the bound; "
-                  f"peak {v['peak_gpu_gb']:.2f} GB")
-    if not args.skip_subspec:
-        result["subspec"] = s = bench_subspec(model, config, args, device)
-        bound = s["stream_bound_ms"]
-        print(f"subspec: {s['layers_on_gpu']} bf16 layers resident + {s['substitute_gb']:.2f} GB substitute")
-        for nodes in (1, 193, 289):
-            ratio = f" = {s[f'verify_ms_{nodes}'] / bound:.3f} x bound {bound:.1f}" if bound else ""
-            print(f"  verify {nodes:3d} nodes: {s[f'verify_ms_{nodes}']:.1f} ms{ratio}")
-        print(f"  draft step (6 tokens, all layers): {s['draft_ms_per_depth']:.2f} ms "
-              f"vs HBM floor {s['substitute_hbm_floor_ms']:.3f} ms")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        cases, args.repeats, args.iterations, args.skip_kernels = [("tiny", 0.0)], 1, 1, True
+    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "cases": []}
+    for shape, vram_gb in cases:
+        args.shape = shape
+        config = SHAPES[shape]()
+        started = time.perf_counter()
+        model = random_model(config, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
+        print(f"built random {shape} in {time.perf_counter() - started:.1f} s", flush=True)
+        prompt = torch.randint(0, config.vocab_size, (64,)).tolist()
+        case = {"shape": shape, "vram_limit_gb": vram_gb}
+        if not args.skip_kernels and not results["cases"]:
+            results["kernels_per_layer"] = kernels_per_layer(model, device, args.repeats)
+            print("one layer's 7 linears at 6 tokens:", json.dumps(results["kernels_per_layer"]), flush=True)
+        case["vanilla"] = bench_vanilla(model, config, args, device, vram_gb, prompt)
+        case["subspec"] = bench_subspec(model, config, args, device, vram_gb, prompt, case["vanilla"]["greedy_tokens"])
+        results["cases"].append(case)
+        report(case, taus)
+        del model
+        gc.collect()
+        if args.json:  # after every case: a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":

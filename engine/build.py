@@ -7,11 +7,12 @@ from typing import Callable
 
 import torch
 
-from engine.config import METHODS, EngineConfig
+from engine.config import COMPILE_MODES, METHODS, EngineConfig
 from engine.drafters import Drafter, TreeDrafter, VanillaDrafter
 from engine.engine import Engine
 from engine.errors import EngineError
 from engine.generate import Target
+from engine.graphs import DraftGraphs
 from engine.loading import LoadedModel, load_model, substitute_cache_file
 from engine.model import Transformer
 from engine.offload import LayerStack, linear_tensors, measure_h2d_gbps
@@ -63,7 +64,8 @@ def _assemble(config: EngineConfig, loaded: LoadedModel, device: torch.device, d
         )
     say(f"placing {keep_on_gpu} of {len(layers)} layers on {device.type}")
     stack = LayerStack(
-        layers, device, keep_on_gpu, config.offload_slots, stream=True if config.emulate_offload else None
+        layers, device, keep_on_gpu, config.offload_slots, stream=True if config.emulate_offload else None,
+        nvtx=config.nvtx_profiling,
     )
     del layers, hf
     gc.collect()
@@ -86,6 +88,10 @@ def _assemble(config: EngineConfig, loaded: LoadedModel, device: torch.device, d
     elif config.method == "classic_sd":
         drafter = _classic_drafter(config, device, dtype, max_length, say)
         details["draft_model"] = config.draft_model_path
+    if isinstance(drafter, TreeDrafter):
+        drafter.graphs = _draft_graphs(config, drafter, max_length, device)
+        details["draft_graphs"] = "off" if drafter.graphs is None else (
+            "cuda-graphs" if drafter.graphs.capture else "fixed-shape, eager")
     gbps = measure_h2d_gbps(device) if stack.offloaded_bytes and device.type == "cuda" else None
     stream_bound_ms = stack.offloaded_bytes / (gbps * 1e9) * 1e3 if gbps else None
     details |= {"h2d_gbps": gbps, "stream_bound_ms": stream_bound_ms}
@@ -99,6 +105,12 @@ def _classic_drafter(config: EngineConfig, device: torch.device, dtype: torch.dt
     transformer = Transformer(draft.model, device, max_length)
     stack = LayerStack(layers, device, keep_on_gpu=len(layers))
     return TreeDrafter(transformer, stack, transformer.new_cache(max_length), owns_cache=True, config=config)
+
+
+def _draft_graphs(config: EngineConfig, drafter: TreeDrafter, max_length: int, device: torch.device) -> DraftGraphs | None:
+    if config.compile_mode is None or (config.compile_mode == "auto" and device.type != "cuda"):
+        return None
+    return DraftGraphs(drafter.log_probs, max_length, device, capture=device.type == "cuda")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -143,6 +155,8 @@ def _check_config(config: EngineConfig) -> None:
         raise EngineError("eagle_sd is not available yet: use subspec_sd, classic_sd or vanilla")
     if config.method == "classic_sd" and not config.draft_model_path:
         raise EngineError("classic_sd needs a draft model: pass --draft-model-path")
+    if config.compile_mode not in COMPILE_MODES:
+        raise EngineError(f"unknown compile mode {config.compile_mode!r}: use auto, cuda-graphs or none")
     if config.max_length < 2:
         raise EngineError(f"--max-length must be at least 2, got {config.max_length}")
     if config.offload_slots < 1:

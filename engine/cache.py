@@ -48,7 +48,8 @@ class KVCache:
         already the destination range nothing moves; otherwise the gather copies before writing."""
         start, count = self.length, len(path_slots)
         if path_slots != list(range(start, start + count)):
-            src = torch.tensor(path_slots, device=self.keys.device)
+            # From pageable memory without waiting for the device: the loop never syncs here.
+            src = torch.tensor(path_slots).to(self.keys.device, non_blocking=True)
             dest = slice(start, start + count)
             self.keys[:, :, dest] = self.keys[:, :, src]
             self.values[:, :, dest] = self.values[:, :, src]

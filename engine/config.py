@@ -7,6 +7,7 @@ from typing import Literal
 
 Method = Literal["vanilla", "classic_sd", "subspec_sd", "eagle_sd"]
 METHODS: tuple[str, ...] = ("vanilla", "classic_sd", "subspec_sd", "eagle_sd")
+COMPILE_MODES: tuple[str | None, ...] = ("auto", "cuda-graphs", None)
 
 
 @dataclass
@@ -39,7 +40,9 @@ class EngineConfig:
     threshold_method: Literal["entropy", "prob"] = "entropy"
     threshold: float = 0.3
     window_size: int = 4
-    compile_mode: str | None = None
+    # Draft steps: "auto" = CUDA graphs on a GPU, eager on a CPU; "cuda-graphs" = fixed-shape steps
+    # everywhere (captured on a GPU, run eagerly on a CPU); None ("none") = eager.
+    compile_mode: str | None = "auto"
     nvtx_profiling: bool = False
 
 

@@ -17,6 +17,7 @@ import torch
 
 from engine.cache import KVCache
 from engine.config import EngineConfig
+from engine.graphs import DraftGraphs
 from engine.model import Stack, Transformer
 from engine.tree import Tree, TreeShape, grow_best_first, grow_reference
 
@@ -52,6 +53,7 @@ class TreeDrafter:
     cache: KVCache
     owns_cache: bool
     config: EngineConfig
+    graphs: DraftGraphs | None = None  # fixed-shape (CUDA-graph) draft steps; None = eager
     _drafted: int = 0  # tree nodes [0, _drafted) went through a draft forward this iteration
     _missing: list[tuple[int, int]] = field(default_factory=list)  # (slot, token) without draft KV
 
@@ -64,9 +66,9 @@ class TreeDrafter:
         self._catch_up()
         self._drafted = 0
         if self.config.tree_policy == "best_first":
-            grow_best_first(tree, self._step, shape, batch=self.config.topk_len, children=self.config.topk_len)
+            grow_best_first(tree, self.draft_step, shape, batch=self.config.topk_len, children=self.config.topk_len)
         else:
-            grow_reference(tree, self._step, shape, topk=self.config.topk_len)
+            grow_reference(tree, self.draft_step, shape, topk=self.config.topk_len)
 
     def commit(self, path_slots: list[int], path_tokens: list[int]) -> None:
         if not self.owns_cache:
@@ -84,21 +86,24 @@ class TreeDrafter:
         if not self._missing:
             return
         device = self.transformer.device
-        slots = torch.tensor([slot for slot, _ in self._missing], device=device)
-        tokens = torch.tensor([token for _, token in self._missing], device=device)
-        mask = torch.arange(int(slots[-1]) + 1, device=device)[None] <= slots[:, None]
-        self.transformer.forward(self.stack, self.cache, tokens, slots, slots, mask, int(slots[-1]) + 1, slice(0, 0))
+        end = self._missing[-1][0] + 1
+        slots = torch.tensor([slot for slot, _ in self._missing]).to(device, non_blocking=True)
+        tokens = torch.tensor([token for _, token in self._missing]).to(device, non_blocking=True)
+        mask = torch.arange(end, device=device)[None] <= slots[:, None]
+        self.transformer.forward(self.stack, self.cache, tokens, slots, slots, mask, end, slice(0, 0))
         self._missing = []
 
-    def _step(self, tree: Tree, nodes: torch.Tensor) -> torch.Tensor:
+    def draft_step(self, tree: Tree, nodes: torch.Tensor) -> torch.Tensor:
+        """Draft log-probabilities [F, V] of the children of frontier `nodes` (their KV is written)."""
         self._drafted = tree.size  # the frontier is always the newest nodes
-        logits = self.transformer.forward(
-            self.stack,
-            self.cache,
-            tree.tokens[nodes],
-            tree.positions(nodes),
-            tree.slots(nodes),
-            tree.mask(nodes),
-            kv_end=tree.prefix_len + tree.size,
-        )
+        inputs = (tree.tokens[nodes], tree.positions(nodes), tree.slots(nodes), tree.mask(nodes))
+        kv_end = tree.prefix_len + tree.size
+        if self.graphs is not None:
+            return self.graphs(*inputs, kv_end)
+        return self.log_probs(*inputs, kv_end)
+
+    def log_probs(
+        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor, kv_end: int
+    ) -> torch.Tensor:
+        logits = self.transformer.forward(self.stack, self.cache, tokens, positions, slots, mask, kv_end)
         return (logits / self.config.draft_temperature).log_softmax(dim=-1)

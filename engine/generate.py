@@ -23,7 +23,7 @@ from engine.config import EngineConfig, SamplingConfig
 from engine.drafters import Drafter
 from engine.emit import Emitter
 from engine.model import Stack, Transformer
-from engine.stats import GenerationStats, IterationStats, Timer
+from engine.stats import GenerationStats, IterationStats, Timer, nvtx_range
 from engine.tree import Tree, TreeShape
 from engine.verify import choose, lenient_nodes, walk, walk_lossy
 
@@ -50,18 +50,18 @@ def run(
     device = target.transformer.device
     cache = target.cache
     generator = _generator(sampling, device)
-    timer = Timer(device)
-    tree = Tree(_tree_capacity(config), device)
+    timer = Timer(device, nvtx=config.nvtx_profiling)
+    tree = Tree(1 + _node_budget(config), device)
 
     started = time.perf_counter()
     prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device)
     last_logits = target.transformer.prefill(target.stack, cache, prompt, config.prefill_chunk)
     drafter.prefill(prompt, config.prefill_chunk)
-    root = choose(last_logits[None], sampling, generator)[0]
+    root = int(choose(last_logits[None], sampling, generator)[0])
     target.transfer_ms()  # the prefill's copies are not a verification's
     stats.prefill_ms = (time.perf_counter() - started) * 1e3
     decode_started = time.perf_counter()
-    emitter.push([int(root)])
+    emitter.push([root])
 
     while not emitter.finished:
         if cancel is not None and cancel.is_set():
@@ -71,6 +71,7 @@ def run(
         if room < 1:
             emitter.finish("context")
             break
+        iteration_started = time.perf_counter()
         shape = TreeShape(
             max_depth=min(config.max_depth, emitter.remaining - 1, room - 1),
             max_nodes=min(_node_budget(config), room - 1),
@@ -89,17 +90,20 @@ def run(
                 tree.mask(nodes) if tree.size > 1 else None,
                 kv_end=cache.length + tree.size,
             )
-            chosen = choose(logits, sampling, generator)
-        tokens, parents = tree.host_view()
+            with nvtx_range("sample", config.nvtx_profiling):
+                chosen = choose(logits, sampling, generator)
         if config.verify_method == "lossy":
             lenient = lenient_nodes(logits, tree.tokens[: tree.size], tree.parents[: tree.size],
                                     config.threshold_method, config.threshold)
-            result = walk_lossy(tokens, parents, chosen.tolist(), lenient.tolist(), config.window_size)
+            tokens, parents, chosen_ids, lenient_ids = tree.host_view(chosen, lenient)
+            result = walk_lossy(tokens, parents, chosen_ids, [bool(x) for x in lenient_ids], config.window_size)
         else:
-            result = walk(tokens, parents, chosen.tolist())
+            tokens, parents, chosen_ids = tree.host_view(chosen)
+            result = walk(tokens, parents, chosen_ids)
         path_slots = [cache.length] + [cache.length + node for node in result.path]
-        cache.commit(path_slots)
-        drafter.commit(path_slots, [tokens[0]] + [tokens[node] for node in result.path])
+        with nvtx_range("commit", config.nvtx_profiling):
+            cache.commit(path_slots)
+            drafter.commit(path_slots, [tokens[0]] + [tokens[node] for node in result.path])
         emitted = [tokens[node] for node in result.path] + [result.bonus]
         emitter.push(emitted)
         timings = timer.collect()
@@ -110,11 +114,12 @@ def run(
             transfer_ms=target.transfer_ms(),
             tree_nodes=tree.size,
             accepted_depth=len(result.path),
+            iteration_ms=(time.perf_counter() - iteration_started) * 1e3,
         )
         stats.add(iteration)
         if on_iteration is not None:
             on_iteration(iteration)
-        root = torch.tensor(result.bonus, device=device)
+        root = result.bonus
 
     stats.decode_s = time.perf_counter() - decode_started
 
@@ -125,10 +130,6 @@ def _node_budget(config: EngineConfig) -> int:
     if config.tree_policy == "best_first" and config.node_budget:
         return config.node_budget
     return config.max_depth * config.topk_len
-
-
-def _tree_capacity(config: EngineConfig) -> int:
-    return 1 + _node_budget(config)
 
 
 def _generator(sampling: SamplingConfig, device: torch.device) -> torch.Generator | None:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.stats import nvtx_range
+
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 LayerWeights = dict[str, torch.Tensor]  # "q_proj" -> weight, "q_proj.bias" -> bias, ...
@@ -53,8 +55,10 @@ class LayerStack:
         keep_on_gpu: int,
         num_slots: int = 2,
         stream: bool | None = None,
+        nvtx: bool = False,
     ) -> None:
         self.device = device
+        self._nvtx = nvtx
         self.num_layers = len(layers)
         self.keep_on_gpu = max(0, min(keep_on_gpu, self.num_layers))
         self.resident = [{k: t.to(device) for k, t in w.items()} for w in layers[: self.keep_on_gpu]]
@@ -129,7 +133,7 @@ class LayerStack:
             slot.flat.copy_(host)
             self._cpu_transfer_s += time.perf_counter() - started
             return
-        with torch.cuda.stream(self._copy_stream):
+        with torch.cuda.stream(self._copy_stream), nvtx_range(f"transfer layer {n % len(self._host)}", self._nvtx):
             if slot.freed is not None:
                 self._copy_stream.wait_event(slot.freed)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -20,6 +20,7 @@ class IterationStats:
     transfer_ms: float | None  # None where nothing streams (CPU, all layers resident)
     tree_nodes: int = 1
     accepted_depth: int = 0  # draft tokens accepted (emitted - 1)
+    iteration_ms: float | None = None  # wall time of the whole round; minus draft and verify: host work
 
 
 @dataclass
@@ -70,15 +71,34 @@ class GenerationStats:
         }
 
 
-class Timer:
-    """Named spans timed with CUDA events on a GPU (no sync until `collect`), perf_counter on CPU."""
+@contextmanager
+def nvtx_range(name: str, enabled: bool) -> Iterator[None]:
+    """An NVTX range for Nsight Systems (--nvtx-profiling); nothing when off or without CUDA."""
+    if not (enabled and torch.cuda.is_available()):
+        yield
+        return
+    torch.cuda.nvtx.range_push(name)
+    try:
+        yield
+    finally:
+        torch.cuda.nvtx.range_pop()
 
-    def __init__(self, device: torch.device) -> None:
+
+class Timer:
+    """Named spans timed with CUDA events on a GPU (no sync until `collect`), perf_counter on CPU;
+    each span is also an NVTX range when `nvtx`."""
+
+    def __init__(self, device: torch.device, nvtx: bool = False) -> None:
         self._cuda = device.type == "cuda"
+        self._nvtx = nvtx
         self._spans: dict[str, tuple] = {}
 
     @contextmanager
     def span(self, name: str) -> Iterator[None]:
+        with nvtx_range(name, self._nvtx):
+            yield from self._timed(name)
+
+    def _timed(self, name: str) -> Iterator[None]:
         if self._cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()

@@ -29,7 +29,7 @@ class Tree:
         self.size = 0
         self.prefix_len = 0
 
-    def reset(self, root_token: torch.Tensor, prefix_len: int) -> None:
+    def reset(self, root_token: int, prefix_len: int) -> None:
         self.prefix_len = prefix_len
         self.size = 1
         self.tokens[0] = root_token
@@ -62,10 +62,14 @@ class Tree:
         prefix = torch.ones(nodes.numel(), self.prefix_len, dtype=torch.bool, device=nodes.device)
         return torch.cat((prefix, self.ancestors[nodes, : self.size]), dim=1)
 
-    def host_view(self) -> tuple[list[int], list[int]]:
-        """(tokens, parents) of the whole tree on the host: one transfer for the acceptance walk."""
-        both = torch.stack((self.tokens[: self.size], self.parents[: self.size])).tolist()
-        return both[0], both[1]
+    def host_view(self, *per_node: torch.Tensor) -> list[list[int]]:
+        """[tokens, parents, *per_node] of the whole tree on the host, in ONE transfer: the loop's
+        only wait for the device. A placeholder node (score -inf, see grow_best_first) gets parent
+        -1, so no walk can reach it."""
+        n = self.size
+        parents = self.parents[:n].masked_fill(~torch.isfinite(self.scores[:n]), -1)
+        rows = [self.tokens[:n], parents] + [t[:n].long() for t in per_node]
+        return torch.stack(rows).tolist()
 
 
 @dataclass
@@ -93,13 +97,18 @@ def grow_reference(tree: Tree, step: DraftStep, shape: TreeShape, topk: int) -> 
 
 def grow_best_first(tree: Tree, step: DraftStep, shape: TreeShape, batch: int, children: int) -> None:
     """Best-first: repeatedly add the `batch` most probable (cumulative) nodes not in the tree yet,
-    among the top `children` continuations of every node drafted so far, then draft them."""
+    among the top `children` continuations of every node drafted so far, then draft them.
+
+    Node counts never depend on device values (the host never waits): when fewer real candidates
+    remain than the batch (a tiny vocabulary, the depth cap), the picks with score -inf are added as
+    placeholders that no acceptance walk can reach (Tree.host_view)."""
     device = tree.tokens.device
     candidate_scores = torch.full((tree.capacity, children), float("-inf"), device=device)
     candidate_tokens = torch.zeros((tree.capacity, children), dtype=torch.long, device=device)
     frontier = torch.zeros(1, dtype=torch.long, device=device)
+    budget = min(shape.max_nodes, _full_tree_nodes(children, shape.max_depth))
     while True:
-        room = shape.max_nodes - (tree.size - 1)
+        room = budget - (tree.size - 1)
         if room <= 0:
             break
         logp = step(tree, frontier)
@@ -110,11 +119,19 @@ def grow_best_first(tree: Tree, step: DraftStep, shape: TreeShape, batch: int, c
         too_deep = (tree.depths[: tree.size] >= shape.max_depth)[:, None]
         pool = candidate_scores[: tree.size].masked_fill(too_deep, float("-inf")).flatten()
         scores, flat = pool.topk(min(batch, room, pool.numel()))
-        keep = torch.isfinite(scores)
-        if not bool(keep.all()):  # fewer real candidates than the batch (tiny vocab / depth cap)
-            scores, flat = scores[keep], flat[keep]
-            if flat.numel() == 0:
-                break
         parents, picks = flat // children, flat % children
-        frontier = tree.add(parents, candidate_tokens[parents, picks], scores)
+        # A placeholder hangs off the root: depth 1 keeps its rotary position inside the context.
+        hang_from = torch.where(torch.isfinite(scores), parents, 0)
+        frontier = tree.add(hang_from, candidate_tokens[parents, picks], scores)
         candidate_scores[parents, picks] = float("-inf")
+
+
+def _full_tree_nodes(children: int, depth: int) -> int:
+    """Nodes below the root of a complete tree: no best-first tree can hold more real ones."""
+    total, level = 0, 1
+    for _ in range(depth):
+        level *= children
+        total += level
+        if total > 1 << 20:
+            break
+    return total

@@ -110,5 +110,6 @@ def _exact_run(children: list[dict[int, int]], chosen: list[int], node: int) -> 
 def _token_children(tokens: list[int], parents: list[int]) -> list[dict[int, int]]:
     children: list[dict[int, int]] = [{} for _ in tokens]
     for node in range(1, len(tokens)):
-        children[parents[node]].setdefault(tokens[node], node)
+        if parents[node] >= 0:  # -1: a placeholder no walk may take (Tree.host_view)
+            children[parents[node]].setdefault(tokens[node], node)
     return children

@@ -77,7 +77,7 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--seed", type=int)
     g.add_argument("--warmup-iter", type=_checked("warmup_iter", int), help="untimed generations before measuring")
-    g.add_argument("--compile-mode", help="torch.compile mode (none to disable)")
+    g.add_argument("--compile-mode", help="draft steps: auto (CUDA graphs on a GPU), cuda-graphs, or none (eager)")
     g.add_argument("--max-depth", type=_checked("max_depth", int), help="draft tree depth")
     g.add_argument("--topk-len", type=_checked("topk_len", int), help="draft tree width per depth")
     g.add_argument("--tree-policy", choices=("reference", "best_first"))

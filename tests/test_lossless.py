@@ -163,6 +163,35 @@ def test_classic_with_the_target_as_its_own_draft_accepts_whole_chains(random_fo
             assert it.accepted_depth == it.tree_nodes - 1
 
 
+@pytest.mark.parametrize("tree", SMALL_TREES, ids=["reference", "best_first"])
+def test_fixed_shape_draft_steps_equal_vanilla(random_folder, tree):
+    # compile_mode cuda-graphs on a CPU runs the steps a GPU captures: static inputs, attention
+    # padded to a bucket and masked. Padding must change nothing; a tiny context caps the bucket.
+    for max_length in (2048, 60):
+        vanilla = load_engine(EngineConfig(llm_path=str(random_folder), max_length=max_length))
+        subspec = load_engine(EngineConfig(method="subspec_sd", llm_path=str(random_folder), substitute_bits=8,
+                                           compile_mode="cuda-graphs", max_length=max_length, **tree))
+        assert subspec.describe()["draft_graphs"] == "fixed-shape, eager"
+        accepted = 0
+        for prompt in random_prompts(6, 512, seed=8):
+            gen = subspec.generate(prompt, SamplingConfig(max_new_tokens=20))
+            assert gen.token_ids == greedy(vanilla, prompt, 20)
+            accepted += sum(it.accepted_depth for it in gen.stats.iterations)
+        assert accepted > 0
+
+
+def test_best_first_with_fewer_tokens_than_its_batch(tmp_path, bundled_folder):
+    # A 5-token vocabulary cannot fill a batch of 6 children: best_first adds unreachable
+    # placeholder nodes instead of asking the host how many real candidates there are.
+    folder = save_random_model(tmp_path / "tiny", "llama", bundled_folder, vocab_size=5, seed=3)
+    vanilla = load_engine(EngineConfig(llm_path=str(folder)))
+    subspec = load_engine(EngineConfig(method="subspec_sd", llm_path=str(folder), substitute_bits=8,
+                                       tree_policy="best_first", max_depth=4, topk_len=6, node_budget=40))
+    for prompt in random_prompts(6, 5, seed=9):
+        prompt = [t % 5 for t in prompt]
+        assert subspec.generate(prompt, SamplingConfig(max_new_tokens=16)).token_ids == greedy(vanilla, prompt, 16)
+
+
 def test_trees_deeper_than_the_tokens_left(random_folder):
     vanilla = load_engine(EngineConfig(llm_path=str(random_folder)))
     subspec = load_engine(EngineConfig(method="subspec_sd", llm_path=str(random_folder), substitute_bits=8,

@@ -1,0 +1,109 @@
+"""CUDA graphs for draft steps.
+
+A draft step runs every substitute layer for a handful of tokens: a few hundred small kernels whose
+launch overhead, not their memory traffic, sets the speed. Captured once into a CUDA graph, a step
+replays with one launch. A graph fixes tensor shapes and addresses, so each (frontier width,
+attention length) pair gets its own graph, captured on first use, fed through static input
+buffers. The attention length is the tree's `kv_end` rounded up to a bucket (`attention_bucket`);
+the mask hides the padding, so a padded step computes what the eager step computes.
+
+On a CPU there is nothing to capture: the same padded fixed-shape step runs eagerly (tests use this
+to check that padding changes no output).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+# (tokens, positions, slots, mask [T, kv_end], kv_end) -> draft log-probabilities [T, V]
+StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+MIN_BUCKET = 256
+BUCKETS_PER_OCTAVE = 8  # padding stays under 1/8 of the attention length past the first bucket
+
+
+def attention_bucket(kv_end: int, max_length: int) -> int:
+    """The padded attention length for `kv_end`: few distinct lengths, little padding."""
+    step = max(MIN_BUCKET, (1 << max(kv_end - 1, 1).bit_length()) // BUCKETS_PER_OCTAVE)
+    return min(-(-kv_end // step) * step, max_length)
+
+
+@dataclass
+class _Captured:
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    slots: torch.Tensor
+    mask: torch.Tensor
+    graph: torch.cuda.CUDAGraph | None = None
+    output: torch.Tensor | None = None
+
+    def load(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor) -> None:
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        self.slots.copy_(slots)
+        kv_end = mask.shape[1]
+        self.mask[:, :kv_end].copy_(mask)
+        self.mask[:, kv_end:].zero_()
+
+
+class DraftGraphs:
+    """Calls `step` with padded attention, replaying a CUDA graph per shape when `capture`."""
+
+    def __init__(self, step: StepFn, max_length: int, device: torch.device, capture: bool) -> None:
+        self.step = step
+        self.max_length = max_length
+        self.device = device
+        self.capture = capture
+        self._shapes: dict[tuple[int, int], _Captured] = {}
+        self._pool = torch.cuda.graph_pool_handle() if capture else None
+
+    @property
+    def captured(self) -> int:
+        return sum(1 for c in self._shapes.values() if c.graph is not None)
+
+    def __call__(
+        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor, kv_end: int
+    ) -> torch.Tensor:
+        padded = attention_bucket(kv_end, self.max_length)
+        key = (tokens.numel(), padded)
+        shape = self._shapes.get(key)
+        if shape is None:
+            shape = self._shapes[key] = self._static_inputs(tokens.numel(), padded)
+        shape.load(tokens, positions, slots, mask)
+        if self.capture and shape.graph is None:
+            self._capture(shape, padded)
+        if shape.graph is None:
+            return self.step(shape.tokens, shape.positions, shape.slots, shape.mask, padded)
+        shape.graph.replay()
+        return shape.output
+
+    def _static_inputs(self, width: int, padded: int) -> _Captured:
+        def ids() -> torch.Tensor:
+            return torch.zeros(width, dtype=torch.long, device=self.device)
+
+        mask = torch.zeros(width, padded, dtype=torch.bool, device=self.device)
+        return _Captured(tokens=ids(), positions=ids(), slots=ids(), mask=mask)
+
+    def _capture(self, shape: _Captured, padded: int) -> None:
+        """Warm up on a side stream (kernel autotuning, workspaces), then capture. The static inputs
+        already hold this step's real inputs, so the warm-up writes the very KV the step writes."""
+        args = (shape.tokens, shape.positions, shape.slots, shape.mask, padded)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.step(*args)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                shape.output = self.step(*args)
+        except RuntimeError as err:  # a kernel that cannot be captured: keep drafting, eagerly
+            warnings.warn(f"draft steps run without CUDA graphs: capture failed ({err})", stacklevel=2)
+            self.capture = False
+            return
+        shape.graph = graph
