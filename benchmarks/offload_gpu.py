@@ -109,6 +109,7 @@ def fitting_plan(config, vram_gb: float, method: str, max_length: int, nodes: in
 
 
 def build(model, config, args, device, method: str, vram_gb: float, **extra) -> tuple[Engine, object]:
+    release_cached_memory()  # what earlier steps cached must not count against this cap
     if device.type == "cuda":
         plan, buffers = fitting_plan(config, vram_gb, method, args.max_length, 1 + 48 * 6 if method != "vanilla" else 1)
         keep, estimated = plan.layers_on_gpu, plan.estimated_peak_bytes
@@ -260,6 +261,12 @@ def kernels_per_layer(model, device: torch.device, repeats: int) -> dict:
         variants["gemlite"] = [patch_hqq_to_gemlite(h, None) for h in hqq]
     except Exception as err:  # noqa: BLE001 - report, keep measuring the others
         out["gemlite_error"] = repr(err)[:200]
+    if "gemlite" in variants:  # gemlite's wider autotuning search ("fast" is its default)
+        import gemlite
+
+        gemlite.set_autotune("max")
+        fresh = [HQQLinear(_copy(m, device), quant, compute_dtype=torch.bfloat16, device=str(device)) for m in linears]
+        variants["gemlite_max_autotune"] = [patch_hqq_to_gemlite(h, None) for h in fresh]
     try:
         from hqq.backends.torchao import patch_hqq_to_aoint4
 
@@ -279,6 +286,10 @@ def kernels_per_layer(model, device: torch.device, repeats: int) -> dict:
             out[f"{name}_graph_ms"] = _bench_graph(step, repeats)
         except Exception as err:  # noqa: BLE001
             out[f"{name}_error"] = repr(err)[:200]
+    if "gemlite_max_autotune" in variants:
+        import gemlite
+
+        gemlite.set_autotune("fast")  # the engines below run with gemlite's default
     out["layer_4bit_hbm_floor_ms"] = sum(r.numel() for r in reference) / 2 / (HBM_GBPS * 1e9) * 1e3
     return out
 
@@ -310,6 +321,10 @@ def _bench_graph(step: Callable[[], None], repeats: int) -> float:
 
 def close(engine: Engine) -> None:
     engine.close()
+    release_cached_memory()
+
+
+def release_cached_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -374,10 +389,15 @@ def main() -> None:
         if not args.skip_kernels and not results["cases"]:
             results["kernels_per_layer"] = kernels_per_layer(model, device, args.repeats)
             print("one layer's 7 linears at 6 tokens:", json.dumps(results["kernels_per_layer"]), flush=True)
-        case["vanilla"] = bench_vanilla(model, config, args, device, vram_gb, prompt)
-        case["subspec"] = bench_subspec(model, config, args, device, vram_gb, prompt, case["vanilla"]["greedy_tokens"])
+        try:
+            case["vanilla"] = bench_vanilla(model, config, args, device, vram_gb, prompt)
+            case["subspec"] = bench_subspec(model, config, args, device, vram_gb, prompt,
+                                            case["vanilla"]["greedy_tokens"])
+            report(case, taus)
+        except Exception as err:  # noqa: BLE001 - one case failing must not lose the others
+            case["error"] = repr(err)[:500]
+            print(f"{shape} failed: {case['error']}", flush=True)
         results["cases"].append(case)
-        report(case, taus)
         del model
         gc.collect()
         if args.json:  # after every case: a run cut short keeps what it measured
