@@ -47,7 +47,10 @@ class GenerationStats:
 
     @property
     def tok_per_s(self) -> float:
-        return self.new_tokens / self.decode_s if self.decode_s > 0 else 0.0
+        """Tokens the decode phase produced per second: the first new token comes from the prefill
+        (timed in prefill_ms), so counting it here would flatter short generations."""
+        decoded = max(self.new_tokens - 1, 0)
+        return decoded / self.decode_s if self.decode_s > 0 else 0.0
 
     def _mean(self, name: str) -> float | None:
         values = [getattr(it, name) for it in self.iterations if getattr(it, name) is not None]

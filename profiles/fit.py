@@ -1,10 +1,11 @@
 """Measure a plan on the real device with the engine (DESIGN.md section 4).
 
-GPU: start from the memory model's N, load the engine with N resident layers, run a long-prompt
-generation with a full tree and timed forwards, and compare the measured peak allocation with the
-budget; over budget (or out of memory) -> fewer layers, load again. Never hand back a plan that has
-not run. The tree budget is the largest node count whose forward costs within FREE_TOLERANCE of a
-one-token forward: while weights stream, extra tokens ride along for free.
+GPU: start from the memory model's N resident layers and B stream buffers, load the engine with
+them, run a long-prompt generation with a full tree and timed forwards, and compare the measured
+peak allocation with the budget; over budget (or out of memory) -> fewer layers, and once none is
+resident fewer buffers (the memory model's 3 -> 2 -> 1 order), load again. Never hand back a plan
+that has not run. The tree budget is the largest node count whose forward costs within
+FREE_TOLERANCE of a one-token forward: while weights stream, extra tokens ride along for free.
 
 CPU: no offload; the method and tree that generate fastest on a short prompt win (vanilla included).
 """
@@ -20,7 +21,7 @@ from typing import Callable
 import torch
 
 from engine import Engine, EngineConfig, EngineError, SamplingConfig, load_engine
-from profiles.memory import DEFAULT_PREFILL_CHUNK, Plan, estimate_plan
+from profiles.memory import DEFAULT_PREFILL_CHUNK, STREAM_BUFFER_FALLBACK, Plan, estimate_plan
 from profiles.store import ModelPlan, ProfileError
 
 Progress = Callable[[str], None]
@@ -73,19 +74,24 @@ def fit_gpu(
     progress: Progress,
     loader: Loader = engine_loader,
 ) -> ModelPlan:
-    """The largest resident-layer count whose measured peak fits `vram_bytes`, and a tree budget."""
+    """The largest resident-layer count (with as many stream buffers as fit, up to 3) whose measured
+    peak fits `vram_bytes`, and a tree budget."""
     estimate = estimate_plan(model_config, vram_bytes, method, max_context=max_context, tree_nodes=1 + TRIAL_DEPTH * TOPK)
     if not estimate.fits:
         raise ProfileError(f"the model does not fit this GPU with {method}: {estimate.reason}")
     allowed = allocation_budget(estimate)
     progress(f"memory model: {estimate.summary()}")
     layers = estimate.layers_on_gpu
+    # All resident: no buffer is budgeted, but should a layer have to stream after all, the most
+    # preferred count is tried first.
+    buffers = estimate.stream_buffers or STREAM_BUFFER_FALLBACK[0]
     while True:
         base = EngineConfig(
             method=method,
             llm_path=source,
             vram_limit_gb=vram_limit_gb,
             keep_first_n_layers_on_gpu=layers,
+            offload_slots=buffers,
             max_length=max_context,
             max_depth=TRIAL_DEPTH,
             topk_len=TOPK,
@@ -95,17 +101,20 @@ def fit_gpu(
         if trial is not None and trial.peak_bytes <= allowed:
             break
         if trial is not None:
-            progress(f"{layers} layers: measured peak {trial.peak_bytes / 2**30:.2f} GiB > budget {allowed / 2**30:.2f} GiB")
+            progress(
+                f"{layers} layers, {buffers} stream buffers: measured peak {trial.peak_bytes / 2**30:.2f} GiB "
+                f"> budget {allowed / 2**30:.2f} GiB"
+            )
             trial.engine.close()
             excess_layers = math.ceil((trial.peak_bytes - allowed) / estimate.layer_bytes)
         else:
             excess_layers = 1
-        if layers == 0:
+        if layers == 0 and buffers == 1:
             raise ProfileError(
-                f"the model does not fit this GPU with {method} even with every layer streamed: "
+                f"the model does not fit this GPU with {method} even with every layer streamed through one buffer: "
                 "lower --max-length or use a larger --vram-limit-gb"
             )
-        layers = max(0, layers - excess_layers)
+        layers, buffers = shrink(layers, buffers, excess_layers)
 
     nodes = choose_node_budget(trial.forward_ms_by_nodes, FREE_TOLERANCE) if method != "vanilla" else 1
     peak = trial.peak_bytes
@@ -122,12 +131,14 @@ def fit_gpu(
             if bigger is not None:
                 bigger.engine.close()
             depth, nodes = TRIAL_DEPTH, 1 + TRIAL_DEPTH * TOPK
+    streamed = estimate.layers_total - layers
     return ModelPlan(
         method=method,
         device="cuda",
         layers_on_gpu=layers,
         layers_total=estimate.layers_total,
         max_context=max_context,
+        stream_buffers=min(buffers, streamed),  # what the engine allocates: no more than the layers streamed
         config_fingerprint=fingerprint,
         measured_at=_now(),
         vram_limit_gb=vram_limit_gb,
@@ -142,6 +153,13 @@ def fit_gpu(
         measured_peak_bytes=peak,
         verify_ms_by_nodes=trial.forward_ms_by_nodes,
     )
+
+
+def shrink(layers: int, buffers: int, excess_layers: int) -> tuple[int, int]:
+    """Give up `excess_layers` layer-sized allocations: resident layers first, then stream buffers
+    down to one (the memory model's order: a buffer is worth more than a resident layer)."""
+    from_layers = min(layers, excess_layers)
+    return layers - from_layers, max(1, buffers - (excess_layers - from_layers))
 
 
 def allocation_budget(plan: Plan) -> int:
@@ -199,6 +217,7 @@ def choose_cpu(
         layers_on_gpu=0,
         layers_total=layers_total,
         max_context=max_context,
+        stream_buffers=0,  # no offload on a CPU
         config_fingerprint=fingerprint,
         measured_at=_now(),
         tree_policy="reference" if drafts else None,

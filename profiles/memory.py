@@ -24,8 +24,12 @@ CUDA_CONTEXT_BYTES = 500 * MIB
 # Fragmentation and what the estimate misses: a fraction of the card, never below a floor.
 SAFETY_MARGIN_FRACTION = 0.04
 SAFETY_MARGIN_MIN_BYTES = 256 * MIB
-# Reusable GPU buffers offloaded layers stream into: the layer being computed and the next one.
-STREAM_BUFFERS = 2
+# Reusable GPU buffers offloaded layers stream through (the engine's `offload_slots`), most
+# preferred first. Measured on an H200 (Qwen2.5-7B shape, 8 GB cap): 2 buffers streamed at 0.82 of
+# the PCIe bound, 3 at 1.00, so a third buffer is worth more than the resident layer it displaces
+# whenever more than about 5 layers stream ((S - 1) / 0.82 > S for S streamed layers). A plan takes
+# 3 when any plan fits with 3; 2, then 1 (no copy overlaps compute) only to fit at all.
+STREAM_BUFFER_FALLBACK = (3, 2, 1)
 # The reference tree: max_depth 32, top-6 per depth, plus the root.
 DEFAULT_TREE_NODES = 1 + 32 * 6
 DEFAULT_PREFILL_CHUNK = 512
@@ -108,10 +112,14 @@ class ModelShape:
         """input + post-attention RMSNorm, plus Qwen3's q/k norms."""
         return 2 * self.hidden + (2 * self.head_dim if self.qk_norm else 0)
 
+    def linear_bytes(self, dtype_bytes: int = 2) -> int:
+        """The seven linears (weights and biases) of one layer: what one stream buffer holds
+        (engine/offload.py packs exactly these; the norms stay on the GPU)."""
+        return sum(out * inp + (out if bias else 0) for out, inp, bias in self.linear_shapes()) * dtype_bytes
+
     def layer_bytes(self, dtype_bytes: int = 2) -> int:
         """One decoder layer in the compute dtype: what streams over PCIe per offloaded layer."""
-        params = sum(out * inp + (out if bias else 0) for out, inp, bias in self.linear_shapes())
-        return (params + self.norm_params()) * dtype_bytes
+        return self.linear_bytes(dtype_bytes) + self.norm_params() * dtype_bytes
 
     def substitute_layer_bytes(self, bits: int, group: int, dtype_bytes: int = 2) -> int:
         """One HQQ substitute layer: seven quantized linears, their biases and the layer's norms
@@ -195,7 +203,8 @@ class Plan:
     substitute_bytes: int
     draft_bytes: int  # a separate draft model (classic_sd / eagle_sd), weights and KV
     kv_cache_bytes: int
-    stream_buffer_bytes: int
+    stream_buffers: int  # device buffers offloaded layers stream through; 0 when every layer is resident
+    stream_buffer_bytes: int  # stream_buffers x one layer's bf16 linears
     workspace_bytes: int
     cuda_context_bytes: int
     safety_margin_bytes: int
@@ -232,8 +241,9 @@ class Plan:
         verdict = "fits" if self.fits else f"does not fit: {self.reason}"
         return (
             f"weights {self.weights_bytes / GIB:.2f} GiB, KV {self.kv_cache_bytes / GIB:.2f} GiB, "
-            f"buffers {self.buffers_bytes / GIB:.2f} GiB, {self.layers_on_gpu} of {self.layers_total} "
-            f"layers on GPU, {self.total_bytes / GIB:.2f} of {self.vram_bytes / GIB:.2f} GiB: {verdict}"
+            f"buffers {self.buffers_bytes / GIB:.2f} GiB ({self.stream_buffers} stream buffers and workspace), "
+            f"{self.layers_on_gpu} of {self.layers_total} layers on GPU, "
+            f"{self.total_bytes / GIB:.2f} of {self.vram_bytes / GIB:.2f} GiB: {verdict}"
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -265,13 +275,16 @@ def estimate_plan(
     draft_config: Any = None,
     dtype_bytes: int = 2,
     cuda_context_bytes: int = CUDA_CONTEXT_BYTES,
-    stream_buffers: int = STREAM_BUFFERS,
+    stream_buffers: int | None = None,
 ) -> Plan:
     """Plan `method` for the model of `model_config` on a card of `vram_bytes`.
 
-    Layers kept on the GPU = the largest N whose total fits. subspec_sd keeps all L substitute
-    layers resident plus N bf16 layers; classic_sd/eagle_sd keep the whole draft model resident
-    (`draft_config` is required for them). Streaming buffers are only needed when N < L.
+    Stream buffers: the first count of STREAM_BUFFER_FALLBACK (3, 2, 1) with which any plan fits,
+    or exactly `stream_buffers` when given (a benchmark comparing counts). Layers kept on the GPU =
+    the largest N whose total fits with that count. subspec_sd keeps all L substitute layers
+    resident plus N bf16 layers; classic_sd/eagle_sd keep the whole draft model resident
+    (`draft_config` is required for them). Stream buffers are only needed when N < L, and never
+    more than the L - N layers that stream (the engine allocates no more).
     Raises ModelShapeError (a ValueError) for a config it cannot plan or a bad argument.
     """
     shape = ModelShape.from_config(model_config)
@@ -279,6 +292,9 @@ def estimate_plan(
         raise ModelShapeError(f"unknown method {method!r}")
     if max_context < 1 or vram_bytes <= 0:
         raise ModelShapeError("max_context and the VRAM size must be positive")
+    if stream_buffers is not None and stream_buffers < 1:
+        raise ModelShapeError(f"stream_buffers must be at least 1, got {stream_buffers}")
+    buffer_counts = STREAM_BUFFER_FALLBACK if stream_buffers is None else (stream_buffers,)
     drafts = method != "vanilla"
     nodes = (tree_nodes or DEFAULT_TREE_NODES) if drafts else 1
     uses_substitute = method == "subspec_sd"
@@ -294,6 +310,7 @@ def estimate_plan(
             + draft.kv_bytes_per_token(dtype_bytes) * max_context
         )
     layer = shape.layer_bytes(dtype_bytes)
+    buffer = shape.linear_bytes(dtype_bytes)
     substitute_layer = shape.substitute_layer_bytes(substitute_bits, substitute_group, dtype_bytes) if uses_substitute else 0
     workspace = max(
         shape.workspace_bytes(nodes, max_context, nodes, dtype_bytes),  # one tree verification
@@ -301,7 +318,8 @@ def estimate_plan(
     )
     margin = safety_margin_bytes(vram_bytes)
 
-    def plan_with(resident: int) -> Plan:
+    def plan_with(resident: int, buffers: int) -> Plan:
+        streaming = 0 if resident == shape.layers else min(buffers, shape.layers - resident)
         return Plan(
             method=method,
             vram_bytes=vram_bytes,
@@ -320,20 +338,24 @@ def estimate_plan(
             substitute_bytes=shape.layers * substitute_layer,
             draft_bytes=draft_bytes,
             kv_cache_bytes=shape.kv_bytes_per_token(dtype_bytes) * max_context,
-            stream_buffer_bytes=0 if resident == shape.layers else min(stream_buffers, shape.layers - resident) * layer,
+            stream_buffers=streaming,
+            stream_buffer_bytes=streaming * buffer,
             workspace_bytes=workspace,
             cuda_context_bytes=cuda_context_bytes,
             safety_margin_bytes=margin,
         )
 
-    # Total memory grows with N except at N = L, where the streaming buffers disappear: try all.
-    for resident in range(shape.layers, -1, -1):
-        plan = plan_with(resident)
-        if plan.total_bytes <= vram_bytes:
-            return plan
-    smallest = plan_with(0)
+    # Total memory grows with N except at N = L, where the stream buffers disappear: try all.
+    for buffers in buffer_counts:
+        for resident in range(shape.layers, -1, -1):
+            plan = plan_with(resident, buffers)
+            if plan.total_bytes <= vram_bytes:
+                return plan
+    smallest = plan_with(0, buffer_counts[-1])
+    plural = "s" if smallest.stream_buffers > 1 else ""
     reason = (
-        f"needs {smallest.total_bytes / GIB:.2f} GiB with every layer streamed "
+        f"needs {smallest.total_bytes / GIB:.2f} GiB with every layer streamed through "
+        f"{smallest.stream_buffers} buffer{plural} "
         f"(weights {smallest.weights_bytes / GIB:.2f}, KV {smallest.kv_cache_bytes / GIB:.2f}, "
         f"buffers {smallest.buffers_bytes / GIB:.2f}, CUDA context and margin "
         f"{(smallest.cuda_context_bytes + smallest.safety_margin_bytes) / GIB:.2f}), "

@@ -121,7 +121,12 @@ def format_profile(profile: Profile) -> str:
     ]
     if plan.device == "cuda":
         streamed = plan.layers_total - plan.layers_on_gpu
-        lines.append(f"Layers:   {plan.layers_on_gpu} of {plan.layers_total} on the GPU, {streamed} streamed from pinned memory")
+        if streamed:
+            plural = "s" if plan.stream_buffers > 1 else ""
+            streaming = f"{streamed} streamed from pinned memory through {plan.stream_buffers} device buffer{plural}"
+        else:
+            streaming = "none streamed (no stream buffers)"
+        lines.append(f"Layers:   {plan.layers_on_gpu} of {plan.layers_total} on the GPU, {streaming}")
         cap = f" (capped at {plan.vram_limit_gb:g} GiB)" if plan.vram_limit_gb else ""
         lines.append(
             f"Memory:   budget {_gib(plan.vram_budget_bytes)}{cap}, estimated peak {_gib(plan.estimated_peak_bytes)}, "

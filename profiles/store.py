@@ -1,13 +1,13 @@
 """Profiles on disk: one human-readable TOML file per GPU (or `cpu.toml`), atomic and self-healing.
 
-    schema_version = 1
+    schema_version = 2
     [gpu]                       # absent on a CPU-only machine
     name = "NVIDIA H200"  uuid = "..."  total_vram_bytes = ...  compute_capability = "9.0"
     driver = "570.86"  h2d_gbps = 55.1
     [cpu]
     name = "..."  cores = 16  ram_bytes = ...
     [models."Qwen/Qwen2.5-7B-Instruct".subspec_sd]
-    method = "subspec_sd"  layers_on_gpu = 0  layers_total = 28  ...
+    method = "subspec_sd"  layers_on_gpu = 0  layers_total = 28  stream_buffers = 3  ...
     verify_ms_by_nodes = { 1 = 212.0, 64 = 213.1, ... }
 
 TOML has no null: a field that does not apply is left out. Writes go to a temporary file in the
@@ -36,9 +36,11 @@ from platformdirs import user_config_dir
 
 from engine import EngineError
 from profiles.hardware import CpuInfo, DeviceInfo, GpuInfo
-from profiles.memory import STREAM_BUFFERS
 
-SCHEMA_VERSION = 1
+# 2: plans record `stream_buffers`. A version-1 plan does not say how many buffers its measured
+# peak was taken with (the engine's default went from 2 to 3 while version 1 was written), so it
+# is moved aside and measured again rather than guessed.
+SCHEMA_VERSION = 2
 LOCK_TIMEOUT_S = 30.0
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,7 @@ class ModelPlan:
     layers_on_gpu: int
     layers_total: int
     max_context: int
+    stream_buffers: int  # device buffers the streamed layers rotate through (offload_slots); 0: none stream
     config_fingerprint: str  # a changed model at the same path invalidates the plan
     measured_at: datetime
     vram_limit_gb: float | None = None  # the cap asked for; part of what the plan is valid for
@@ -82,9 +85,12 @@ class ModelPlan:
         """EngineConfig fields this plan decides (a front end applies them over its defaults)."""
         overrides: dict[str, Any] = {"method": self.method, "max_length": self.max_context}
         if self.device == "cuda":
-            # The plan budgets STREAM_BUFFERS prefetch slots: the engine must use exactly those.
-            overrides |= {"keep_first_n_layers_on_gpu": self.layers_on_gpu, "vram_limit_gb": self.vram_limit_gb,
-                          "offload_slots": STREAM_BUFFERS}
+            overrides |= {"keep_first_n_layers_on_gpu": self.layers_on_gpu, "vram_limit_gb": self.vram_limit_gb}
+        if self.stream_buffers:
+            # The measured peak includes exactly this many buffers: 3 where they fit (measured on an
+            # H200, 2 slots stream at 0.82 of the PCIe bound, 3 at 1.00), fewer only to fit at all.
+            # With every layer resident nothing streams and the engine's own default is moot.
+            overrides["offload_slots"] = self.stream_buffers
         for name, key in (
             ("substitute_bits", "substitute_bits"),
             ("substitute_group", "substitute_group_size"),
@@ -112,11 +118,17 @@ class ModelPlan:
             str(k): float(v) for k, v in data.get("tok_per_s_by_candidate", {}).items()
         }
         plan = cls(**values)
-        for name in ("layers_on_gpu", "layers_total", "max_context"):
+        for name in ("layers_on_gpu", "layers_total", "max_context", "stream_buffers"):
             if not isinstance(getattr(plan, name), int):
                 raise TypeError(f"{name} is not an integer")
         if not isinstance(plan.measured_at, datetime) or plan.device not in ("cuda", "cpu"):
             raise TypeError("measured_at or device has the wrong type")
+        streams = plan.device == "cuda" and plan.layers_on_gpu < plan.layers_total
+        if streams != (plan.stream_buffers > 0) or plan.stream_buffers < 0:
+            raise ValueError(
+                f"stream_buffers = {plan.stream_buffers} does not match a {plan.device} plan with "
+                f"{plan.layers_on_gpu} of {plan.layers_total} layers on the GPU"
+            )
         return plan
 
     def as_dict(self) -> dict[str, Any]:

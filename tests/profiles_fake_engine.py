@@ -1,6 +1,6 @@
 """A stand-in for `engine.load_engine` in profile-fitting tests: its memory and speed follow rules
-the test sets, so the fitting loop (lower N on over-budget or OOM, pick the free tree) is checked
-without a GPU."""
+the test sets, so the fitting loop (lower N, then the stream buffers, on over-budget or OOM; pick
+the free tree) is checked without a GPU."""
 
 from __future__ import annotations
 
@@ -20,17 +20,17 @@ class WordTokenizer:
 
 @dataclass
 class FakeGpu:
-    """What the fake "GPU" does: peak bytes for N resident layers and tree depth, OOM above a
-    layer count, and the wall time of a forward over T tokens."""
+    """What the fake "GPU" does: peak bytes for N resident layers, B stream buffers and a tree
+    depth, when loading runs out of memory, and the wall time of a forward over T tokens."""
 
-    peak_bytes: Callable[[int, int], int]  # (layers_on_gpu, max_depth) -> peak allocated bytes
+    peak_bytes: Callable[[int, int, int], int]  # (layers_on_gpu, offload_slots, max_depth) -> peak bytes
     forward_s: Callable[[int], float]  # tokens -> seconds (the fake sleeps that long)
-    oom_above_layers: int = 10**6
+    out_of_memory: Callable[[int, int], bool] = lambda layers, slots: False
     loads: list[EngineConfig] = field(default_factory=list)
 
     def load(self, config: EngineConfig, progress) -> FakeEngine:
         self.loads.append(config)
-        if (config.keep_first_n_layers_on_gpu or 0) > self.oom_above_layers:
+        if self.out_of_memory(config.keep_first_n_layers_on_gpu or 0, config.offload_slots):
             try:
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory")
             except torch.cuda.OutOfMemoryError:
@@ -52,7 +52,9 @@ class FakeEngine:
         # Deeper trees "decode" faster, so a CPU comparison has a predictable winner.
         decode_s = 0.1 / (1 + self.config.max_depth if self.config.method != "vanilla" else 1)
         stats = GenerationStats(method=self.config.method, new_tokens=sampling.max_new_tokens, decode_s=decode_s)
-        stats.peak_gpu_bytes = self.gpu.peak_bytes(self.config.keep_first_n_layers_on_gpu or 0, self.config.max_depth)
+        stats.peak_gpu_bytes = self.gpu.peak_bytes(
+            self.config.keep_first_n_layers_on_gpu or 0, self.config.offload_slots, self.config.max_depth
+        )
         return Generation([0] * sampling.max_new_tokens, "", "length", stats)
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:

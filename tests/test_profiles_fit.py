@@ -8,11 +8,12 @@ import tomllib
 import pytest
 import torch
 
-from engine import EngineError
-from profiles import GIB, ProfileError, ProfileStore, estimate_plan, format_profile, run_profile
+from engine import EngineConfig, EngineError
+from profiles import GIB, Profile, ProfileError, ProfileStore, estimate_plan, format_profile, run_profile
 from profiles import fit
 from profiles_fake_engine import FakeGpu
 from test_profiles_memory import QWEN25_7B, QWEN25_14B
+from test_profiles_store import GPU_DEVICE, gpu_plan
 
 SLOW_FORWARD_S = 0.15
 FREE_FORWARD_S = 0.05
@@ -33,53 +34,87 @@ def test_choose_node_budget_takes_the_largest_free_tree():
     assert fit.choose_node_budget({1: 10.0, 25: 20.0, 49: 40.0}, 0.05) == 25
 
 
-def seven_b_estimate():
-    return estimate_plan(QWEN25_7B, 8 * GIB, "subspec_sd", tree_nodes=193)
+def test_shrink_gives_up_resident_layers_before_stream_buffers():
+    assert fit.shrink(4, 3, 1) == (3, 3)
+    assert fit.shrink(1, 3, 2) == (0, 2)  # the one layer, then one buffer
+    assert fit.shrink(0, 2, 5) == (0, 1)  # never below one buffer: the caller gives up there
 
 
-def fit_7b(gpu: FakeGpu):
-    return fit.fit_gpu(None, "subspec_sd", QWEN25_7B, 8 * GIB, 8.0, 2048, "fp", lambda _m: None, gpu.load)
+def seven_b_estimate(gib: int = 8):
+    return estimate_plan(QWEN25_7B, gib * GIB, "subspec_sd", tree_nodes=193)
 
 
-def test_over_budget_peak_lowers_the_resident_layers():
-    estimate = seven_b_estimate()
+def fit_7b(gpu: FakeGpu, gib: int = 8):
+    return fit.fit_gpu(None, "subspec_sd", QWEN25_7B, gib * GIB, float(gib), 2048, "fp", lambda _m: None, gpu.load)
+
+
+def loaded(gpu: FakeGpu) -> list[tuple[int, int]]:
+    return [(c.keep_first_n_layers_on_gpu, c.offload_slots) for c in gpu.loads]
+
+
+def test_over_budget_peak_lowers_the_resident_layers_first():
+    estimate = seven_b_estimate(10)
     allowed = fit.allocation_budget(estimate)
     layer = estimate.layer_bytes
-    assert estimate.layers_on_gpu == 1  # the memory model's start (test_profiles_memory)
-    # Measured: half a layer more than the model predicted, so 1 layer is over budget, 0 fits.
+    # The memory model's start at 10 GiB: 7.98 GiB fixed with 3 buffers, (10 - 7.98) / 0.434 = 4.6
+    # -> 4 layers resident (test_profiles_memory has the terms).
+    assert (estimate.layers_on_gpu, estimate.stream_buffers) == (4, 3)
+    # Measured: 4 layers + 3 buffers come out half a layer over budget; one layer fewer fits.
     gpu = FakeGpu(
-        peak_bytes=lambda layers, depth: allowed - layer // 2 + layers * layer,
+        peak_bytes=lambda layers, slots, depth: allowed - layer // 2 + (layers + slots - 6) * layer,
         forward_s=lambda tokens: FREE_FORWARD_S if tokens <= 193 else SLOW_FORWARD_S,
     )
-    plan = fit_7b(gpu)
-    assert [c.keep_first_n_layers_on_gpu for c in gpu.loads] == [1, 0]
-    assert plan.layers_on_gpu == 0 and plan.layers_total == 28
+    plan = fit_7b(gpu, 10)
+    assert loaded(gpu) == [(4, 3), (3, 3)]  # the layer goes, the buffers stay
+    assert (plan.layers_on_gpu, plan.layers_total, plan.stream_buffers) == (3, 28, 3)
     assert plan.measured_peak_bytes == allowed - layer // 2 <= allowed
     assert plan.estimated_peak_bytes == estimate.estimated_peak_bytes
     # The largest tree whose forward is free: 193 nodes = depth 32 x top-6, the trial's own tree.
     assert (plan.node_budget, plan.max_depth, plan.topk_len) == (192, 32, 6)
     assert sorted(plan.verify_ms_by_nodes) == list(fit.NODE_CANDIDATES)
     assert plan.verify_ms_by_nodes[385] > plan.verify_ms_by_nodes[1] * 1.5
-    assert all(config.vram_limit_gb == 8.0 and config.max_length == 2048 for config in gpu.loads)
+    assert all(config.vram_limit_gb == 10.0 and config.max_length == 2048 for config in gpu.loads)
+
+
+def test_with_no_layer_resident_an_over_budget_peak_drops_a_stream_buffer():
+    estimate = seven_b_estimate()
+    allowed = fit.allocation_budget(estimate)
+    layer = estimate.layer_bytes
+    assert (estimate.layers_on_gpu, estimate.stream_buffers) == (0, 3)  # test_profiles_memory
+    # Measured: every layer streamed through 3 buffers is half a layer over budget; 2 buffers fit.
+    gpu = FakeGpu(
+        peak_bytes=lambda layers, slots, depth: allowed - layer // 2 + (layers + slots - 2) * layer,
+        forward_s=lambda tokens: FREE_FORWARD_S if tokens <= 193 else SLOW_FORWARD_S,
+    )
+    plan = fit_7b(gpu)
+    assert loaded(gpu) == [(0, 3), (0, 2)]
+    assert (plan.layers_on_gpu, plan.stream_buffers, plan.measured_peak_bytes) == (0, 2, allowed - layer // 2)
+    # The engine is asked for the buffers that were measured, not its own default of 3.
+    overrides = plan.engine_overrides()
+    assert (overrides["keep_first_n_layers_on_gpu"], overrides["offload_slots"]) == (0, 2)
+    assert EngineConfig(**overrides).offload_slots == 2
 
 
 def test_out_of_memory_load_retries_and_a_bigger_free_tree_is_confirmed():
     gpu = FakeGpu(
-        peak_bytes=lambda layers, depth: 4 * GIB,
+        peak_bytes=lambda layers, slots, depth: 4 * GIB,
         forward_s=lambda tokens: FREE_FORWARD_S if tokens <= 289 else SLOW_FORWARD_S,
-        oom_above_layers=0,
+        out_of_memory=lambda layers, slots: slots > 2,
     )
     plan = fit_7b(gpu)
-    # 1 layer: out of memory while loading; 0 layers fits; the free 289-node tree (depth 48) is
-    # larger than the trial's depth 32, so it is loaded and run once more before it is handed out.
-    assert [(c.keep_first_n_layers_on_gpu, c.max_depth) for c in gpu.loads] == [(1, 32), (0, 32), (0, 48)]
-    assert (plan.layers_on_gpu, plan.max_depth, plan.node_budget) == (0, 48, 288)
+    # 3 buffers: out of memory while loading; 2 fit; the free 289-node tree (depth 48) is larger
+    # than the trial's depth 32, so it is loaded (with the same 2 buffers) and run once more before
+    # it is handed out.
+    assert [(c.keep_first_n_layers_on_gpu, c.offload_slots, c.max_depth) for c in gpu.loads] == [
+        (0, 3, 32), (0, 2, 32), (0, 2, 48)
+    ]
+    assert (plan.layers_on_gpu, plan.stream_buffers, plan.max_depth, plan.node_budget) == (0, 2, 48, 288)
 
 
 def test_a_bigger_tree_that_does_not_fit_falls_back_to_the_trial_tree():
     allowed = fit.allocation_budget(seven_b_estimate())
     gpu = FakeGpu(
-        peak_bytes=lambda layers, depth: allowed - 1 if depth <= 32 else allowed + 1,
+        peak_bytes=lambda layers, slots, depth: allowed - 1 if depth <= 32 else allowed + 1,
         forward_s=lambda tokens: FREE_FORWARD_S,
     )
     plan = fit_7b(gpu)
@@ -89,14 +124,15 @@ def test_a_bigger_tree_that_does_not_fit_falls_back_to_the_trial_tree():
 
 def test_a_plan_that_never_fits_is_refused():
     allowed = fit.allocation_budget(seven_b_estimate())
-    gpu = FakeGpu(peak_bytes=lambda layers, depth: allowed + 1, forward_s=lambda tokens: 0.0)
-    with pytest.raises(ProfileError, match="even with every layer streamed"):
+    gpu = FakeGpu(peak_bytes=lambda layers, slots, depth: allowed + 1, forward_s=lambda tokens: 0.0)
+    with pytest.raises(ProfileError, match="even with every layer streamed through one buffer"):
         fit_7b(gpu)
-    assert [c.keep_first_n_layers_on_gpu for c in gpu.loads] == [1, 0]
-    # The memory model alone rules out Qwen2.5-14B with a 4-bit substitute on 12 GiB: no load at all.
-    gpu = FakeGpu(peak_bytes=lambda layers, depth: 0, forward_s=lambda tokens: 0.0)
-    with pytest.raises(ProfileError, match=r"does not fit this GPU with subspec_sd: needs 12\.44 GiB"):
-        fit.fit_gpu(None, "subspec_sd", QWEN25_14B, 12 * GIB, 12.0, 2048, "fp", lambda _m: None, gpu.load)
+    assert loaded(gpu) == [(0, 3), (0, 2), (0, 1)]  # 1 buffer and no layer resident: the last resort
+    # The memory model alone rules out Qwen2.5-14B with a 4-bit substitute on 11 GiB (11.89 GiB even
+    # through one buffer, test_profiles_memory): no load at all.
+    gpu = FakeGpu(peak_bytes=lambda layers, slots, depth: 0, forward_s=lambda tokens: 0.0)
+    with pytest.raises(ProfileError, match=r"does not fit this GPU with subspec_sd: needs 11\.89 GiB"):
+        fit.fit_gpu(None, "subspec_sd", QWEN25_14B, 11 * GIB, 11.0, 2048, "fp", lambda _m: None, gpu.load)
     assert gpu.loads == []
 
 
@@ -106,6 +142,20 @@ def test_other_engine_errors_are_not_mistaken_for_out_of_memory():
 
     with pytest.raises(EngineError, match="model path not found"):
         fit.fit_gpu("nowhere", "subspec_sd", QWEN25_7B, 8 * GIB, None, 2048, "fp", lambda _m: None, missing_model)
+
+
+@pytest.mark.parametrize(
+    "layers, buffers, expected",
+    [
+        (0, 3, "Layers:   0 of 28 on the GPU, 28 streamed from pinned memory through 3 device buffers"),
+        (0, 1, "Layers:   0 of 28 on the GPU, 28 streamed from pinned memory through 1 device buffer"),
+        (28, 0, "Layers:   28 of 28 on the GPU, none streamed (no stream buffers)"),
+    ],
+)
+def test_format_profile_shows_the_stream_buffers(layers, buffers, expected):
+    profile = Profile(GPU_DEVICE, "m", "subspec_sd", gpu_plan(layers, buffers), None, False)
+    assert expected in format_profile(profile).splitlines()
+    assert profile.as_dict()["plan"]["stream_buffers"] == buffers  # --json
 
 
 CPU_CANDIDATES = (
@@ -121,7 +171,7 @@ def refuse_to_load(config, progress):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path: this machine would profile its GPU")
 def test_run_profile_reuses_stores_and_falls_back_to_memory(tmp_path, monkeypatch):
     monkeypatch.setenv("SUBSPEC_CONFIG_DIR", str(tmp_path))
-    gpu = FakeGpu(peak_bytes=lambda layers, depth: 0, forward_s=lambda tokens: 0.0)
+    gpu = FakeGpu(peak_bytes=lambda layers, slots, depth: 0, forward_s=lambda tokens: 0.0)
     messages: list[str] = []
     profile = run_profile(None, 8.0, "subspec_sd", progress=messages.append, loader=gpu.load,
                           cpu_candidates=CPU_CANDIDATES, cpu_new_tokens=4)
@@ -152,7 +202,7 @@ def test_cpu_profile_end_to_end_with_the_bundled_model(tmp_path, monkeypatch):
     monkeypatch.setenv("SUBSPEC_CONFIG_DIR", str(tmp_path))
     profile = run_profile(None, None, "subspec_sd", cpu_candidates=CPU_CANDIDATES, cpu_new_tokens=8)
     plan = profile.plan
-    assert (plan.device, plan.layers_total, plan.layers_on_gpu) == ("cpu", 30, 0)
+    assert (plan.device, plan.layers_total, plan.layers_on_gpu, plan.stream_buffers) == ("cpu", 30, 0, 0)
     assert set(plan.tok_per_s_by_candidate) == {"vanilla", "subspec_sd depth 4 top-2"}
     assert all(tps > 0 for tps in plan.tok_per_s_by_candidate.values())
     fastest = max(plan.tok_per_s_by_candidate, key=plan.tok_per_s_by_candidate.get)

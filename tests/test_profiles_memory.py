@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.offload import linear_tensors
 from profiles.memory import (
     CUDA_CONTEXT_BYTES,
     GB,
@@ -94,6 +95,9 @@ def test_layer_and_embedding_bytes_match_transformers_modules(config):
     shape = ModelShape.from_config(hf_config)  # a PretrainedConfig works as well as a dict
     layer_params = sum(p.numel() for p in model.model.layers[0].parameters())
     assert shape.layer_bytes(2) == layer_params * 2
+    # A stream buffer holds what the engine packs per offloaded layer: the linears, not the norms.
+    streamed_params = sum(t.numel() for t in linear_tensors(model.model.layers[0]).values())
+    assert shape.linear_bytes(2) == streamed_params * 2
     outside_layers = sum(p.numel() for p in model.parameters()) - layer_params * shape.layers
     assert shape.embedding_bytes(2) == outside_layers * 2
 
@@ -111,69 +115,109 @@ def test_hqq_linear_bytes_match_hqq_storage(bits):
     assert hqq_linear_bytes(192, 320, bits, 64) == stored
 
 
-def test_qwen25_7b_at_8gb_subspec_keeps_1_layer():
+def test_qwen25_7b_at_8gb_subspec_streams_every_layer_through_3_buffers():
     plan = estimate_plan(QWEN25_7B, 8 * GIB, "subspec_sd", max_context=2048)
     # Always resident: embeddings + untied lm_head 2 x 152064 x 3584 x 2 B = 2.18 GB, 28 substitute
-    # layers x 0.131 GB = 3.67 GB, KV 2048 x 57344 B = 0.12 GB, two 0.466 GB streaming buffers,
-    # the workspace of a 193-node verification (logits 193 x 152064 x 6 B = 0.18 GB dominate) =
-    # 0.25 GB, CUDA context 0.52 GB and a 4% margin 0.34 GB: 7.47 GiB of the 8 GiB. The 0.53 GiB
-    # left hold one 0.434 GiB bf16 layer: 1 resident, 27 stream (11.7 GiB per forward).
+    # layers x 0.131 GB = 3.67 GB, KV 2048 x 57344 B = 0.12 GB, three 0.466 GB stream buffers (a
+    # layer's bf16 linears) = 1.40 GB, the workspace of a 193-node verification (logits 193 x 152064
+    # x 6 B = 0.18 GB dominate) = 0.25 GB, CUDA context 0.52 GB and a 4% margin 0.34 GB: 8.49 GB =
+    # 7.90 GiB of the 8 GiB. The 0.10 GiB left is less than one 0.434 GiB bf16 layer: 0 resident,
+    # all 28 stream (13.1 GB per forward).
     assert plan.fits
-    assert (plan.layers_on_gpu, plan.layers_total) == (1, 28)
+    assert (plan.layers_on_gpu, plan.layers_total, plan.stream_buffers) == (0, 28, 3)
     assert plan.substitute_bytes == 28 * plan.substitute_layer_bytes
+    assert plan.stream_buffer_bytes == 3 * ModelShape.from_config(QWEN25_7B).linear_bytes()
     assert plan.total_bytes / GIB == pytest.approx(7.90, abs=0.01)
     assert plan.vram_bytes - plan.total_bytes < plan.layer_bytes
-    # Without the substitute (vanilla) those 3.4 GiB hold 8 more bf16 layers.
-    assert estimate_plan(QWEN25_7B, 8 * GIB, "vanilla").layers_on_gpu == 9
+    # A buffer costs what a resident layer costs: 2 buffers + 1 layer (or 1 + 2) is the same 7.90 GiB.
+    # 3 buffers win: 28 layers at 1.00 of the streaming bound take 28 layer-copies of time, 27 layers
+    # at the 0.82 that 2 buffers reach take 27 / 0.82 = 32.9.
+    two = estimate_plan(QWEN25_7B, 8 * GIB, "subspec_sd", stream_buffers=2)
+    assert (two.layers_on_gpu, two.stream_buffers) == (1, 2)
+    assert two.total_bytes / GIB == pytest.approx(7.90, abs=0.01)
+    # Without the substitute (vanilla): embeddings 2.18 + KV 0.12 + three buffers 1.40 + workspace
+    # 0.20 (a 512-token prefill chunk) + context and margin 0.87 = 4.76 GB = 4.43 GiB fixed;
+    # (8 - 4.43) / 0.434 = 8.2 -> 8 bf16 layers resident.
+    vanilla = estimate_plan(QWEN25_7B, 8 * GIB, "vanilla")
+    assert (vanilla.layers_on_gpu, vanilla.stream_buffers) == (8, 3)
 
 
-def test_qwen25_32b_at_24gb_subspec_streams_every_layer():
+def test_qwen25_32b_at_24gb_falls_back_to_2_buffers():
     plan = estimate_plan(QWEN25_32B, 24 * GIB, "subspec_sd", max_context=2048)
-    # A 32B layer is 0.975 GB bf16 and 0.274 GB as 4-bit g64: 64 substitute layers are 17.6 GB,
-    # embeddings + head 3.11 GB, KV 2048 x 262144 B = 0.54 GB, two streaming buffers 1.95 GB,
-    # workspace 0.28 GB, context + 4% margin 1.56 GB: 23.28 of 24 GiB. The 0.72 GiB left is less
-    # than one 0.908 GiB bf16 layer.
+    # A 32B layer is 0.975 GB bf16 and 0.274 GB as 4-bit g64: 64 substitute layers are 17.56 GB,
+    # embeddings + head 3.11 GB, KV 2048 x 262144 B = 0.54 GB, workspace 0.28 GB, context + 4%
+    # margin 1.56 GB. With three 0.975 GB buffers (2.93 GB) that is 25.97 GB = 24.19 GiB > 24 GiB
+    # with no layer resident; with two (1.95 GB) 25.00 GB = 23.28 GiB fits. The 0.72 GiB left is
+    # less than one 0.908 GiB bf16 layer: 0 resident, 2 buffers.
     assert plan.fits
-    assert (plan.layers_on_gpu, plan.layers_total) == (0, 64)
+    assert (plan.layers_on_gpu, plan.layers_total, plan.stream_buffers) == (0, 64, 2)
     assert plan.total_bytes / GIB == pytest.approx(23.28, abs=0.01)
+    three = estimate_plan(QWEN25_32B, 24 * GIB, "subspec_sd", stream_buffers=3)  # no fallback when asked
+    assert not three.fits
+    assert three.reason.startswith("needs 24.19 GiB with every layer streamed through 3 buffers")
     # Each layer streams: 62.4 GB per verification, ~1.1 s at 55 GB/s pinned.
     assert plan.stream_bound_ms(55.0) == pytest.approx(64 * 0.975210496 / 55.0 * 1000, rel=1e-6)
 
 
-def test_llama31_8b_at_12gb_keeps_10_layers():
+def test_llama31_8b_at_12gb_keeps_9_layers():
     plan = estimate_plan(LLAMA31_8B, 12 * GIB, "subspec_sd", max_context=2048)
     # Layer 0.436 GB bf16 (no biases), 0.123 GB as 4-bit: 32 substitutes 3.93 GB; embeddings +
-    # head 2 x 128256 x 4096 x 2 B = 2.10 GB; KV 2048 x 131072 B = 0.27 GB; two buffers 0.87 GB;
-    # workspace 0.23 GB; context + margin 1.04 GB: 7.85 GiB fixed. (12 - 7.85) / 0.406 GiB = 10.2
-    # -> 10 bf16 layers resident, 22 stream.
+    # head 2 x 128256 x 4096 x 2 B = 2.10 GB; KV 2048 x 131072 B = 0.27 GB; three buffers 1.31 GB;
+    # workspace 0.23 GB; context + margin 1.04 GB: 8.87 GB = 8.26 GiB fixed. (12 - 8.26) / 0.406 GiB
+    # = 9.2 -> 9 bf16 layers resident, 23 stream through 3 buffers.
     assert plan.fits
-    assert plan.layers_on_gpu == 10
+    assert (plan.layers_on_gpu, plan.stream_buffers) == (9, 3)
     fixed = plan.total_bytes - plan.resident_layers_bytes
-    assert fixed / GIB == pytest.approx(7.85, abs=0.01)
-    assert (12 * GIB - fixed) // plan.layer_bytes == 10
+    assert fixed / GIB == pytest.approx(8.26, abs=0.01)
+    assert (12 * GIB - fixed) // plan.layer_bytes == 9
 
 
-def test_qwen25_14b_at_12gb_needs_3bit_substitute():
+def test_qwen25_14b_at_12gb_fits_4bit_only_through_1_buffer():
     plan = estimate_plan(QWEN25_14B, 12 * GIB, "subspec_sd", max_context=2048)
     # 48 substitute layers x 0.155 GB (4-bit) = 7.43 GB + embeddings/head 3.11 GB + KV 0.40 GB +
-    # two 0.55 GB buffers + workspace 0.27 GB + context/margin 1.04 GB = 12.44 GiB > 12 GiB even
-    # with every bf16 layer streamed: the plan says so in one line instead of pretending.
-    assert not plan.fits
-    assert plan.layers_on_gpu == 0
-    assert "12.44 GiB" in plan.reason and "12.00 GiB" in plan.reason
+    # workspace 0.27 GB + context/margin 1.04 GB = 12.26 GB before buffers of 0.55 GB each:
+    # 3 -> 13.91 GB = 12.95 GiB, 2 -> 13.36 GB = 12.44 GiB, both over 12 GiB with every bf16 layer
+    # streamed; 1 -> 12.81 GB = 11.93 GiB fits. The last resort: 0 resident, 1 buffer.
+    assert plan.fits
+    assert (plan.layers_on_gpu, plan.stream_buffers) == (0, 1)
+    assert plan.total_bytes / GIB == pytest.approx(11.93, abs=0.01)
     # At 3 bits (ten values per int32 -> 3.2 bits + 4 bytes per group) a substitute layer is
-    # 0.127 GB: 1.32 GB less in all, 11.21 GiB with no layer resident; the 0.79 GiB left hold
-    # one 0.513 GiB bf16 layer.
+    # 0.127 GB: 1.32 GB less in all, room for all three buffers: 12.59 GB = 11.72 GiB with no
+    # layer resident (the 0.28 GiB left is less than a 0.513 GiB bf16 layer).
     three_bit = estimate_plan(QWEN25_14B, 12 * GIB, "subspec_sd", substitute_bits=3)
     assert three_bit.fits
-    assert three_bit.layers_on_gpu == 1
+    assert (three_bit.layers_on_gpu, three_bit.stream_buffers) == (0, 3)
     assert three_bit.total_bytes / GIB == pytest.approx(11.72, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    "vram_gib, buffers, needed_gib",
+    [
+        # 12.26 GB without buffers + 3 x 0.55 GB; the 4% margin grows by 0.02 GiB per GiB of card.
+        (13.0, 3, 12.99),
+        (12.5, 2, 12.46),  # 3 buffers would need 12.97 GiB
+        (12.0, 1, 11.93),  # 2 would need 12.44 GiB
+    ],
+)
+def test_stream_buffers_fall_back_from_3_to_2_to_1(vram_gib, buffers, needed_gib):
+    plan = estimate_plan(QWEN25_14B, int(vram_gib * GIB), "subspec_sd")
+    assert plan.fits and (plan.layers_on_gpu, plan.stream_buffers) == (0, buffers)
+    assert plan.total_bytes / GIB == pytest.approx(needed_gib, abs=0.01)
+
+
+def test_not_even_1_buffer_fits_and_the_reason_says_so():
+    # 11 GiB: the 12.26 GB before buffers already fill it; one 0.55 GB buffer makes 11.89 GiB.
+    plan = estimate_plan(QWEN25_14B, 11 * GIB, "subspec_sd")
+    assert not plan.fits
+    assert (plan.layers_on_gpu, plan.stream_buffers) == (0, 1)
+    assert plan.reason.startswith("needs 11.89 GiB with every layer streamed through 1 buffer (")
+    assert plan.reason.endswith("the card has 11.00 GiB")
 
 
 def test_everything_resident_needs_no_streaming_buffers():
     plan = estimate_plan(QWEN25_7B, 80 * GIB, "subspec_sd")
     assert plan.layers_on_gpu == plan.layers_total == 28
-    assert plan.stream_buffer_bytes == 0
+    assert plan.stream_buffers == plan.stream_buffer_bytes == 0
     assert plan.offloaded_bytes == 0
 
 
@@ -212,13 +256,15 @@ def test_unusable_configs_get_one_line_errors():
         estimate_plan(QWEN25_7B, 8 * GIB, substitute_bits=7)
     with pytest.raises(ModelShapeError, match="unknown method"):
         estimate_plan(QWEN25_7B, 8 * GIB, method="magic")
+    with pytest.raises(ModelShapeError, match="stream_buffers must be at least 1, got 0"):
+        estimate_plan(QWEN25_7B, 8 * GIB, stream_buffers=0)
 
 
 def test_summary_is_one_line_with_the_breakdown():
     plan = estimate_plan(LLAMA31_8B, 12 * GIB, "subspec_sd")
     line = plan.summary()
     assert "\n" not in line
-    assert "10 of 32 layers on GPU" in line and line.endswith("fits")
+    assert "(3 stream buffers and workspace), 9 of 32 layers on GPU" in line and line.endswith("fits")
     data = plan.as_dict()
     assert data["total_bytes"] == plan.total_bytes
     assert data["cuda_context_bytes"] == CUDA_CONTEXT_BYTES

@@ -9,9 +9,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+import tomli_w
 
+from engine import EngineConfig
 from profiles.hardware import CpuInfo, DeviceInfo, GpuInfo
-from profiles.store import SCHEMA_VERSION, ModelPlan, ProfileError, ProfileStore, profiles_dir
+from profiles.store import SCHEMA_VERSION, ModelPlan, ProfileError, ProfileFile, ProfileStore, profiles_dir
 
 GPU_DEVICE = DeviceInfo(
     cpu=CpuInfo(name="Test CPU", cores=16, ram_bytes=128 * 2**30),
@@ -23,9 +25,10 @@ GPU_DEVICE = DeviceInfo(
 CPU_DEVICE = DeviceInfo(cpu=CpuInfo(name="Test CPU", cores=2, ram_bytes=None), gpu=None)
 
 
-def gpu_plan(layers: int = 1) -> ModelPlan:
+def gpu_plan(layers: int = 1, stream_buffers: int = 3) -> ModelPlan:
     return ModelPlan(
         method="subspec_sd", device="cuda", layers_on_gpu=layers, layers_total=28, max_context=2048,
+        stream_buffers=stream_buffers,
         config_fingerprint="abc123", measured_at=datetime(2025, 5, 1, 12, 0, tzinfo=timezone.utc),
         vram_limit_gb=8.0, vram_budget_bytes=8 * 2**30, substitute_bits=4, substitute_group=64,
         tree_policy="reference", max_depth=32, topk_len=6, node_budget=192,
@@ -57,12 +60,13 @@ def test_round_trip_keeps_every_field_and_other_models(tmp_path):
     assert doc["schema_version"] == SCHEMA_VERSION
     assert doc["gpu"]["h2d_gbps"] == 55.2
     assert doc["models"]["Qwen/Qwen2.5-7B-Instruct"]["subspec_sd"]["verify_ms_by_nodes"]["193"] == 214.0
+    assert doc["models"]["Qwen/Qwen2.5-7B-Instruct"]["subspec_sd"]["stream_buffers"] == 3
 
 
 def test_cpu_profile_omits_what_does_not_apply(tmp_path):
     store = ProfileStore(tmp_path)
     plan = ModelPlan(method="vanilla", device="cpu", layers_on_gpu=0, layers_total=30, max_context=2048,
-                     config_fingerprint="f", measured_at=datetime(2025, 5, 1, tzinfo=timezone.utc),
+                     stream_buffers=0, config_fingerprint="f", measured_at=datetime(2025, 5, 1, tzinfo=timezone.utc),
                      tok_per_s_by_candidate={"vanilla": 31.5, "subspec_sd depth 6 top-2": 20.0})
     path, _ = store.save_plan(CPU_DEVICE, "bundled:SmolLM2-135M-Instruct", "subspec_sd", plan)
     assert path.name == "cpu.toml"
@@ -75,12 +79,24 @@ def test_cpu_profile_omits_what_does_not_apply(tmp_path):
 
 
 def test_engine_overrides_name_engine_config_fields():
-    from engine import EngineConfig
-
     overrides = gpu_plan().engine_overrides()
     EngineConfig(**overrides)  # every key is a real EngineConfig field
     assert overrides["keep_first_n_layers_on_gpu"] == 1
     assert overrides["substitute_group_size"] == 64
+
+
+@pytest.mark.parametrize("buffers", [3, 2, 1])
+def test_engine_overrides_carry_the_planned_stream_buffers(buffers):
+    overrides = gpu_plan(layers=0, stream_buffers=buffers).engine_overrides()
+    assert overrides["offload_slots"] == buffers
+    assert EngineConfig(**overrides).offload_slots == buffers
+
+
+def test_engine_overrides_leave_the_slots_alone_when_nothing_streams():
+    # Every layer resident: no buffer is budgeted, and 0 is not a valid offload_slots.
+    overrides = gpu_plan(layers=28, stream_buffers=0).engine_overrides()
+    assert "offload_slots" not in overrides
+    assert overrides["keep_first_n_layers_on_gpu"] == 28
 
 
 def _backups(directory: Path) -> list[Path]:
@@ -90,9 +106,9 @@ def _backups(directory: Path) -> list[Path]:
 @pytest.mark.parametrize(
     "content, why",
     [
-        (b"schema_version = 1\n[gpu\nname = ", "not valid TOML"),
+        (b"schema_version = 2\n[gpu\nname = ", "not valid TOML"),
         (b"\xff\xfe\x00garbage", "unreadable"),
-        (b'schema_version = 1\n[cpu]\nname = "x"\n', "malformed"),  # cores missing
+        (b'schema_version = 2\n[cpu]\nname = "x"\n', "malformed"),  # cores missing
     ],
     ids=["syntax", "binary", "missing-field"],
 )
@@ -119,18 +135,41 @@ def test_half_written_file_is_moved_aside(tmp_path):
     assert _backups(tmp_path)[0].read_bytes() == full[: len(full) // 2]
 
 
+def version_1_file() -> bytes:
+    """What the previous version wrote: no stream_buffers, so no way to know the slots it measured."""
+    doc = ProfileFile(GPU_DEVICE, {"m": {"subspec_sd": gpu_plan()}}).to_toml()
+    del doc["models"]["m"]["subspec_sd"]["stream_buffers"]
+    return tomli_w.dumps({**doc, "schema_version": 1}).encode()
+
+
 def test_older_schema_is_moved_aside_then_upgraded(tmp_path):
     store = ProfileStore(tmp_path)
     path = store.path(GPU_DEVICE.key)
-    old = b'schema_version = 0\n[gpu]\nname = "NVIDIA H200"\nlayers = 3\n'
+    old = version_1_file()
     path.write_bytes(old)
     loaded, messages = store.read(GPU_DEVICE.key)
     assert loaded is None
-    assert "schema version 0, this version reads 1" in messages[0]
+    assert "schema version 1, this version reads 2" in messages[0]
     _, save_messages = store.save_plan(GPU_DEVICE, "m", "subspec_sd", gpu_plan())
     assert save_messages == []  # the old file was already moved aside by the read
     assert tomllib.loads(path.read_text())["schema_version"] == SCHEMA_VERSION
     assert _backups(tmp_path)[0].read_bytes() == old
+
+
+@pytest.mark.parametrize(
+    "layers, buffers",
+    [(1, 0), (28, 2), (1, -1)],
+    ids=["streams-without-buffers", "buffers-without-streaming", "negative"],
+)
+def test_hand_edited_stream_buffers_that_cannot_run_are_moved_aside(tmp_path, layers, buffers):
+    store = ProfileStore(tmp_path)
+    path = store.path(GPU_DEVICE.key)
+    doc = ProfileFile(GPU_DEVICE, {"m": {"subspec_sd": gpu_plan(layers, buffers)}}).to_toml()
+    path.write_text(tomli_w.dumps(doc))
+    loaded, messages = store.read(GPU_DEVICE.key)
+    assert loaded is None
+    assert f"stream_buffers = {buffers} does not match a cuda plan with {layers} of 28 layers" in messages[0]
+    assert "moved to" in messages[0]
 
 
 def test_file_of_another_device_is_not_trusted(tmp_path):

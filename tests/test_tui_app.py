@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 import threading
+import time
+from pathlib import Path
 
 import pytest
+import torch
 from textual.widgets import DataTable, Input, Markdown, Sparkline, Static
 
-from engine import EngineError
+from engine import EngineConfig, EngineError, SamplingConfig
+from profiles import Profile, ProfileError, run_profile
 from subspec_tui import app as app_module
 from subspec_tui import models
-from subspec_tui.app import SubSpecChatApp, build_parser
+from subspec_tui.app import SubSpecChatApp, build_parser, planned_settings
 from subspec_tui.history import ChatStore
 from subspec_tui.screens.chat import ChatScreen
 from subspec_tui.screens.dialogs import ChatListScreen, ChatSettingsScreen, ConfirmScreen, HelpScreen
 from subspec_tui.widgets.chat_log import AssistantTurn, PromptInput, UserTurn
-from tui_fake_engine import FakeEngine, fake_loader
+from subspec_tui.settings import method_preset
+from tui_fake_engine import FAKE_CPU, FAKE_GPU, FakeEngine, FakeProfiler, cpu_plan, fake_loader, gpu_plan
 
 GIB = 1024**3
 
@@ -29,20 +36,28 @@ def anyio_backend():
 
 
 @pytest.fixture(autouse=True)
-def isolated_dirs(tmp_path, monkeypatch, tmp_path_factory):
+def isolated_dirs(tmp_path, monkeypatch):
+    # Converted models and GGUF summaries go to conftest's session cache (isolated_cache).
     monkeypatch.setenv("SUBSPEC_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("SUBSPEC_CONFIG_DIR", str(tmp_path / "config"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("SUBSPEC_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "shared-gguf-cache"))
 
 
 def make_app(engine: FakeEngine | None = None, **kwargs) -> SubSpecChatApp:
     loader = kwargs.pop("loader", None) or fake_loader(engine)
     kwargs.setdefault("gpu", None)
+    kwargs.setdefault("profiler", FakeProfiler())
     return SubSpecChatApp(engine_loader=loader, **kwargs)
 
 
-async def ready(app: SubSpecChatApp, pilot) -> ChatScreen:
-    await app.workers.wait_for_complete()
+async def ready(app: SubSpecChatApp, pilot, timeout_s: float = 300.0) -> ChatScreen:
+    """Wait for the start-up chain (profile, then engine) to end, loaded or failed. Not
+    workers.wait_for_complete: it raises the error of a failed load, and the engine worker only
+    starts once the profile worker has ended."""
+    deadline = time.monotonic() + timeout_s
+    while app.engine_loading and time.monotonic() < deadline:
+        await pilot.pause(0.01)
+    assert not app.engine_loading, f"still loading after {timeout_s:.0f} s: {app.load_progress}"
     await pilot.pause()
     return app.chat_screen()
 
@@ -55,6 +70,13 @@ async def send(pilot, text: str) -> None:
     await pilot.press("enter")
     await app.workers.wait_for_complete()
     await pilot.pause()
+
+
+async def wait_until(pilot, condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        await pilot.pause(0.01)
+    assert condition(), "the app never reached the awaited state"
 
 
 def transcript(screen: ChatScreen) -> list[tuple[str, str]]:
@@ -401,6 +423,7 @@ async def test_profile_screen_shows_the_plan_on_a_gpu(monkeypatch):
     async with app.run_test(size=(120, 40)) as pilot:
         await ready(app, pilot)
         await pilot.press("f4")
+        await app.workers.wait_for_complete()  # the model listing behind the estimate
         await pilot.pause()
         assert "Fake GPU (8.6 GB)" in static_text(app.screen, "#profile-hardware")
         plan = static_text(app.screen, "#profile-plan")
@@ -436,19 +459,264 @@ def test_engine_error_type_is_the_contract():
     assert issubclass(EngineError, Exception)  # front ends catch exactly this type
 
 
+
+
+# ---------------------------------------------------------------- profile, then engine
+
+
+async def test_first_start_shows_the_measurement_then_lands_in_the_chat_with_the_plan():
+    gate = threading.Event()
+    steps = ("profiling bundled:SmolLM2-135M-Instruct (subspec_sd) on CPU Fake CPU (2 cores)",
+             "measuring vanilla", "measuring subspec_sd depth 12 top-4")
+    profiler = FakeProfiler(cpu_plan("subspec_sd", max_depth=12, topk_len=4, max_context=1024), steps=steps, gate=gate)
+    loader = fake_loader()
+    app = make_app(loader=loader, profiler=profiler)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.current_mode == "profile")
+        measured = static_text(app.screen, "#profile-measured")
+        assert measured.splitlines() == [
+            "measuring bundled:SmolLM2-135M-Instruct (subspec_sd) on this machine; "
+            "the profile is stored and reused by later starts",
+            steps[0],
+        ]
+        assert app.screen.query_one("#profile-progress").display
+        assert f"measuring this machine: {steps[0]}" in static_text(app.chat_screen(), "#chat-status")
+        assert loader.configs == []  # the engine waits for the plan
+        await pilot.press("ctrl+r")  # a second measurement is refused while one runs
+        assert any("still loading" in n.message for n in app._notifications)
+
+        gate.set()
+        chat = await ready(app, pilot)
+        assert app.current_mode == "chat"
+        assert profiler.calls == [(None, "subspec_sd", False)]
+        (config,) = loader.configs
+        assert (config.method, config.max_depth, config.topk_len, config.max_length) == ("subspec_sd", 12, 4, 1024)
+        assert static_text(chat, "#chat-status") == "fake-model · subspec_sd · new chat"
+        await pilot.press("f4")
+        await pilot.pause()
+        measured = static_text(app.screen, "#profile-measured")
+        assert "Tree:     reference, depth 12, top-4 (49 nodes)" in measured and "Profile:  measured" in measured
+        assert not app.screen.query_one("#profile-progress").display
+
+
+def loader_where_deeper_trees_decode_faster(loaded: list[EngineConfig]):
+    """The engine loader handed to the real run_profile: the CPU comparison has a known winner."""
+
+    def load(config: EngineConfig, progress) -> FakeEngine:
+        loaded.append(config)
+        return FakeEngine(config, decode_s=0.5 / (1 + config.max_depth) if config.method != "vanilla" else 0.5)
+
+    return load
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path: on a GPU run_profile measures the GPU")
+async def test_the_stored_profile_is_reused_and_a_changed_model_is_measured_again(tmp_path):
+    measured: list[EngineConfig] = []
+    profiler = functools.partial(run_profile, loader=loader_where_deeper_trees_decode_faster(measured),
+                                 cpu_new_tokens=4)
+    fastest = (12, 4)  # fit.CPU_CANDIDATES' deepest tree
+
+    async def start(model_ref: str | None = None) -> tuple[Profile, list[EngineConfig], bool]:
+        """(the profile used, the engine configs loaded, whether the profile screen was shown)"""
+        loader = fake_loader()
+        app = make_app(loader=loader, profiler=profiler, model_ref=model_ref)
+        async with app.run_test(size=(120, 36)) as pilot:
+            await ready(app, pilot)
+            assert app.current_mode == "chat" and app.engine is not None
+            return app.profile, loader.configs, app.get_screen("profile").is_mounted
+
+    first, configs, shown = await start()
+    assert not first.reused and shown and len(measured) == 3  # vanilla and two trees, one load each
+    assert first.path == tmp_path / "config" / "profiles" / "cpu.toml"
+    assert (configs[-1].method, configs[-1].max_depth, configs[-1].topk_len) == ("subspec_sd", *fastest)
+
+    second, configs, shown = await start()
+    assert second.reused and len(measured) == 3  # read back: nothing measured
+    assert not shown  # and the chat was never left
+    assert (configs[-1].max_depth, configs[-1].topk_len) == fastest
+
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 2}')
+    other, configs, _ = await start(str(folder))
+    assert not other.reused and len(measured) == 6 and other.model == str(folder.resolve())
+    assert configs[-1].llm_path == str(folder)
+    assert (await start(str(folder)))[0].reused
+
+    (folder / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 4}')  # new weights, same path
+    changed, _, _ = await start(str(folder))
+    assert not changed.reused and len(measured) == 9
+
+
+async def test_switching_models_profiles_the_new_one_and_is_refused_while_a_reply_streams():
+    gate = threading.Event()
+    profiler = FakeProfiler()
+    loader = fake_loader(FakeEngine(reply="one two three", piece_words=1, gate=gate))
+    app = make_app(loader=loader, profiler=profiler)
+    async with app.run_test(size=(120, 36)) as pilot:
+        chat = await ready(app, pilot)
+        prompt = chat.query_one(PromptInput)
+        prompt.focus()
+        prompt.value = "count"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: chat.generating)
+        app.use_model("/models/other", "other")
+        await pilot.pause()
+        assert any("a reply is streaming: stop it first (esc)" == n.message for n in app._notifications)
+        assert app.model_ref is None and len(profiler.calls) == 1
+        await pilot.press("escape")
+        gate.set()
+        await wait_until(pilot, lambda: not chat.generating)
+
+        app.use_model("/models/other", "other")
+        await ready(app, pilot)
+        assert profiler.calls[-1] == ("/models/other", "subspec_sd", False)
+        assert loader.configs[-1].llm_path == "/models/other"
+
+
+async def test_rerun_profiling_measures_again_and_reloads_the_engine():
+    profiler = FakeProfiler(steps=("measuring vanilla",))
+    loader = fake_loader()
+    app = make_app(loader=loader, profiler=profiler)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(app, pilot)
+        first_engine = app.engine
+        await pilot.press("f4")
+        await pilot.pause()
+        await pilot.press("ctrl+r")
+        await ready(app, pilot)
+        assert profiler.calls == [(None, "subspec_sd", False), (None, "subspec_sd", True)]
+        assert first_engine.closed and app.engine is not first_engine and len(loader.configs) == 2
+        assert app.current_mode == "profile"  # asked for here: the user stays here
+        assert "Profile:  measured" in static_text(app.screen, "#profile-measured")
+
+
+@pytest.mark.parametrize("profiler, message", [
+    (FakeProfiler(steps=("profiling",), error=ProfileError("the model does not fit this GPU with subspec_sd")),
+     "the model does not fit this GPU with subspec_sd"),
+    (FakeProfiler(error=RuntimeError("boom")), "internal error: RuntimeError('boom')"),
+    (FakeProfiler(plan=cpu_plan("subspec_sd", max_depth=0)),
+     "the measured profile: key 'max_depth' must be at least 1, got 0"),
+])
+async def test_a_failed_profile_is_a_notification_and_lands_in_the_chat(profiler, message):
+    loader = fake_loader()
+    app = make_app(loader=loader, profiler=profiler)
+    async with app.run_test(size=(120, 40)) as pilot:
+        chat = await ready(app, pilot)
+        assert app.is_running and app.current_mode == "chat" and loader.configs == []
+        assert any(n.message == message and n.severity == "error" for n in app._notifications)
+        assert static_text(chat, "#chat-status") == f"no model loaded: {message} (F3: models)"
+        await send(pilot, "hello?")
+        assert any("no model is loaded" in n.message for n in app._notifications)
+
+
+async def test_profile_messages_are_warnings():
+    note = "profile /x/cpu.toml was not valid TOML: moved to cpu.toml.bad-1, measuring again"
+    app = make_app(profiler=FakeProfiler(messages=(note,)))
+    async with app.run_test(size=(120, 36)) as pilot:
+        await ready(app, pilot)
+        assert any(n.message == note and n.severity == "warning" for n in app._notifications)
+
+
+def test_planned_settings_apply_the_plan_and_keep_an_explicit_method():
+    def profile(plan, device=FAKE_CPU) -> Profile:
+        return Profile(device, "bundled:SmolLM2-135M-Instruct", "subspec_sd", plan, None, True)
+
+    settings, note = planned_settings(profile(cpu_plan("subspec_sd", 12, 4, 1024)), None, "subspec_sd", True)
+    engine = settings.engine
+    assert (engine.method, engine.max_depth, engine.topk_len, engine.max_length) == ("subspec_sd", 12, 4, 1024)
+    assert note is None
+
+    # A CPU profile that measured vanilla fastest: used, unless --method asked for another.
+    vanilla = profile(cpu_plan("vanilla", max_context=1024))
+    settings, note = planned_settings(vanilla, None, "subspec_sd", False)
+    assert settings.engine.method == "vanilla"
+    assert note == "using vanilla: the fastest method measured on this machine (asked for subspec_sd)"
+    settings, note = planned_settings(vanilla, None, "subspec_sd", True)
+    preset = method_preset("subspec_sd")
+    engine = settings.engine
+    assert (engine.method, engine.max_depth, engine.topk_len) == ("subspec_sd", preset["max_depth"], preset["topk_len"])
+    assert engine.max_length == 1024 and "using subspec_sd as --method asks" in note
+
+    settings, _ = planned_settings(profile(gpu_plan(layers_on_gpu=10), FAKE_GPU), "/models/m", "subspec_sd", False)
+    engine = settings.engine
+    assert (engine.llm_path, engine.keep_first_n_layers_on_gpu, engine.offload_slots) == ("/models/m", 10, 3)
+    assert (engine.substitute_bits, engine.substitute_group_size, engine.max_depth) == (4, 64, 16)
+
+
+async def test_profile_screen_lists_models_off_the_ui_thread(monkeypatch):
+    gate = threading.Event()
+    listing_threads: list[threading.Thread] = []
+
+    def slow_list() -> list[models.LocalModel]:
+        listing_threads.append(threading.current_thread())
+        gate.wait(timeout=10)
+        return fixed_models()
+
+    monkeypatch.setattr(models, "list_models", slow_list)
+    app = make_app(gpu=("Fake GPU", 8 * GIB))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("f4")
+        await pilot.pause()
+        assert static_text(app.screen, "#profile-plan") == "scanning the model cache…"
+        await pilot.press("f2")  # the UI answers while the scan runs
+        assert app.current_mode == "chat"
+        gate.set()
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        await pilot.press("f4")
+        await pilot.pause()
+        assert "layers on GPU  30 of 30" in static_text(app.screen, "#profile-plan")
+        assert [t is threading.main_thread() for t in listing_threads] == [False]  # once, in a worker
+
+
+async def test_profile_screen_listing_error_is_a_notification(monkeypatch):
+    def unreadable_cache() -> list[models.LocalModel]:
+        raise EngineError("cannot read the hub cache at /hub: permission denied")
+
+    monkeypatch.setattr(models, "list_models", unreadable_cache)
+    app = make_app(gpu=("Fake GPU", 8 * GIB))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("f4")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert app.is_running and static_text(app.screen, "#profile-plan") == "cannot list the local models"
+        assert any("permission denied" in n.message and n.severity == "error" for n in app._notifications)
+
+
 @pytest.mark.slow
-async def test_chat_with_the_real_bundled_model():
-    """The whole chat flow on the real engine and the bundled SmolLM2-135M-Instruct (CPU)."""
-    app = SubSpecChatApp(method="vanilla", gpu=None)
+async def test_subspec_chat_with_the_real_bundled_model_equals_vanilla_greedy(bundled_engine, monkeypatch):
+    """The app loads the bundled SmolLM2-135M-Instruct with subspec_sd (the CLI's default method)
+    and a CPU plan as profiling writes it; the streamed reply is exactly vanilla greedy decoding."""
+    prompt, max_new_tokens = "What is the capital of France?", 24
+    streamed: list[str] = []
+    append = AssistantTurn.append
+
+    async def recording_append(self, fragment: str) -> None:
+        streamed.append(fragment)
+        await append(self, fragment)
+
+    monkeypatch.setattr(AssistantTurn, "append", recording_append)
+    app = SubSpecChatApp(method="subspec_sd", gpu=None, profiler=FakeProfiler(cpu_plan("subspec_sd", 6, 2)))
     async with app.run_test(size=(120, 36)) as pilot:
         chat = await ready(app, pilot)
         assert app.engine is not None, app.engine_error
-        app.pending_sampling = dataclasses.replace(app.pending_sampling, max_new_tokens=24)
-        await send(pilot, "What is the capital of France?")
-        (user, reply) = transcript(chat)
-        assert user == ("user", "What is the capital of France?")
-        assert "Paris" in reply[1]
-        stored = app.store.get_chat(chat.chat.id).messages[1]
-        assert stored.content == reply[1] and stored.stats["new_tokens"] > 0
+        config = app.engine.config
+        assert (config.method, config.max_depth, config.topk_len) == ("subspec_sd", 6, 2)
+        app.pending_sampling = dataclasses.replace(app.pending_sampling, max_new_tokens=max_new_tokens)
+        await send(pilot, prompt)
+        reply = app.store.get_chat(chat.chat.id).messages[1]
+        figures = static_text(chat, "#stats-figures")
         assert "CPU, no offload" in static_text(chat, "#stats-device")
-        assert "tau last/mean  1 / 1.00" in static_text(chat, "#stats-figures")  # vanilla: one token per pass
+
+    vanilla = bundled_engine("vanilla")
+    expected = vanilla.generate(vanilla.chat_ids([{"role": "user", "content": prompt}]),
+                                SamplingConfig(max_new_tokens=max_new_tokens))
+    assert "Paris" in expected.text
+    assert "".join(streamed) == expected.text and reply.content == expected.text
+    assert reply.stats["new_tokens"] == len(expected.token_ids)
+    shown = re.search(r"tau last/mean  (\d+) / (\d+\.\d\d)", figures)
+    assert shown is not None, figures
+    assert shown[2] == f"{reply.stats['tau']:.2f}" and reply.stats["tau"] > 1.0  # drafts were accepted

@@ -13,7 +13,7 @@ from subspec_tui import models
 from subspec_tui.app import SubSpecChatApp
 from subspec_tui.widgets import stats_panel
 from test_tui_app import fixed_models
-from tui_fake_engine import FakeEngine, fake_loader
+from tui_fake_engine import FAKE_GPU, FakeEngine, FakeProfiler, fake_loader, gpu_plan
 
 SIZE = (120, 36)
 
@@ -37,10 +37,17 @@ def fixed_environment(tmp_path, monkeypatch):
 
 def make_app() -> SubSpecChatApp:
     engine = FakeEngine(reply="The capital of **France** is Paris.\n\n- one\n- two", piece_words=1)
-    return SubSpecChatApp(engine_loader=fake_loader(engine), gpu=("Fake GPU", 8 * 1024**3))
+    return SubSpecChatApp(engine_loader=fake_loader(engine), gpu=("Fake GPU", 8 * 1024**3),
+                          profiler=FakeProfiler(gpu_plan(), device=FAKE_GPU))
 
 
 async def settle(pilot) -> None:
+    # The engine worker starts only once the profile worker has ended: wait for the whole chain.
+    for _ in range(500):
+        if not pilot.app.engine_loading:
+            break
+        await pilot.pause(0.01)
+    assert not pilot.app.engine_loading, "the fake engine never loaded"
     await pilot.app.workers.wait_for_complete()
     await pilot.pause()
     pilot.app.clear_notifications()

@@ -100,7 +100,7 @@ class ChatScreen(Screen):
             text = f"no model loaded{': ' + app.engine_error if app.engine_error else ''} (F3: models)"
         else:
             chat = f"chat: {self.chat.title}" if self.chat else "new chat"
-            text = f"{app.engine.model_name} · {app.method} · {chat}"
+            text = f"{app.engine.model_name} · {app.engine.config.method} · {chat}"
         self.query_one("#chat-status", Static).update(text)
         self.query_one(StatsPanel).set_engine(app.engine.describe() if app.engine else None)
 
@@ -199,7 +199,7 @@ class ChatScreen(Screen):
         store = self.app.store
         if self.chat is None:
             self.chat = store.create_chat(
-                prompt[:TITLE_LENGTH], model=self.app.model_label, method=self.app.method,
+                prompt[:TITLE_LENGTH], model=self.app.model_label, method=self.app.engine.config.method,
                 system_prompt=self.app.pending_system_prompt,
                 sampling=dataclasses.asdict(self.app.pending_sampling),
             )

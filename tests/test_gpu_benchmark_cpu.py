@@ -1,0 +1,28 @@
+"""The GPU benchmark runs end to end on a CPU with a tiny shape, so it cannot rot unnoticed.
+
+No timing is asserted (speed is reported by benchmarks, not tested); the structure of the JSON
+and the subspec-vs-vanilla greedy agreement it records are."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_offload_benchmark_runs_on_cpu(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "offload_gpu.py"), "--json", str(out)],
+                   cwd=ROOT, check=True, timeout=600, capture_output=True)
+    case = json.loads(out.read_text())["cases"][0]
+    assert case["shape"] == "tiny" and "error" not in case
+    subspec = case["subspec"]
+    assert set(subspec["verify_ms"]) == {"1", "97", "193", "289"}
+    assert subspec["greedy_match"] == "8/8"  # float32 on a CPU: subspec's tokens are vanilla's
+    for tree in ("iteration_reference", "iteration_profile"):
+        split = subspec[tree]
+        assert split["draft_ms"] > 0 and split["verify_ms"] > 0
+        assert split["iteration_ms"] >= split["draft_ms"] + split["verify_ms"] - 1e-6
