@@ -10,6 +10,7 @@ if command -v subspec-chat >/dev/null; then APP="subspec-chat"; else APP="python
 SESSION="subspec-chat-check-$$"
 WORK="$(mktemp -d)"
 export SUBSPEC_DATA_DIR="$WORK/data"   # isolated chat history
+export SUBSPEC_CONFIG_DIR="$WORK/config"   # isolated profiles (a first start measures this machine)
 trap 'tmux kill-session -t "$SESSION" 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
 capture() { tmux capture-pane -p -t "$SESSION"; }
@@ -27,7 +28,7 @@ wait_for() {  # wait_for TEXT TIMEOUT_S
 }
 
 tmux new-session -d -s "$SESSION" -x 140 -y 40 \
-    "cd '$PWD' && SUBSPEC_DATA_DIR='$SUBSPEC_DATA_DIR' $APP --method $METHOD"
+    "cd '$PWD' && SUBSPEC_DATA_DIR='$SUBSPEC_DATA_DIR' SUBSPEC_CONFIG_DIR='$SUBSPEC_CONFIG_DIR' $APP --method $METHOD"
 wait_for "$METHOD · chat\|$METHOD · new chat" 600      # status line once the model is loaded
 tmux send-keys -t "$SESSION" "What is the capital of France?" Enter
 wait_for "Paris" 300                                  # the answer streams in
