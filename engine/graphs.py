@@ -61,10 +61,6 @@ class DraftGraphs:
         self._shapes: dict[tuple[int, int], _Captured] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture else None
 
-    @property
-    def captured(self) -> int:
-        return sum(1 for c in self._shapes.values() if c.graph is not None)
-
     def __call__(
         self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor, kv_end: int
     ) -> torch.Tensor:
