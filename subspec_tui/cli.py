@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--port", type=int, default=8000)
     api.set_defaults(handler=cmd_run_api)
 
+    gradio = commands.add_parser("run-gradio", help="browser chat (Gradio; extra 'ui')")
+    gradio.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    gradio.add_argument("--port", type=int, default=7860)
+    gradio.set_defaults(handler=cmd_run_gradio)
+
     profile = commands.add_parser("profile", help="measure this GPU and plan what fits in VRAM")
     profile.add_argument("--model", help="model to plan for (default: --llm-path, else the bundled model)")
     profile.add_argument("--vram-limit-gb", dest="profile_vram_limit_gb", type=_checked("vram_limit_gb", float))
@@ -263,6 +268,21 @@ def cmd_run_api(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_run_gradio(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        import gradio  # noqa: F401 - only to give one clear message before loading a model
+    except ImportError:
+        raise CliError("run-gradio needs the ui extra (gradio is missing): pip install 'subspec-chat[ui]'") from None
+    from subspec_tui.gradio_ui import serve
+
+    engine = _load(settings)
+    try:
+        serve(engine, settings.sampling, args.host, args.port)
+    finally:
+        engine.close()
+    return 0
+
+
 def cmd_profile(args: argparse.Namespace, settings: Settings) -> int:
     import profiles
 
@@ -357,7 +377,7 @@ def cmd_models_show(args: argparse.Namespace) -> int:
 
 
 # Commands that load an engine and therefore need the resolved settings.
-ENGINE_COMMANDS = {cmd_run_test, cmd_run_benchmark, cmd_run_api, cmd_profile}
+ENGINE_COMMANDS = {cmd_run_test, cmd_run_benchmark, cmd_run_api, cmd_run_gradio, cmd_profile}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
