@@ -5,7 +5,8 @@ launch overhead, not their memory traffic, sets the speed. Captured once into a 
 replays with one launch. A graph fixes tensor shapes and addresses, so each (frontier width,
 attention length) pair gets its own graph, captured on first use, fed through static input
 buffers. The attention length is the tree's `kv_end` rounded up to a bucket (`attention_bucket`);
-the mask hides the padding, so a padded step computes what the eager step computes.
+the mask hides the padding, so a padded step computes what the eager step computes. Graphs
+share one memory pool and, per width, one output buffer: memory does not grow with the buckets.
 
 On a CPU there is nothing to capture: the same padded fixed-shape step runs eagerly (tests use this
 to check that padding changes no output).
@@ -60,6 +61,7 @@ class DraftGraphs:
         self.capture = capture
         self._shapes: dict[tuple[int, int], _Captured] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture else None
+        self._outputs: dict[int, torch.Tensor] = {}  # per frontier width: where every graph writes
 
     def __call__(
         self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor, kv_end: int
@@ -94,12 +96,18 @@ class DraftGraphs:
             for _ in range(2):
                 self.step(*args)
         torch.cuda.current_stream(self.device).wait_stream(side)
+        out = self._outputs.get(shape.tokens.numel())
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self._pool):
-                shape.output = self.step(*args)
+                result = self.step(*args)
+                if out is None:  # the first graph of this width owns the width's output buffer
+                    out = result
+                else:  # later ones copy into it: one [F, V] buffer per width, not one per bucket
+                    out.copy_(result)
         except RuntimeError as err:  # a kernel that cannot be captured: keep drafting, eagerly
             warnings.warn(f"draft steps run without CUDA graphs: capture failed ({err})", stacklevel=2)
             self.capture = False
             return
+        self._outputs[shape.tokens.numel()] = shape.output = out
         shape.graph = graph
