@@ -6,7 +6,7 @@ replays with one launch. A graph fixes tensor shapes and addresses, so each (fro
 attention length) pair gets its own graph, captured on first use, fed through static input
 buffers. The attention length is the tree's `kv_end` rounded up to a bucket (`attention_bucket`);
 the mask hides the padding, so a padded step computes what the eager step computes. Graphs
-share one memory pool and, per width, one output buffer: memory does not grow with the buckets.
+share one memory pool (their scratch memory is reused) and, per width, one output buffer.
 
 On a CPU there is nothing to capture: the same padded fixed-shape step runs eagerly (tests use this
 to check that padding changes no output).
