@@ -261,12 +261,6 @@ def kernels_per_layer(model, device: torch.device, repeats: int) -> dict:
         variants["gemlite"] = [patch_hqq_to_gemlite(h, None) for h in hqq]
     except Exception as err:  # noqa: BLE001 - report, keep measuring the others
         out["gemlite_error"] = repr(err)[:200]
-    if "gemlite" in variants:  # gemlite's wider autotuning search ("fast" is its default)
-        import gemlite
-
-        gemlite.set_autotune("max")
-        fresh = [HQQLinear(_copy(m, device), quant, compute_dtype=torch.bfloat16, device=str(device)) for m in linears]
-        variants["gemlite_max_autotune"] = [patch_hqq_to_gemlite(h, None) for h in fresh]
     try:
         from hqq.backends.torchao import patch_hqq_to_aoint4
 
@@ -286,10 +280,6 @@ def kernels_per_layer(model, device: torch.device, repeats: int) -> dict:
             out[f"{name}_graph_ms"] = _bench_graph(step, repeats)
         except Exception as err:  # noqa: BLE001
             out[f"{name}_error"] = repr(err)[:200]
-    if "gemlite_max_autotune" in variants:
-        import gemlite
-
-        gemlite.set_autotune("fast")  # the engines below run with gemlite's default
     out["layer_4bit_hbm_floor_ms"] = sum(r.numel() for r in reference) / 2 / (HBM_GBPS * 1e9) * 1e3
     return out
 
