@@ -260,12 +260,7 @@ def cmd_run_api(args: argparse.Namespace, settings: Settings) -> int:
         from subspec_tui.server import serve
     except ImportError as err:
         raise CliError(f"run-api needs the server extra ({err.name} is missing): pip install 'subspec-chat[server]'") from None
-    engine = _load(settings)
-    try:
-        serve(engine, settings.sampling, args.host, args.port)
-    finally:
-        engine.close()
-    return 0
+    return _serve_until_stopped(serve, args, settings)
 
 
 def cmd_run_gradio(args: argparse.Namespace, settings: Settings) -> int:
@@ -275,6 +270,11 @@ def cmd_run_gradio(args: argparse.Namespace, settings: Settings) -> int:
         raise CliError("run-gradio needs the ui extra (gradio is missing): pip install 'subspec-chat[ui]'") from None
     from subspec_tui.gradio_ui import serve
 
+    return _serve_until_stopped(serve, args, settings)
+
+
+def _serve_until_stopped(serve: Callable, args: argparse.Namespace, settings: Settings) -> int:
+    """Load the engine, serve it on --host/--port (run-api, run-gradio), free it on the way out."""
     engine = _load(settings)
     try:
         serve(engine, settings.sampling, args.host, args.port)
