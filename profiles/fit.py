@@ -28,6 +28,7 @@ Progress = Callable[[str], None]
 Loader = Callable[[EngineConfig, Progress], Engine]
 
 TOPK = 6  # the reference tree's width; the depth follows from the node budget
+TREE_POLICY = "best_first"  # the engine's default: measured the higher tau (engine/config.py)
 # Reference trees of depth 4, 8, 16, 32, 48, 64 (1 + 6 * depth nodes), all within one prefill chunk.
 NODE_CANDIDATES = (1, 25, 49, 97, 193, 289, 385)
 TRIAL_DEPTH = 32  # the tree of the first trial load (the reference default, 193 nodes)
@@ -145,7 +146,7 @@ def fit_gpu(
         vram_budget_bytes=vram_bytes,
         substitute_bits=estimate.substitute_bits,
         substitute_group=estimate.substitute_group,
-        tree_policy="reference" if method != "vanilla" else None,
+        tree_policy=TREE_POLICY if method != "vanilla" else None,
         max_depth=depth if method != "vanilla" else None,
         topk_len=TOPK if method != "vanilla" else None,
         node_budget=nodes - 1 if method != "vanilla" else None,
@@ -220,7 +221,7 @@ def choose_cpu(
         stream_buffers=0,  # no offload on a CPU
         config_fingerprint=fingerprint,
         measured_at=_now(),
-        tree_policy="reference" if drafts else None,
+        tree_policy=TREE_POLICY if drafts else None,
         max_depth=best.max_depth if drafts else None,
         topk_len=best.topk_len if drafts else None,
         node_budget=best.max_depth * best.topk_len if drafts else None,
