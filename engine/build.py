@@ -60,7 +60,8 @@ def _assemble(config: EngineConfig, loaded: LoadedModel, device: torch.device, d
         say(f"quantizing the substitute ({config.substitute_bits}-bit, group {config.substitute_group_size})")
         cache_file = substitute_cache_file(loaded.folder, config, dtype) if loaded.folder else None
         substitute = build_substitute(
-            layers, device, dtype, config.substitute_bits, config.substitute_group_size, cache_file
+            layers, device, dtype, config.substitute_bits, config.substitute_group_size, cache_file,
+            config.substitute_kernel,
         )
     say(f"placing {keep_on_gpu} of {len(layers)} layers on {device.type}")
     stack = LayerStack(
@@ -84,7 +85,8 @@ def _assemble(config: EngineConfig, loaded: LoadedModel, device: torch.device, d
     }
     if substitute is not None:
         drafter = TreeDrafter(transformer, substitute, cache, owns_cache=False, config=config)
-        details |= {"substitute_bits": config.substitute_bits, "substitute_bytes": substitute.nbytes}
+        details |= {"substitute_bits": config.substitute_bits, "substitute_bytes": substitute.nbytes,
+                    "substitute_kernel": substitute.kernel}
     elif config.method == "classic_sd":
         drafter = _classic_drafter(config, device, dtype, max_length, say)
         details["draft_model"] = config.draft_model_path

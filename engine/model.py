@@ -41,6 +41,9 @@ class Transformer:
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.vocab_size = config.vocab_size
+        kv_width = self.num_kv_heads * self.head_dim
+        self.qkv_sizes = (self.num_heads * self.head_dim, kv_width, kv_width)
+        self.gate_up_sizes = (config.intermediate_size, config.intermediate_size)
         self.act = ACT2FN[config.hidden_act]
         self.embed = inner.embed_tokens.to(device)
         self.norm = inner.norm.to(device)
@@ -87,7 +90,8 @@ class Transformer:
             h = input_norm(x)
             x = x + self._attention(weights, cache, i, h, cos, sin, slots, attn_mask, kv_end, q_norm, k_norm)
             h = post_norm(x)
-            x = x + _linear(weights, "down_proj", self.act(_linear(weights, "gate_proj", h)) * _linear(weights, "up_proj", h))
+            gate, up = _projections(weights, "gate_up_proj", ("gate_proj", "up_proj"), self.gate_up_sizes, h)
+            x = x + _linear(weights, "down_proj", self.act(gate) * up)
             stack.done(i)
         return self.lm_head(self.norm(x[logits_rows])).float()
 
@@ -105,9 +109,10 @@ class Transformer:
 
     def _attention(self, weights, cache, layer, h, cos, sin, slots, attn_mask, kv_end, q_norm, k_norm):
         T = h.shape[0]
-        q = _linear(weights, "q_proj", h).view(T, self.num_heads, self.head_dim)
-        k = _linear(weights, "k_proj", h).view(T, self.num_kv_heads, self.head_dim)
-        v = _linear(weights, "v_proj", h).view(T, self.num_kv_heads, self.head_dim)
+        q, k, v = _projections(weights, "qkv_proj", ("q_proj", "k_proj", "v_proj"), self.qkv_sizes, h)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
         if q_norm is not None:  # Qwen3 normalises each head before rotary
             q, k = q_norm(q), k_norm(k)
         q, k = _rotate(q.transpose(0, 1), cos, sin), _rotate(k.transpose(0, 1), cos, sin)
@@ -124,6 +129,16 @@ def _linear(weights: dict, name: str, x: torch.Tensor) -> torch.Tensor:
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, weights.get(f"{name}.bias"))
     return w(x)  # a quantized module (the substitute) carries its own bias
+
+
+def _projections(
+    weights: dict, fused: str, names: tuple[str, ...], sizes: tuple[int, ...], x: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """The linears `names` (output widths `sizes`) of x: one matmul when the stack holds them
+    stacked as `fused` (the substitute's kernels), else one each (the target's streamed weights)."""
+    if fused not in weights:
+        return tuple(_linear(weights, name, x) for name in names)
+    return _linear(weights, fused, x).split(sizes, dim=-1)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,21 @@
 """The substitute: the target's own decoder layers with every linear quantized by HQQ.
 
-Only the seven linears of each layer are new; embeddings, norms, rotary tables, lm_head and the KV
-cache are the target's (see engine.model.Transformer), so the substitute drafts over the target's
-exact prefix with no prefill and no second copy of anything shared.
+Only the linears of each layer are new; embeddings, norms, rotary tables, lm_head and the KV cache
+are the target's (see engine.model.Transformer), so the substitute drafts over the target's exact
+prefix with no prefill and no second copy of anything shared.
 
-On CUDA each linear is an HQQLinear, switched to gemlite's fused low-bit kernels when gemlite is
-installed (hqq's torch backend otherwise). On the CPU, hqq's torch backend would unpack and
-dequantize every weight on every call (tens of ms per linear); the substitute keeps the dequantized
-weights instead: the same numbers the backend would multiply with, computed once.
+HQQ quantizes (w = (q - zero) * scale, per group of `group_size` inputs); a kernel then multiplies
+with those very numbers. Kernels (`substitute_kernel`):
+- "tinygemm": torch's own int4 kernel (`aten._weight_int4pack_mm`, gpt-fast's int4 path). HQQ's
+  float zero points carry over exactly: tinygemm computes (q - 8) * scale + offset, so
+  offset = (8 - zero) * scale. q/k/v and gate/up are fused into one matrix each (their rows are
+  quantized independently, so stacking them changes nothing): 4 kernels per layer instead of 7.
+- "gemlite": gemlite's fused low-bit kernels through hqq (one per linear).
+- "hqq": hqq's torch backend (unpacks and dequantizes every weight on every call).
+- "dense": the dequantized weights, computed once, fused like tinygemm's (the CPU's choice: hqq's
+  torch backend would dequantize tens of ms per linear on every call).
+"auto" = tinygemm on a GPU where it applies (bf16, 4-bit, group 32-256), else gemlite, else hqq;
+dense on a CPU.
 """
 
 from __future__ import annotations
@@ -18,15 +26,22 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine.config import SUBSTITUTE_KERNELS
+from engine.errors import EngineError
 from engine.offload import LINEAR_NAMES, LayerWeights
+
+# Linears that read the same input, stacked into one matrix by the fusing kernels.
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+TINYGEMM_GROUPS = (32, 64, 128, 256)
 
 
 class SubstituteStack:
     """A LayerStack-like view over the quantized layers: all resident, nothing streams."""
 
-    def __init__(self, layers: list[dict]) -> None:
+    def __init__(self, layers: list[dict], kernel: str) -> None:
         self.layers = layers
         self.num_layers = len(layers)
+        self.kernel = kernel  # what multiplies: tinygemm, gemlite, hqq or dense
 
     def weights(self, i: int) -> dict:
         return self.layers[i]
@@ -46,19 +61,21 @@ def build_substitute(
     bits: int = 4,
     group_size: int = 64,
     cache_file: Path | None = None,
+    kernel: str = "auto",
 ) -> SubstituteStack:
-    """Quantize every layer's linears (host or device tensors) onto `device`.
+    """Quantize every layer's linears (host or device tensors) onto `device`, for `kernel`.
 
     HQQ's data-free optimisation takes seconds per layer on a CPU, so the quantized state (packed
     weights, scales, zeros) is kept in `cache_file` and reused on the next start."""
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
+    kernel = resolve_kernel(kernel, device, compute_dtype, bits, group_size, layers[0])
     config = BaseQuantizeConfig(nbits=bits, group_size=group_size, axis=1)
     cached = load_file(cache_file) if cache_file is not None and cache_file.is_file() else {}
     to_save: dict[str, torch.Tensor] = {}
     quantized = []
     for i, weights in enumerate(layers):
-        layer: dict = {}
+        modules = {}
         for name in LINEAR_NAMES:
             key = f"{i}.{name}."
             state = {k[len(key):]: v for k, v in cached.items() if k.startswith(key)}
@@ -69,18 +86,148 @@ def build_substitute(
                 linear = _as_linear(weights[name], weights.get(f"{name}.bias"), device)
                 module = HQQLinear(linear, config, compute_dtype=compute_dtype, device=str(device), del_orig=True)
                 to_save |= {key + k: v.cpu() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
-            if device.type == "cpu":
-                layer[name] = module.dequantize().to(compute_dtype)
-                if module.bias is not None:
-                    layer[f"{name}.bias"] = module.bias.to(compute_dtype)
-            else:
-                layer[name] = module
-        quantized.append(layer)
+            modules[name] = module
+        # Converted layer by layer: one layer's HQQ modules at a time besides the converted ones.
+        if kernel == "dense":
+            quantized.append(_fused(modules, _dense, compute_dtype))
+        elif kernel == "tinygemm":
+            quantized.append(_fused(modules, _int4_linear, compute_dtype))
+        else:
+            quantized.append(modules)
     if to_save and cache_file is not None:
         _save_atomic(to_save, cache_file)
-    if device.type == "cuda":
+    if kernel == "gemlite":
         _use_gemlite(quantized)
-    return SubstituteStack(quantized)
+    return SubstituteStack(quantized, kernel)
+
+
+def resolve_kernel(
+    kernel: str, device: torch.device, dtype: torch.dtype, bits: int, group_size: int, layer: LayerWeights
+) -> str:
+    """The kernel `kernel` stands for on this device, or one clear error why it cannot run."""
+    if kernel not in SUBSTITUTE_KERNELS:
+        raise EngineError(f"unknown substitute kernel {kernel!r}: use one of {', '.join(SUBSTITUTE_KERNELS)}")
+    why_not_tinygemm = _tinygemm_unsupported(device, dtype, bits, group_size, layer)
+    if kernel == "auto":
+        if device.type == "cpu":
+            return "dense"
+        if why_not_tinygemm is None:
+            return "tinygemm"
+        return "gemlite" if _gemlite_importable() else "hqq"
+    if kernel == "tinygemm" and why_not_tinygemm is not None:
+        raise EngineError(f"substitute kernel tinygemm cannot run here: {why_not_tinygemm}")
+    if kernel == "gemlite" and (device.type != "cuda" or not _gemlite_importable()):
+        raise EngineError("substitute kernel gemlite needs a CUDA GPU and the gpu extra (pip install -e '.[gpu]')")
+    return kernel
+
+
+def _tinygemm_unsupported(
+    device: torch.device, dtype: torch.dtype, bits: int, group_size: int, layer: LayerWeights
+) -> str | None:
+    if bits != 4:
+        return f"it multiplies 4-bit weights, not {bits}-bit"
+    if group_size not in TINYGEMM_GROUPS:
+        return f"its group sizes are {', '.join(map(str, TINYGEMM_GROUPS))}, not {group_size}"
+    if device.type == "cuda" and dtype != torch.bfloat16:
+        return f"on a GPU it computes in bfloat16, not {str(dtype).removeprefix('torch.')}"
+    for name in LINEAR_NAMES:
+        rows, inputs = layer[name].shape
+        if rows % 8 or inputs % 32:
+            return f"{name} is {rows} x {inputs}; it needs outputs divisible by 8 and inputs by 32"
+    return None
+
+
+def _gemlite_importable() -> bool:
+    try:
+        import gemlite  # noqa: F401
+    except Exception:  # noqa: BLE001 - gemlite fails to import on CPU-only torch
+        return False
+    return True
+
+
+def _fused(modules: dict, convert, dtype: torch.dtype) -> dict:
+    """The layer's linears as `convert` makes them, q/k/v and gate/up each as one stacked matrix."""
+    layer: dict = {}
+    for fused_name, names in FUSED.items():
+        layer |= convert(fused_name, [modules[n] for n in names], dtype)
+    for name in LINEAR_NAMES:
+        if not any(name in names for names in FUSED.values()):
+            layer |= convert(name, [modules[name]], dtype)
+    return layer
+
+
+def _quantized_rows(module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HQQ's integer weights [N, K] (uint8) and per-group scale and zero [N, K / group] (float32)."""
+    rows, inputs = module.meta["shape"]
+    groups = inputs // module.meta["group_size"]
+    q = module.unpack(reshape=True, dtype=torch.uint8).view(rows, inputs)
+    scale = module.meta["scale"].float().view(rows, groups)
+    zero = module.meta["zero"].float().view(rows, groups)
+    return q, scale, zero
+
+
+def _stacked_bias(modules: list, dtype: torch.dtype) -> torch.Tensor | None:
+    if all(m.bias is None for m in modules):
+        return None
+    return torch.cat([
+        m.bias.to(dtype) if m.bias is not None else torch.zeros(m.meta["shape"][0], dtype=dtype, device=m.W_q.device)
+        for m in modules
+    ])
+
+
+def _dense(name: str, modules: list, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    weights = {name: torch.cat([m.dequantize().to(dtype) for m in modules])}
+    bias = _stacked_bias(modules, dtype)
+    return weights | ({f"{name}.bias": bias} if bias is not None else {})
+
+
+def _int4_linear(name: str, modules: list, dtype: torch.dtype) -> dict[str, Int4Linear]:
+    rows = [_quantized_rows(m) for m in modules]
+    q, scale, zero = (torch.cat(parts) for parts in zip(*rows))
+    group_size = modules[0].meta["group_size"]
+    return {name: Int4Linear(q, scale, zero, group_size, _stacked_bias(modules, dtype), dtype)}
+
+
+class Int4Linear(torch.nn.Module):
+    """y = x W^T + b with W = (q - zero) * scale held in torch's int4 ("tinygemm") layout."""
+
+    def __init__(
+        self,
+        q: torch.Tensor,  # [N, K] uint8 values 0..15
+        scale: torch.Tensor,  # [N, K / group_size]
+        zero: torch.Tensor,  # [N, K / group_size], HQQ's float zero points
+        group_size: int,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.group_size = group_size
+        inner_k_tiles = next(t for t in (8, 4, 2) if self.in_features % (16 * t) == 0)
+        if q.is_cuda:
+            # The CUDA op takes two 4-bit values per byte, the even column in the high nibble.
+            pairs = (q[:, ::2] << 4 | q[:, 1::2]).contiguous()
+            self.packed = torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles)
+            self._mm = torch.ops.aten._weight_int4pack_mm
+        else:
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), inner_k_tiles)
+            self._mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+        # tinygemm dequantizes (q - 8) * scale + offset; HQQ's (q - zero) * scale is that with
+        # offset = (8 - zero) * scale. [K / group_size, N, 2] is the op's layout.
+        offset = (8 - zero) * scale
+        self.scale_and_offset = torch.stack([scale, offset], dim=-1).transpose(0, 1).contiguous().to(dtype)
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._mm(x.reshape(-1, self.in_features), self.packed, self.group_size, self.scale_and_offset)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    @property
+    def nbytes(self) -> int:
+        bias = self.bias.nbytes if self.bias is not None else 0
+        return self.packed.nbytes + self.scale_and_offset.nbytes + bias
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -112,7 +259,7 @@ def _use_gemlite(layers: list[dict]) -> None:
 
 
 def _nbytes(w: object) -> int:
-    if isinstance(w, torch.Tensor):
+    if isinstance(w, (torch.Tensor, Int4Linear)):
         return w.nbytes
     if isinstance(w, torch.nn.Module):
         return sum(t.nbytes for t in list(w.parameters()) + list(w.buffers())) + sum(

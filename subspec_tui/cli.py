@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import METHODS, Engine, EngineError, load_engine
+from engine.config import SUBSTITUTE_KERNELS
 from subspec_tui.benchmark import (
     BENCHMARKS,
     BenchmarkError,
@@ -78,6 +79,8 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--warmup-iter", type=_checked("warmup_iter", int), help="untimed generations before measuring")
     g.add_argument("--compile-mode", help="draft steps: auto (CUDA graphs on a GPU), cuda-graphs, or none (eager)")
+    g.add_argument("--substitute-kernel", choices=SUBSTITUTE_KERNELS,
+                   help="subspec_sd's 4-bit matmul: auto (tinygemm on a GPU, dense on a CPU), tinygemm, gemlite, hqq, dense")
     g.add_argument("--max-depth", type=_checked("max_depth", int), help="draft tree depth")
     g.add_argument("--topk-len", type=_checked("topk_len", int), help="draft tree width per depth")
     g.add_argument("--tree-policy", choices=("reference", "best_first"))
@@ -98,7 +101,7 @@ SETTING_KEYS = (
     "method", "llm_path", "draft_model_path", "device", "vram_limit_gb", "keep_first_n_layers_on_gpu",
     "max_length", "temperature", "do_sample", "seed", "warmup_iter", "compile_mode", "max_depth",
     "topk_len", "tree_policy", "node_budget", "verify_method", "threshold_method", "threshold",
-    "window_size", "nvtx_profiling", "nsys_output", "detailed_analysis", "max_new_tokens",
+    "window_size", "substitute_kernel", "nvtx_profiling", "nsys_output", "detailed_analysis", "max_new_tokens",
 )
 
 

@@ -45,3 +45,11 @@ def bundled_folder() -> Path:
     folder, name = resolve_source(None, lambda _msg: None)
     assert name == BUNDLED_NAME
     return folder
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+def random_folder(request, tmp_path_factory, bundled_folder) -> Path:
+    """A tiny random model folder of each architecture (module scope: one save per test file)."""
+    from tests.random_models import save_random_model
+
+    return save_random_model(tmp_path_factory.mktemp(request.param), request.param, bundled_folder)

@@ -19,7 +19,6 @@ from engine import EngineConfig, SamplingConfig, load_engine
 from tests.random_models import save_random_model
 
 DATA = Path(__file__).resolve().parents[1] / "subspec_tui" / "data" / "mt_bench_questions.jsonl"
-ARCHS = ["llama", "qwen2", "qwen3"]
 
 
 def mt_bench_prompts(n: int) -> list[str]:
@@ -41,11 +40,6 @@ def hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
 
 def greedy(engine, prompt: list[int], new_tokens: int) -> list[int]:
     return engine.generate(prompt, SamplingConfig(max_new_tokens=new_tokens)).token_ids
-
-
-@pytest.fixture(scope="module", params=ARCHS)
-def random_folder(request, tmp_path_factory, bundled_folder) -> Path:
-    return save_random_model(tmp_path_factory.mktemp(request.param), request.param, bundled_folder)
 
 
 # --- plain decoding (and the offloader) against transformers ------------------------------------
