@@ -10,8 +10,9 @@ For each case (Qwen2.5-7B at 8 GB, Llama-3.1-8B at 8 GB, Qwen2.5-14B at 12 GB, Q
   the reference tree (depth 48 x top-6) and for the tree the profile rule picks from the verify
   timings; peak GPU memory against the cap;
 - tok/s of SubSpec = tau / iteration time, for stated taus (random weights say nothing about tau).
-The first case also compares 4-bit kernels per layer (gemlite, torch's tinygemm through hqq) and
-bf16, each inside a CUDA graph.
+The first case also compares the substitute's 4-bit kernels per layer (tinygemm with fused q/k/v
+and gate/up, gemlite, dense dequantized weights) and bf16, eager and inside a CUDA graph, and
+profiles the GPU kernels of one draft step.
 
     python benchmarks/offload_gpu.py [--cases qwen2.5-7b:8,qwen2.5-32b:24] [--json out.json]
         [--tau bundled=6.7 --tau reference-paper=28.35]
@@ -35,6 +36,8 @@ from engine import EngineConfig, SamplingConfig
 from engine.build import engine_from_model
 from engine.engine import Engine
 from engine.loading import LoadedModel
+from engine.offload import linear_tensors
+from engine.substitute import build_substitute
 from engine.stats import Timer
 from engine.tree import Tree
 from profiles import estimate_plan
@@ -144,11 +147,13 @@ def bench_vanilla(model, config, args, device, vram_gb: float, prompt: list[int]
 
 def bench_subspec(model, config, args, device, vram_gb: float, prompt: list[int], vanilla_tokens: list[int]) -> dict:
     depth, topk = args.depth, REFERENCE_TREE[1]
-    engine, plan = build(model, config, args, device, "subspec_sd", vram_gb, max_depth=depth, topk_len=topk)
+    engine, plan = build(model, config, args, device, "subspec_sd", vram_gb, max_depth=depth, topk_len=topk,
+                         tree_policy="reference", substitute_kernel=args.substitute_kernel)
     target, drafter, info = engine.target, engine.drafter, engine.describe()
     bound = info["stream_bound_ms"]
     out: dict = {**plan, "layers_on_gpu": info["layers_on_gpu"], "substitute_gb": info["substitute_bytes"] / 1e9,
-                 "stream_bound_ms": bound, "draft_graphs": info["draft_graphs"]}
+                 "stream_bound_ms": bound, "draft_graphs": info["draft_graphs"],
+                 "substitute_kernel": info["substitute_kernel"]}
     # Greedy tokens against vanilla's (bf16: a near-tie can flip between batch shapes; reported, not asserted).
     gen = engine.generate(prompt, SamplingConfig(max_new_tokens=args.tokens))
     out["greedy_match"] = _matching_prefix(gen.token_ids, vanilla_tokens)
@@ -172,24 +177,49 @@ def bench_subspec(model, config, args, device, vram_gb: float, prompt: list[int]
     if graphs is not None:
         drafter.draft_step(tree, frontier)  # capture
         out["draft_depth_graph_ms"] = median_ms(lambda: drafter.draft_step(tree, frontier), timer, 20)
+    if device.type == "cuda":
+        out["draft_step_kernels"] = kernel_breakdown(lambda: drafter.draft_step(tree, frontier))
     head_gb = (model.lm_head.weight.nbytes + model.model.embed_tokens.weight[:WIDTH].nbytes) / 1e9
     out["draft_hbm_floor_ms"] = (out["substitute_gb"] + head_gb) / HBM_GBPS * 1e3
 
     path = [target.cache.length + 6 * i for i in range(8)]  # an 8-node path out of a 289-node tree
     out["compaction_ms"] = median_ms(lambda: _commit_and_forget(target.cache, path), timer, args.repeats)
 
-    out["iteration_reference"] = _iterations(engine, prompt, depth, args)
+    out["iteration_reference"] = _iterations(engine, prompt, "reference", depth, depth * topk, args)
     profile_depth = max(1, (out["profile_nodes"] - 1) // topk)
-    out["profile_depth"] = profile_depth
-    out["iteration_profile"] = _iterations(engine, prompt, profile_depth, args)
+    out["profile_depth"] = profile_depth  # the profile's plan: best-first over the free node budget
+    out["iteration_profile"] = _iterations(engine, prompt, "best_first", profile_depth, out["profile_nodes"] - 1, args)
     out["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
     close(engine)
     return out
 
 
-def _iterations(engine: Engine, prompt: list[int], depth: int, args) -> dict:
+def kernel_breakdown(step: Callable[[], None], steps: int = 3) -> dict:
+    """GPU kernels of a draft step (torch.profiler): how many, how long the GPU is busy, and the
+    costliest by name. Busy time below the step's wall time = gaps between kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+    except Exception as err:  # noqa: BLE001 - a profiler-less machine still gets the other figures
+        return {"error": repr(err)[:200]}
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name[:90], []).append(e.time_range.elapsed_us() / 1e3)
+    top = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:15]
+    return {"kernels_per_step": len(kernels) / steps,
+            "busy_ms_per_step": sum(sum(v) for v in by_name.values()) / steps,
+            "top": [[name, round(sum(v) / steps, 4), len(v) // steps] for name, v in top]}
+
+
+def _iterations(engine: Engine, prompt: list[int], policy: str, depth: int, budget: int, args) -> dict:
     """Median split of real iterations (the first two capture graphs and are left out)."""
-    engine.config.max_depth = depth  # the drafter reads the same config object
+    # The drafter reads the same config object.
+    engine.config.tree_policy, engine.config.max_depth, engine.config.node_budget = policy, depth, budget
     cancel, seen = threading.Event(), []
 
     def record(it) -> None:
@@ -204,7 +234,7 @@ def _iterations(engine: Engine, prompt: list[int], depth: int, args) -> dict:
         return statistics.median(getattr(it, name) or 0.0 for it in steady)
 
     draft, verify, total = med("draft_ms"), med("verify_ms"), med("iteration_ms")
-    return {"depth": depth, "nodes": statistics.median(it.tree_nodes for it in steady), "draft_ms": draft,
+    return {"policy": policy, "depth": depth, "nodes": statistics.median(it.tree_nodes for it in steady), "draft_ms": draft,
             "draft_ms_per_depth": draft / depth, "verify_ms": verify, "transfer_ms": med("transfer_ms"),
             "iteration_ms": total, "host_ms": total - draft - verify,
             "tau_random_weights": statistics.mean(it.emitted for it in steady)}
@@ -240,54 +270,50 @@ def _reference_tree(nodes: int, vocab: int, prefix_len: int, device: torch.devic
 
 
 def kernels_per_layer(model, device: torch.device, repeats: int) -> dict:
-    """One layer's seven linears at 6 tokens inside a CUDA graph: bf16, HQQ 4-bit via gemlite, and
-    torch's tinygemm int4 kernel via hqq (which re-rounds HQQ's zero points: max deviation shown)."""
-    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+    """One layer's linears at 6 tokens, eager and inside a CUDA graph, for each substitute kernel
+    (engine.substitute: the engine's own conversion of the same HQQ weights) and for plain bf16.
+    Each 4-bit kernel's outputs are compared with the dequantized weights' ("dense")."""
+    layer = linear_tensors(model.model.layers[0])
+    on_device = [{name: t.to(device) for name, t in layer.items()}]
+    variants = {"bf16 (7 linears)": on_device[0]}
+    out: dict = {}
+    for kernel in ("dense", "tinygemm", "gemlite"):
+        try:
+            variants[f"{kernel} 4-bit"] = build_substitute(on_device, device, torch.bfloat16, kernel=kernel).layers[0]
+        except Exception as err:  # noqa: BLE001 - report, keep measuring the others
+            out[f"{kernel}_error"] = repr(err)[:200]
+    inputs = {width: torch.randn(WIDTH, width, dtype=torch.bfloat16, device=device)
+              for width in {t.shape[1] for name, t in layer.items() if not name.endswith(".bias")}}
+    linears = {name: list(weights) for name, weights in variants.items()}
 
-    layer = model.model.layers[0]
-    linears = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
-    x = {m: torch.randn(WIDTH, m.in_features, dtype=torch.bfloat16, device=device) for m in linears}
-    quant = BaseQuantizeConfig(nbits=4, group_size=64, axis=1)
-    variants: dict[str, list] = {"bf16": [torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
-                                                          dtype=torch.bfloat16, device=device) for m in linears]}
-    for dst, src in zip(variants["bf16"], linears):
-        dst.weight.data.copy_(src.weight)
-    hqq = [HQQLinear(_copy(m, device), quant, compute_dtype=torch.bfloat16, device=str(device)) for m in linears]
-    reference = [h.dequantize() for h in hqq]
-    out = {}
-    try:
-        from hqq.backends.gemlite import patch_hqq_to_gemlite
+    def outputs(weights: dict) -> dict[str, torch.Tensor]:
+        return {name: _apply(weights, name, inputs) for name in weights if not name.endswith(".bias")}
 
-        variants["gemlite"] = [patch_hqq_to_gemlite(h, None) for h in hqq]
-    except Exception as err:  # noqa: BLE001 - report, keep measuring the others
-        out["gemlite_error"] = repr(err)[:200]
-    try:
-        from hqq.backends.torchao import patch_hqq_to_aoint4
-
-        fresh = [HQQLinear(_copy(m, device), quant, compute_dtype=torch.bfloat16, device=str(device)) for m in linears]
-        variants["tinygemm"] = [patch_hqq_to_aoint4(h, None) for h in fresh]
-        out["tinygemm_max_weight_deviation"] = max(
-            float((t.dequantize() - r).abs().max() / r.abs().max()) for t, r in zip(variants["tinygemm"], reference))
-    except Exception as err:  # noqa: BLE001
-        out["tinygemm_error"] = repr(err)[:200]
-    for name, modules in variants.items():
-        def step(modules=modules) -> None:
-            for m, lin in zip(modules, linears):
-                m(x[lin])
+    dense = outputs(variants["dense 4-bit"]) if "dense 4-bit" in variants else None
+    for name, weights in variants.items():
+        def step(weights=weights) -> None:
+            outputs(weights)
 
         try:
-            out[f"{name}_eager_ms"] = _bench_eager(step, repeats)
-            out[f"{name}_graph_ms"] = _bench_graph(step, repeats)
+            if dense is not None and "4-bit" in name:
+                got = outputs(weights)
+                out[f"{name} max relative deviation from dense"] = max(
+                    float((got[k].float() - dense[k].float()).abs().max() / dense[k].float().abs().max()) for k in dense)
+            out[f"{name} linears"] = len(linears[name]) - sum(n.endswith(".bias") for n in linears[name])
+            out[f"{name} eager ms"] = _bench_eager(step, repeats)
+            out[f"{name} graph ms"] = _bench_graph(step, repeats)
         except Exception as err:  # noqa: BLE001
-            out[f"{name}_error"] = repr(err)[:200]
-    out["layer_4bit_hbm_floor_ms"] = sum(r.numel() for r in reference) / 2 / (HBM_GBPS * 1e9) * 1e3
+            out[f"{name} error"] = repr(err)[:200]
+    params = sum(t.numel() for n, t in layer.items() if not n.endswith(".bias"))
+    out["layer_4bit_hbm_floor_ms"] = params * (0.5 + 4 / 64) / (HBM_GBPS * 1e9) * 1e3  # + bf16 scale, offset per 64
     return out
 
 
-def _copy(m: torch.nn.Linear, device) -> torch.nn.Linear:
-    new = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=torch.bfloat16, device=device)
-    new.weight.data.copy_(m.weight)
-    return new
+def _apply(weights: dict, name: str, inputs: dict[int, torch.Tensor]) -> torch.Tensor:
+    w = weights[name]
+    width = w.shape[1] if isinstance(w, torch.Tensor) else w.in_features
+    x = inputs[width]
+    return torch.nn.functional.linear(x, w, weights.get(f"{name}.bias")) if isinstance(w, torch.Tensor) else w(x)
 
 
 def _bench_eager(step: Callable[[], None], repeats: int) -> float:
@@ -334,15 +360,20 @@ def report(case: dict, taus: dict[str, float]) -> None:
         return
     bound = s["stream_bound_ms"] or float("nan")
     print(f"subspec: {s['layers_on_gpu']} bf16 layers resident, {s['stream_buffers']} buffers, "
-          f"substitute {s['substitute_gb']:.2f} GB, bound {bound:.1f} ms, draft steps: {s['draft_graphs']}")
+          f"substitute {s['substitute_gb']:.2f} GB ({s['substitute_kernel']}), bound {bound:.1f} ms, "
+          f"draft steps: {s['draft_graphs']}")
     print("  verify: " + ", ".join(f"{n} nodes {ms:.1f} ms ({ms / bound:.3f}x)" for n, ms in s["verify_ms"].items()))
     graph = s.get("draft_depth_graph_ms")
     print(f"  one draft depth (6 tokens): eager {s['draft_depth_eager_ms']:.2f} ms"
           + (f", CUDA graph {graph:.2f} ms" if graph else "") + f"; HBM floor {s['draft_hbm_floor_ms']:.2f} ms")
+    kernels = s.get("draft_step_kernels")
+    if kernels and "error" not in kernels:
+        print(f"  draft step on the GPU: {kernels['kernels_per_step']:.0f} kernels, busy {kernels['busy_ms_per_step']:.2f} ms; "
+              "costliest: " + "; ".join(f"{name[:50]} {ms:.3f} ms x{n}" for name, ms, n in kernels["top"][:6]))
     print(f"  KV compaction (8-node path): {s['compaction_ms']:.3f} ms; greedy tokens equal to vanilla: {s['greedy_match']}")
     for key in ("iteration_reference", "iteration_profile"):
         it = s[key]
-        print(f"  {key.split('_')[1]} tree, depth {it['depth']} ({it['nodes']:.0f} nodes): iteration {it['iteration_ms']:.1f} ms "
+        print(f"  {key.split('_')[1]} tree ({it['policy']}), depth {it['depth']} ({it['nodes']:.0f} nodes): iteration {it['iteration_ms']:.1f} ms "
               f"= {it['iteration_ms'] / bound:.2f}x bound [draft {it['draft_ms']:.1f} ({it['draft_ms_per_depth']:.2f}/depth), "
               f"verify {it['verify_ms']:.1f}, transfer {it['transfer_ms']:.1f}, host {it['host_ms']:.1f}]")
         for name, tau in taus.items():
@@ -361,6 +392,7 @@ def main() -> None:
     parser.add_argument("--tau", action="append", default=[], help="name=value: report tok/s at this tau")
     parser.add_argument("--depth", type=int, default=REFERENCE_TREE[0], help="reference tree depth (top-6)")
     parser.add_argument("--skip-kernels", action="store_true")
+    parser.add_argument("--substitute-kernel", default="auto", help="auto, tinygemm, gemlite, hqq, dense")
     parser.add_argument("--json")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -380,7 +412,7 @@ def main() -> None:
         case = {"shape": shape, "vram_limit_gb": vram_gb}
         if not args.skip_kernels and not results["cases"]:
             results["kernels_per_layer"] = kernels_per_layer(model, device, args.repeats)
-            print("one layer's 7 linears at 6 tokens:", json.dumps(results["kernels_per_layer"]), flush=True)
+            print("one layer's linears at 6 tokens:", json.dumps(results["kernels_per_layer"], indent=1), flush=True)
         try:
             case["vanilla"] = bench_vanilla(model, config, args, device, vram_gb, prompt)
             case["subspec"] = bench_subspec(model, config, args, device, vram_gb, prompt,

@@ -13,6 +13,7 @@ from engine.engine import Engine
 from engine.errors import EngineError
 from engine.generate import Target
 from engine.graphs import DraftGraphs
+from engine.pointwise import EAGER, compiled_pointwise
 from engine.loading import LoadedModel, load_model, substitute_cache_file
 from engine.model import Transformer
 from engine.offload import LayerStack, linear_tensors, measure_h2d_gbps
@@ -92,6 +93,9 @@ def _assemble(config: EngineConfig, loaded: LoadedModel, device: torch.device, d
         details["draft_model"] = config.draft_model_path
     if isinstance(drafter, TreeDrafter):
         drafter.graphs = _draft_graphs(config, drafter, max_length, device)
+        if config.compile_mode == "auto" and device.type == "cuda":
+            drafter.pointwise = compiled_pointwise()
+        details["draft_pointwise"] = "compiled" if drafter.pointwise is not EAGER else "eager"
         details["draft_graphs"] = "off" if drafter.graphs is None else (
             "cuda-graphs" if drafter.graphs.capture else "fixed-shape, eager")
     gbps = measure_h2d_gbps(device) if stack.offloaded_bytes and device.type == "cuda" else None

@@ -45,8 +45,9 @@ class EngineConfig:
     threshold_method: Literal["entropy", "prob"] = "entropy"
     threshold: float = 0.3
     window_size: int = 4
-    # Draft steps: "auto" = CUDA graphs on a GPU, eager on a CPU; "cuda-graphs" = fixed-shape steps
-    # everywhere (captured on a GPU, run eagerly on a CPU); None ("none") = eager.
+    # Draft steps: "auto" = CUDA graphs and torch.compile'd element-wise math on a GPU, eager on a
+    # CPU; "cuda-graphs" = fixed-shape steps everywhere (captured on a GPU, run eagerly on a CPU),
+    # element-wise math eager; None ("none") = eager.
     compile_mode: str | None = "auto"
     nvtx_profiling: bool = False
 

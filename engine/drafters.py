@@ -19,6 +19,7 @@ from engine.cache import KVCache
 from engine.config import EngineConfig
 from engine.graphs import DraftGraphs
 from engine.model import Stack, Transformer
+from engine.pointwise import EAGER, Pointwise
 from engine.tree import Tree, TreeShape, grow_best_first, grow_reference
 
 
@@ -54,6 +55,7 @@ class TreeDrafter:
     owns_cache: bool
     config: EngineConfig
     graphs: DraftGraphs | None = None  # fixed-shape (CUDA-graph) draft steps; None = eager
+    pointwise: Pointwise = EAGER  # element-wise math of draft steps (compiled on a GPU)
     _drafted: int = 0  # tree nodes [0, _drafted) went through a draft forward this iteration
     _missing: list[tuple[int, int]] = field(default_factory=list)  # (slot, token) without draft KV
 
@@ -105,5 +107,5 @@ class TreeDrafter:
     def log_probs(
         self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor, kv_end: int
     ) -> torch.Tensor:
-        logits = self.transformer.forward(self.stack, self.cache, tokens, positions, slots, mask, kv_end)
+        logits = self.transformer.forward(self.stack, self.cache, tokens, positions, slots, mask, kv_end, ops=self.pointwise)
         return (logits / self.config.draft_temperature).log_softmax(dim=-1)

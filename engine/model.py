@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from engine.cache import KVCache
+from engine.pointwise import EAGER, Pointwise, rms_norm
 
 
 class Stack(Protocol):
@@ -46,18 +47,12 @@ class Transformer:
         self.gate_up_sizes = (config.intermediate_size, config.intermediate_size)
         self.act = ACT2FN[config.hidden_act]
         self.embed = inner.embed_tokens.to(device)
-        self.norm = inner.norm.to(device)
         self.lm_head = hf_model.lm_head.to(device)
+        # RMSNorms as (weight, eps): the math is engine.pointwise.rms_norm, the modules' own.
+        self.final_norm = _norm(inner.norm, device)
         self.norms = [
-            tuple(
-                getattr(module, name).to(device) if hasattr(module, name) else None
-                for module, name in (
-                    (layer, "input_layernorm"),
-                    (layer, "post_attention_layernorm"),
-                    (layer.self_attn, "q_norm"),
-                    (layer.self_attn, "k_norm"),
-                )
-            )
+            (_norm(layer.input_layernorm, device), _norm(layer.post_attention_layernorm, device),
+             _norm(getattr(layer.self_attn, "q_norm", None), device), _norm(getattr(layer.self_attn, "k_norm", None), device))
             for layer in inner.layers
         ]
         positions = torch.arange(max_length, device=device)[None]
@@ -79,21 +74,24 @@ class Transformer:
         mask: torch.Tensor | None,  # [T, kv_end] bool, True = may attend; None = attend all
         kv_end: int,  # attention reads slots [0, kv_end)
         logits_rows: torch.Tensor | slice = slice(None),
+        ops: Pointwise = EAGER,
     ) -> torch.Tensor:
         """Logits (float32) of the selected rows, after writing the tokens' KV at `slots`."""
         x = self.embed(tokens)
         cos, sin = self.cos[positions], self.sin[positions]
         attn_mask = None if mask is None else mask[None, None]
+        h = rms_norm(x, *self.norms[0][0])
         for i in range(stack.num_layers):
             weights = stack.weights(i)
-            input_norm, post_norm, q_norm, k_norm = self.norms[i]
-            h = input_norm(x)
-            x = x + self._attention(weights, cache, i, h, cos, sin, slots, attn_mask, kv_end, q_norm, k_norm)
-            h = post_norm(x)
+            _, post_norm, q_norm, k_norm = self.norms[i]
+            attended = self._attention(weights, cache, i, h, cos, sin, slots, attn_mask, kv_end, q_norm, k_norm, ops)
+            x, h = ops.add_rms_norm(x, attended, *post_norm)
             gate, up = _projections(weights, "gate_up_proj", ("gate_proj", "up_proj"), self.gate_up_sizes, h)
-            x = x + _linear(weights, "down_proj", self.act(gate) * up)
+            mlp = _linear(weights, "down_proj", ops.gated(self.act, gate, up))
             stack.done(i)
-        return self.lm_head(self.norm(x[logits_rows])).float()
+            next_norm = self.norms[i + 1][0] if i + 1 < stack.num_layers else self.final_norm
+            x, h = ops.add_rms_norm(x, mlp, *next_norm)
+        return self.lm_head(h[logits_rows]).float()
 
     def prefill(self, stack: Stack, cache: KVCache, prompt: torch.Tensor, chunk: int) -> torch.Tensor:
         """Run the prompt in causal chunks from slot 0; returns the last token's logits [V]."""
@@ -107,16 +105,14 @@ class Transformer:
         cache.truncate(prompt.numel())
         return logits[0]
 
-    def _attention(self, weights, cache, layer, h, cos, sin, slots, attn_mask, kv_end, q_norm, k_norm):
+    def _attention(self, weights, cache, layer, h, cos, sin, slots, attn_mask, kv_end, q_norm, k_norm, ops):
         T = h.shape[0]
         q, k, v = _projections(weights, "qkv_proj", ("q_proj", "k_proj", "v_proj"), self.qkv_sizes, h)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
-        if q_norm is not None:  # Qwen3 normalises each head before rotary
-            q, k = q_norm(q), k_norm(k)
-        q, k = _rotate(q.transpose(0, 1), cos, sin), _rotate(k.transpose(0, 1), cos, sin)
-        cache.write(layer, slots, k, v.transpose(0, 1))
+        q, k, v = ops.attention_inputs(
+            q.view(T, self.num_heads, self.head_dim), k.view(T, self.num_kv_heads, self.head_dim),
+            v.view(T, self.num_kv_heads, self.head_dim), cos, sin, q_norm, k_norm,
+        )
+        cache.write(layer, slots, k, v)
         keys, values = cache.view(layer, kv_end)
         out = F.scaled_dot_product_attention(
             q[None], keys[None], values[None], attn_mask=attn_mask, enable_gqa=True
@@ -141,7 +137,7 @@ def _projections(
     return _linear(weights, fused, x).split(sizes, dim=-1)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def _norm(module: torch.nn.Module | None, device: torch.device) -> tuple[torch.Tensor, float] | None:
+    if module is None:
+        return None
+    return module.weight.data.to(device), float(module.variance_epsilon)
