@@ -227,7 +227,9 @@ def _iterations(engine: Engine, prompt: list[int], policy: str, depth: int, budg
         if len(seen) >= 2 + args.iterations:
             cancel.set()
 
+    retries = _alloc_retries()
     engine.generate(prompt, SamplingConfig(max_new_tokens=4096), on_iteration=record, cancel=cancel)
+    retries = _alloc_retries() - retries
     steady = seen[2:]
 
     def med(name: str) -> float:
@@ -237,7 +239,14 @@ def _iterations(engine: Engine, prompt: list[int], policy: str, depth: int, budg
     return {"policy": policy, "depth": depth, "nodes": statistics.median(it.tree_nodes for it in steady), "draft_ms": draft,
             "draft_ms_per_depth": draft / depth, "verify_ms": verify, "transfer_ms": med("transfer_ms"),
             "iteration_ms": total, "host_ms": total - draft - verify,
-            "tau_random_weights": statistics.mean(it.emitted for it in steady)}
+            "tau_random_weights": statistics.mean(it.emitted for it in steady),
+            "host_ms_each": [round((it.iteration_ms or 0) - (it.draft_ms or 0) - (it.verify_ms or 0), 1) for it in seen],
+            "allocator_retries": retries}
+
+
+def _alloc_retries() -> int:
+    """Times the caching allocator hit the memory cap, freed its cache and retried (slow, syncs)."""
+    return torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else 0
 
 
 def _verify(target, tree: Tree) -> None:
@@ -277,7 +286,7 @@ def kernels_per_layer(model, device: torch.device, repeats: int) -> dict:
     on_device = [{name: t.to(device) for name, t in layer.items()}]
     variants = {"bf16 (7 linears)": on_device[0]}
     out: dict = {}
-    for kernel in ("dense", "tinygemm", "gemlite"):
+    for kernel in ("dense", "triton", "tinygemm", "gemlite"):
         try:
             variants[f"{kernel} 4-bit"] = build_substitute(on_device, device, torch.bfloat16, kernel=kernel).layers[0]
         except Exception as err:  # noqa: BLE001 - report, keep measuring the others
@@ -375,7 +384,8 @@ def report(case: dict, taus: dict[str, float]) -> None:
         it = s[key]
         print(f"  {key.split('_')[1]} tree ({it['policy']}), depth {it['depth']} ({it['nodes']:.0f} nodes): iteration {it['iteration_ms']:.1f} ms "
               f"= {it['iteration_ms'] / bound:.2f}x bound [draft {it['draft_ms']:.1f} ({it['draft_ms_per_depth']:.2f}/depth), "
-              f"verify {it['verify_ms']:.1f}, transfer {it['transfer_ms']:.1f}, host {it['host_ms']:.1f}]")
+              f"verify {it['verify_ms']:.1f}, transfer {it['transfer_ms']:.1f}, host {it['host_ms']:.1f}]; "
+              f"allocator retries {it['allocator_retries']}")
         for name, tau in taus.items():
             print(f"    with tau {tau} ({name}): {tau / it['iteration_ms'] * 1e3:.2f} tok/s "
                   f"vs vanilla {v['tok_per_s']:.2f} tok/s measured in this run")
