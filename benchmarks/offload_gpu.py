@@ -313,6 +313,12 @@ def kernels_per_layer(model, device: torch.device, repeats: int) -> dict:
             out[f"{name} graph ms"] = _bench_graph(step, repeats)
         except Exception as err:  # noqa: BLE001
             out[f"{name} error"] = repr(err)[:200]
+    try:
+        from engine.int4_kernel import _int4_matmul
+
+        out["triton tiles chosen"] = {str(key[:2]): str(config) for key, config in _int4_matmul.cache.items()}
+    except Exception:  # noqa: BLE001 - no triton: nothing chosen
+        pass
     params = sum(t.numel() for n, t in layer.items() if not n.endswith(".bias"))
     out["layer_4bit_hbm_floor_ms"] = params * (0.5 + 4 / 64) / (HBM_GBPS * 1e9) * 1e3  # + bf16 scale, offset per 64
     return out
