@@ -299,7 +299,7 @@ def kernels_per_layer(model, device: torch.device, repeats: int) -> dict:
         return {name: _apply(weights, name, inputs) for name in weights if not name.endswith(".bias")}
 
     def as_fused(got: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {name: torch.cat([got[part] for part in FUSED[name]], -1) if name in FUSED else got[name]
+        return {name: got[name] if name in got else torch.cat([got[part] for part in FUSED[name]], -1)
                 for name in ("qkv_proj", "gate_up_proj", "o_proj", "down_proj")}
 
     dense = outputs(variants["dense 4-bit"]) if "dense 4-bit" in variants else None
