@@ -282,6 +282,8 @@ def kernels_per_layer(model, device: torch.device, repeats: int) -> dict:
     """One layer's linears at 6 tokens, eager and inside a CUDA graph, for each substitute kernel
     (engine.substitute: the engine's own conversion of the same HQQ weights) and for plain bf16.
     Each 4-bit kernel's outputs are compared with the dequantized weights' ("dense")."""
+    if device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(1.0, device)  # the last case's cap is not this one's
     layer = linear_tensors(model.model.layers[0])
     on_device = [{name: t.to(device) for name, t in layer.items()}]
     variants = {"bf16 (7 linears)": on_device[0]}
@@ -368,7 +370,7 @@ def report(case: dict, taus: dict[str, float]) -> None:
         print(f"vanilla: {v['layers_on_gpu']}/{v['layers_total']} layers on GPU, {v['stream_buffers']} buffers, "
               f"{v['offloaded_gb']:.2f} GB streamed per token, bound {v['stream_bound_ms']:.1f} ms")
         print(f"  {v['ms_per_token']:.1f} ms/token = {v['tok_per_s']:.2f} tok/s, efficiency {v['efficiency']:.3f} "
-              f"(bound/measured); peak {v['peak_gpu_gb']:.2f} GB (estimate {v['estimated_peak_gb']:.2f}, cap {case['vram_limit_gb']})")
+              f"(bound/measured); peak {v['peak_gpu_gb']:.2f} GB (estimate {v['estimated_peak_gb']:.2f}, cap {case['vram_limit_gb'] * 2**30 / 1e9:.2f} = {case['vram_limit_gb']} GiB)")
     if not s:
         return
     bound = s["stream_bound_ms"] or float("nan")
@@ -393,7 +395,7 @@ def report(case: dict, taus: dict[str, float]) -> None:
         for name, tau in taus.items():
             print(f"    with tau {tau} ({name}): {tau / it['iteration_ms'] * 1e3:.2f} tok/s "
                   f"vs vanilla {v['tok_per_s']:.2f} tok/s measured in this run")
-    print(f"  peak {s['peak_gpu_gb'] or 0:.2f} GB (estimate {s['estimated_peak_gb'] or 0:.2f}, cap {case['vram_limit_gb']})")
+    print(f"  peak {s['peak_gpu_gb'] or 0:.2f} GB (estimate {s['estimated_peak_gb'] or 0:.2f}, cap {case['vram_limit_gb'] * 2**30 / 1e9:.2f} = {case['vram_limit_gb']} GiB)")
 
 
 def main() -> None:
@@ -406,6 +408,7 @@ def main() -> None:
     parser.add_argument("--tau", action="append", default=[], help="name=value: report tok/s at this tau")
     parser.add_argument("--depth", type=int, default=REFERENCE_TREE[0], help="reference tree depth (top-6)")
     parser.add_argument("--skip-kernels", action="store_true")
+    parser.add_argument("--kernels-only", action="store_true", help="only the per-layer kernel comparison")
     parser.add_argument("--substitute-kernel", default="auto", help="auto, tinygemm, gemlite, hqq, dense")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -424,6 +427,13 @@ def main() -> None:
         print(f"built random {shape} in {time.perf_counter() - started:.1f} s", flush=True)
         prompt = torch.randint(0, config.vocab_size, (64,)).tolist()
         case = {"shape": shape, "vram_limit_gb": vram_gb}
+        if args.kernels_only:
+            results["kernels_per_layer"] = kernels_per_layer(model, device, args.repeats)
+            print("one layer's linears at 6 tokens:", json.dumps(results["kernels_per_layer"], indent=1), flush=True)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(results, f, indent=2)
+            break
         try:
             case["vanilla"] = bench_vanilla(model, config, args, device, vram_gb, prompt)
             case["subspec"] = bench_subspec(model, config, args, device, vram_gb, prompt,
