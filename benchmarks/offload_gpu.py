@@ -283,7 +283,7 @@ def kernels_per_layer(model, device: torch.device, repeats: int) -> dict:
     (engine.substitute: the engine's own conversion of the same HQQ weights) and for plain bf16.
     Each 4-bit kernel's outputs are compared with the dequantized weights' ("dense")."""
     if device.type == "cuda":
-        torch.cuda.set_per_process_memory_fraction(1.0, device)  # the last case's cap is not this one's
+        torch.cuda.set_per_process_memory_fraction(1.0)  # the last case's cap is not this one's
     layer = linear_tensors(model.model.layers[0])
     on_device = [{name: t.to(device) for name, t in layer.items()}]
     variants = {"bf16 (7 linears)": on_device[0]}
