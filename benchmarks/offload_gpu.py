@@ -179,6 +179,11 @@ def bench_subspec(model, config, args, device, vram_gb: float, prompt: list[int]
         out["draft_depth_graph_ms"] = median_ms(lambda: drafter.draft_step(tree, frontier), timer, 20)
     if device.type == "cuda":
         out["draft_step_kernels"] = kernel_breakdown(lambda: drafter.draft_step(tree, frontier))
+    if graphs is not None and args.draft_batch != WIDTH:  # a wider draft forward: what does it cost?
+        wide = torch.arange(tree.size - args.draft_batch, tree.size, device=device)
+        drafter.draft_step(tree, wide)  # capture
+        out["draft_depth_graph_ms_wide"] = median_ms(lambda: drafter.draft_step(tree, wide), timer, 20)
+        out["draft_batch_wide"] = args.draft_batch
     head_gb = (model.lm_head.weight.nbytes + model.model.embed_tokens.weight[:WIDTH].nbytes) / 1e9
     out["draft_hbm_floor_ms"] = (out["substitute_gb"] + head_gb) / HBM_GBPS * 1e3
 
@@ -189,6 +194,9 @@ def bench_subspec(model, config, args, device, vram_gb: float, prompt: list[int]
     profile_depth = max(1, (out["profile_nodes"] - 1) // topk)
     out["profile_depth"] = profile_depth  # the profile's plan: best-first over the free node budget
     out["iteration_profile"] = _iterations(engine, prompt, "best_first", profile_depth, out["profile_nodes"] - 1, args)
+    if args.draft_batch != WIDTH:  # the same budget, args.draft_batch nodes per draft forward
+        out["iteration_profile_wide"] = _iterations(engine, prompt, "best_first", profile_depth,
+                                                    out["profile_nodes"] - 1, args, args.draft_batch)
     out["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
     close(engine)
     return out
@@ -216,10 +224,12 @@ def kernel_breakdown(step: Callable[[], None], steps: int = 3) -> dict:
             "top": [[name, round(sum(v) / steps, 4), len(v) // steps] for name, v in top]}
 
 
-def _iterations(engine: Engine, prompt: list[int], policy: str, depth: int, budget: int, args) -> dict:
+def _iterations(engine: Engine, prompt: list[int], policy: str, depth: int, budget: int, args,
+                batch: int | None = None) -> dict:
     """Median split of real iterations (the first two capture graphs and are left out)."""
     # The drafter reads the same config object.
     engine.config.tree_policy, engine.config.max_depth, engine.config.node_budget = policy, depth, budget
+    engine.config.draft_batch = batch
     cancel, seen = threading.Event(), []
 
     def record(it) -> None:
@@ -227,17 +237,30 @@ def _iterations(engine: Engine, prompt: list[int], policy: str, depth: int, budg
         if len(seen) >= 2 + args.iterations:
             cancel.set()
 
+    step, forwards = engine.drafter.draft_step, []
+
+    def counted(tree, nodes):
+        forwards.append(nodes.numel())
+        return step(tree, nodes)
+
+    engine.drafter.draft_step = counted
     retries = _alloc_retries()
-    engine.generate(prompt, SamplingConfig(max_new_tokens=4096), on_iteration=record, cancel=cancel)
+    try:
+        engine.generate(prompt, SamplingConfig(max_new_tokens=4096), on_iteration=record, cancel=cancel)
+    finally:
+        engine.drafter.draft_step = step
     retries = _alloc_retries() - retries
     steady = seen[2:]
+    forwards_per_iteration = len(forwards) / len(seen)
 
     def med(name: str) -> float:
         return statistics.median(getattr(it, name) or 0.0 for it in steady)
 
     draft, verify, total = med("draft_ms"), med("verify_ms"), med("iteration_ms")
-    return {"policy": policy, "depth": depth, "nodes": statistics.median(it.tree_nodes for it in steady), "draft_ms": draft,
-            "draft_ms_per_depth": draft / depth, "verify_ms": verify, "transfer_ms": med("transfer_ms"),
+    return {"policy": policy, "draft_batch": batch or engine.config.topk_len, "depth": depth,
+            "nodes": statistics.median(it.tree_nodes for it in steady), "draft_ms": draft,
+            "draft_forwards": forwards_per_iteration, "draft_ms_per_forward": draft / forwards_per_iteration,
+            "verify_ms": verify, "transfer_ms": med("transfer_ms"),
             "iteration_ms": total, "host_ms": total - draft - verify,
             "tau_random_weights": statistics.mean(it.emitted for it in steady),
             "host_ms_each": [round((it.iteration_ms or 0) - (it.draft_ms or 0) - (it.verify_ms or 0), 1) for it in seen],
@@ -386,10 +409,15 @@ def report(case: dict, taus: dict[str, float]) -> None:
         print(f"  draft step on the GPU: {kernels['kernels_per_step']:.0f} kernels, busy {kernels['busy_ms_per_step']:.2f} ms; "
               "costliest: " + "; ".join(f"{name[:50]} {ms:.3f} ms x{n}" for name, ms, n in kernels["top"][:6]))
     print(f"  KV compaction (8-node path): {s['compaction_ms']:.3f} ms; greedy tokens equal to vanilla: {s['greedy_match']}")
-    for key in ("iteration_reference", "iteration_profile"):
+    wide = s.get("draft_depth_graph_ms_wide")
+    if wide:
+        print(f"  one draft forward of {s['draft_batch_wide']} tokens (CUDA graph): {wide:.2f} ms")
+    for key in ("iteration_reference", "iteration_profile", "iteration_profile_wide"):
+        if key not in s:
+            continue
         it = s[key]
-        print(f"  {key.split('_')[1]} tree ({it['policy']}), depth {it['depth']} ({it['nodes']:.0f} nodes): iteration {it['iteration_ms']:.1f} ms "
-              f"= {it['iteration_ms'] / bound:.2f}x bound [draft {it['draft_ms']:.1f} ({it['draft_ms_per_depth']:.2f}/depth), "
+        print(f"  {key.split('_', 1)[1]} tree ({it['policy']}, {it['draft_batch']} per draft forward), depth {it['depth']} ({it['nodes']:.0f} nodes): iteration {it['iteration_ms']:.1f} ms "
+              f"= {it['iteration_ms'] / bound:.2f}x bound [draft {it['draft_ms']:.1f} ({it['draft_forwards']:.0f} forwards, {it['draft_ms_per_forward']:.2f} ms each), "
               f"verify {it['verify_ms']:.1f}, transfer {it['transfer_ms']:.1f}, host {it['host_ms']:.1f}]; "
               f"allocator retries {it['allocator_retries']}")
         for name, tau in taus.items():
@@ -407,6 +435,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=4, help="steady iterations timed per tree")
     parser.add_argument("--tau", action="append", default=[], help="name=value: report tok/s at this tau")
     parser.add_argument("--depth", type=int, default=REFERENCE_TREE[0], help="reference tree depth (top-6)")
+    parser.add_argument("--draft-batch", type=int, default=16, help="best-first nodes per draft forward, also timed")
     parser.add_argument("--skip-kernels", action="store_true")
     parser.add_argument("--kernels-only", action="store_true", help="only the per-layer kernel comparison")
     parser.add_argument("--substitute-kernel", default="auto", help="auto, tinygemm, gemlite, hqq, dense")

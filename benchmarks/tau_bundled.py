@@ -21,6 +21,11 @@ POLICIES = {
     "reference tree (depth 32, top-6)": dict(tree_policy="reference", max_depth=32, topk_len=6),
     "best-first (192-node budget)": dict(tree_policy="best_first", max_depth=32, topk_len=6, node_budget=192),
     "chain (depth 32, top-1)": dict(tree_policy="reference", max_depth=32, topk_len=1),
+    # The GPU profile's tree (289 nodes: free to verify on the 7B shape), 6 or 16 nodes per draft
+    # forward: on a GPU a forward of 16 tokens costs what one of 6 costs.
+    "best-first 288 (6 per draft forward)": dict(tree_policy="best_first", max_depth=48, topk_len=6, node_budget=288),
+    "best-first 288 (16 per draft forward)": dict(tree_policy="best_first", max_depth=48, topk_len=6, node_budget=288,
+                                                  draft_batch=16),
 }
 
 
@@ -31,14 +36,18 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--json")
+    parser.add_argument("--policies", help="comma-separated names' first words to run, e.g. best-first (default: all)")
     args = parser.parse_args()
+    policies = {name: tree for name, tree in POLICIES.items()
+                if not args.policies or any(name.startswith(p) for p in args.policies.split(","))}
     questions = [json.loads(line)["turns"][0] for line in DATA.read_text().splitlines()[: args.prompts]]
     sampling = SamplingConfig(max_new_tokens=args.new_tokens)
     common = dict(device=args.device, dtype=args.dtype)
 
     vanilla = load_engine(EngineConfig(method="vanilla", **common))
-    engines = {name: load_engine(EngineConfig(method="subspec_sd", **common, **tree)) for name, tree in POLICIES.items()}
-    rows = {name: {"iterations": 0, "emitted": 0, "identical_to_vanilla": 0, "seconds": 0.0} for name in POLICIES}
+    engines = {name: load_engine(EngineConfig(method="subspec_sd", **common, **tree)) for name, tree in policies.items()}
+    rows = {name: {"iterations": 0, "emitted": 0, "identical_to_vanilla": 0, "seconds": 0.0, "draft_forwards": 0}
+            for name in policies}
     results = {"device": args.device, "dtype": args.dtype, "new_tokens": args.new_tokens, "prompts": 0,
                "policies": rows}
     # Prompt by prompt, every policy on the same prompt: a run cut short still compares them fairly.
@@ -47,19 +56,35 @@ def main() -> None:
         want = vanilla.generate(prompt, sampling).token_ids
         for name, engine in engines.items():
             started = time.perf_counter()
-            gen = engine.generate(prompt, sampling)
+            gen = _counting_draft_forwards(engine, rows[name], prompt, sampling)
             row = rows[name]
             row["seconds"] += time.perf_counter() - started
             row["identical_to_vanilla"] += gen.token_ids == want
             row["iterations"] += len(gen.stats.iterations)
             row["emitted"] += sum(it.emitted for it in gen.stats.iterations)
             row["tau"] = row["emitted"] / row["iterations"]
+            row["draft_forwards_per_verification"] = row["draft_forwards"] / row["iterations"]
         results["prompts"] = done
         print(f"after {done} prompts: " + "; ".join(
-            f"{name}: tau {row['tau']:.2f}, {row['identical_to_vanilla']}/{done} identical" for name, row in rows.items()),
+            f"{name}: tau {row['tau']:.2f}, {row['draft_forwards_per_verification']:.1f} draft forwards per verification, "
+            f"{row['identical_to_vanilla']}/{done} identical" for name, row in rows.items()),
             flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def _counting_draft_forwards(engine, row: dict, prompt: list[int], sampling: SamplingConfig):
+    step = engine.drafter.draft_step
+
+    def counted(tree, nodes):
+        row["draft_forwards"] += 1
+        return step(tree, nodes)
+
+    engine.drafter.draft_step = counted
+    try:
+        return engine.generate(prompt, sampling)
+    finally:
+        engine.drafter.draft_step = step
 
 
 if __name__ == "__main__":

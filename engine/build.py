@@ -169,6 +169,8 @@ def _check_config(config: EngineConfig) -> None:
         raise EngineError(f"offload_slots must be at least 1, got {config.offload_slots}")
     if config.max_depth < 0 or config.topk_len < 1:
         raise EngineError("--max-depth must be >= 0 and --topk-len >= 1")
+    if config.draft_batch is not None and config.draft_batch < 1:
+        raise EngineError(f"--draft-batch must be at least 1, got {config.draft_batch}")
     if config.draft_temperature <= 0:
         raise EngineError("the draft temperature must be > 0")
 

@@ -35,6 +35,10 @@ class EngineConfig:
     max_depth: int = 32
     topk_len: int = 6
     node_budget: int | None = None  # best_first: nodes besides the root; None = max_depth * topk_len
+    # best_first: nodes drafted per draft forward; None = topk_len. On a GPU a forward of up to 16
+    # tokens costs what one of 6 costs (the weights' bytes set it), so a wider batch reaches the
+    # same node budget in fewer draft forwards.
+    draft_batch: int | None = None
     draft_temperature: float = 0.2
     substitute_bits: int = 4
     substitute_group_size: int = 64

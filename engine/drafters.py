@@ -68,7 +68,8 @@ class TreeDrafter:
         self._catch_up()
         self._drafted = 0
         if self.config.tree_policy == "best_first":
-            grow_best_first(tree, self.draft_step, shape, batch=self.config.topk_len, children=self.config.topk_len)
+            batch = self.config.draft_batch or self.config.topk_len
+            grow_best_first(tree, self.draft_step, shape, batch=batch, children=self.config.topk_len)
         else:
             grow_reference(tree, self.draft_step, shape, topk=self.config.topk_len)
 

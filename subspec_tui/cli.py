@@ -85,6 +85,8 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--topk-len", type=_checked("topk_len", int), help="draft tree width per depth")
     g.add_argument("--tree-policy", choices=("reference", "best_first"))
     g.add_argument("--node-budget", type=_checked("node_budget", int), help="best_first: draft nodes per tree")
+    g.add_argument("--draft-batch", type=_checked("draft_batch", int),
+                   help="best_first: nodes drafted per draft forward (default: --topk-len)")
     g.add_argument("--verify-method", choices=("exact", "lossy"))
     g.add_argument("--threshold-method", choices=("entropy", "prob"))
     g.add_argument("--threshold", type=_checked("threshold", float), help="lossy verification threshold")
@@ -100,7 +102,7 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
 SETTING_KEYS = (
     "method", "llm_path", "draft_model_path", "device", "vram_limit_gb", "keep_first_n_layers_on_gpu",
     "max_length", "temperature", "do_sample", "seed", "warmup_iter", "compile_mode", "max_depth",
-    "topk_len", "tree_policy", "node_budget", "verify_method", "threshold_method", "threshold",
+    "topk_len", "tree_policy", "node_budget", "draft_batch", "verify_method", "threshold_method", "threshold",
     "window_size", "substitute_kernel", "nvtx_profiling", "nsys_output", "detailed_analysis", "max_new_tokens",
 )
 

@@ -120,6 +120,7 @@ MINIMUMS: dict[str, float] = {
     "max_depth": 1,
     "topk_len": 1,
     "node_budget": 1,
+    "draft_batch": 1,
     "max_new_tokens": 1,
     "max_samples": 1,  # run-benchmark
     "substitute_bits": 1,

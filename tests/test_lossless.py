@@ -186,6 +186,25 @@ def test_best_first_with_fewer_tokens_than_its_batch(tmp_path, bundled_folder):
         assert subspec.generate(prompt, SamplingConfig(max_new_tokens=16)).token_ids == greedy(vanilla, prompt, 16)
 
 
+def test_best_first_with_a_wide_draft_batch_equals_vanilla(random_folder):
+    # 8 nodes per draft forward (3 children per node): the same 24-node budget in fewer forwards.
+    vanilla = load_engine(EngineConfig(llm_path=str(random_folder)))
+    forwards = {}
+    for batch in (3, 8):
+        subspec = load_engine(EngineConfig(method="subspec_sd", llm_path=str(random_folder), substitute_bits=8,
+                                           tree_policy="best_first", max_depth=10, topk_len=3, node_budget=24,
+                                           draft_batch=batch))
+        step, calls = subspec.drafter.draft_step, []
+        subspec.drafter.draft_step = lambda tree, nodes, step=step, calls=calls: calls.append(nodes.numel()) or step(tree, nodes)
+        for prompt in random_prompts(6, 512, seed=13):
+            gen = subspec.generate(prompt, SamplingConfig(max_new_tokens=16))
+            assert gen.token_ids == greedy(vanilla, prompt, 16)
+        iterations = 0 if not calls else sum(1 for width in calls if width == 1)  # one root step per tree
+        forwards[batch] = len(calls) / iterations
+        assert max(calls) == batch
+    assert forwards[8] < forwards[3]
+
+
 def test_trees_deeper_than_the_tokens_left(random_folder):
     vanilla = load_engine(EngineConfig(llm_path=str(random_folder)))
     subspec = load_engine(EngineConfig(method="subspec_sd", llm_path=str(random_folder), substitute_bits=8,
