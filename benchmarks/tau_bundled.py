@@ -19,11 +19,15 @@ from engine import EngineConfig, SamplingConfig, load_engine
 DATA = Path(__file__).resolve().parents[1] / "subspec_tui" / "data" / "mt_bench_questions.jsonl"
 POLICIES = {
     "reference tree (depth 32, top-6)": dict(tree_policy="reference", max_depth=32, topk_len=6),
-    "best-first (192-node budget)": dict(tree_policy="best_first", max_depth=32, topk_len=6, node_budget=192),
+    "best-first (192-node budget)": dict(tree_policy="best_first", max_depth=32, topk_len=6, node_budget=192,
+                                         draft_batch=6),
+    "best-first (192-node budget, 16 per draft forward)": dict(tree_policy="best_first", max_depth=32, topk_len=6,
+                                                                node_budget=192, draft_batch=16),
     "chain (depth 32, top-1)": dict(tree_policy="reference", max_depth=32, topk_len=1),
     # The GPU profile's tree (289 nodes: free to verify on the 7B shape), 6 or 16 nodes per draft
     # forward: on a GPU a forward of 16 tokens costs what one of 6 costs.
-    "best-first 288 (6 per draft forward)": dict(tree_policy="best_first", max_depth=48, topk_len=6, node_budget=288),
+    "best-first 288 (6 per draft forward)": dict(tree_policy="best_first", max_depth=48, topk_len=6, node_budget=288,
+                                                 draft_batch=6),
     "best-first 288 (16 per draft forward)": dict(tree_policy="best_first", max_depth=48, topk_len=6, node_budget=288,
                                                   draft_batch=16),
 }

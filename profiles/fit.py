@@ -29,6 +29,8 @@ Loader = Callable[[EngineConfig, Progress], Engine]
 
 TOPK = 6  # the reference tree's width; the depth follows from the node budget
 TREE_POLICY = "best_first"  # the engine's default: measured the higher tau (engine/config.py)
+# Nodes per draft forward: the engine's default (engine/config.py has the measurements).
+DRAFT_BATCH = EngineConfig.draft_batch
 # Reference trees of depth 4, 8, 16, 32, 48, 64 (1 + 6 * depth nodes), all within one prefill chunk.
 NODE_CANDIDATES = (1, 25, 49, 97, 193, 289, 385)
 TRIAL_DEPTH = 32  # the tree of the first trial load (the reference default, 193 nodes)
@@ -150,6 +152,7 @@ def fit_gpu(
         max_depth=depth if method != "vanilla" else None,
         topk_len=TOPK if method != "vanilla" else None,
         node_budget=nodes - 1 if method != "vanilla" else None,
+        draft_batch=DRAFT_BATCH if method != "vanilla" else None,
         estimated_peak_bytes=estimate.estimated_peak_bytes,
         measured_peak_bytes=peak,
         verify_ms_by_nodes=trial.forward_ms_by_nodes,

@@ -76,6 +76,7 @@ class ModelPlan:
     max_depth: int | None = None
     topk_len: int | None = None
     node_budget: int | None = None
+    draft_batch: int | None = None  # best_first nodes per draft forward; None = topk_len
     estimated_peak_bytes: int | None = None
     measured_peak_bytes: int | None = None
     verify_ms_by_nodes: dict[int, float] = field(default_factory=dict)  # forward cost by tokens
@@ -98,6 +99,7 @@ class ModelPlan:
             ("max_depth", "max_depth"),
             ("topk_len", "topk_len"),
             ("node_budget", "node_budget"),
+            ("draft_batch", "draft_batch"),
         ):
             if getattr(self, name) is not None:
                 overrides[key] = getattr(self, name)

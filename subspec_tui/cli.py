@@ -86,7 +86,7 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tree-policy", choices=("reference", "best_first"))
     g.add_argument("--node-budget", type=_checked("node_budget", int), help="best_first: draft nodes per tree")
     g.add_argument("--draft-batch", type=_checked("draft_batch", int),
-                   help="best_first: nodes drafted per draft forward (default: --topk-len)")
+                   help="best_first: nodes drafted per draft forward (default 16)")
     g.add_argument("--verify-method", choices=("exact", "lossy"))
     g.add_argument("--threshold-method", choices=("entropy", "prob"))
     g.add_argument("--threshold", type=_checked("threshold", float), help="lossy verification threshold")

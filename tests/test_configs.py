@@ -69,7 +69,8 @@ def test_defaults_without_config_are_the_subspec_preset():
     assert settings.engine.method == "subspec_sd"
     assert (settings.engine.max_depth, settings.engine.topk_len) == (32, 6)
     # best_first measured the higher tau at this budget (README, "Tree policies")
-    assert (settings.engine.tree_policy, settings.engine.node_budget) == ("best_first", 192)
+    assert (settings.engine.tree_policy, settings.engine.node_budget, settings.engine.draft_batch) == (
+        "best_first", 192, 16)
 
 
 def test_values_are_typed_and_converted(tmp_path):

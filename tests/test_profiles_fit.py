@@ -109,7 +109,7 @@ def test_out_of_memory_load_retries_and_a_bigger_free_tree_is_confirmed():
         (0, 3, 32), (0, 2, 32), (0, 2, 48)
     ]
     assert (plan.layers_on_gpu, plan.stream_buffers, plan.max_depth, plan.node_budget) == (0, 2, 48, 288)
-    assert plan.tree_policy == "best_first"
+    assert (plan.tree_policy, plan.draft_batch) == ("best_first", 16)
 
 
 def test_a_bigger_tree_that_does_not_fit_falls_back_to_the_trial_tree():

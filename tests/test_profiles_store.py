@@ -31,7 +31,7 @@ def gpu_plan(layers: int = 1, stream_buffers: int = 3) -> ModelPlan:
         stream_buffers=stream_buffers,
         config_fingerprint="abc123", measured_at=datetime(2025, 5, 1, 12, 0, tzinfo=timezone.utc),
         vram_limit_gb=8.0, vram_budget_bytes=8 * 2**30, substitute_bits=4, substitute_group=64,
-        tree_policy="reference", max_depth=32, topk_len=6, node_budget=192,
+        tree_policy="best_first", max_depth=32, topk_len=6, node_budget=192, draft_batch=16,
         estimated_peak_bytes=7_500_000_000, measured_peak_bytes=7_100_000_000,
         verify_ms_by_nodes={1: 212.5, 193: 214.0, 385: 260.0},
     )
@@ -83,6 +83,7 @@ def test_engine_overrides_name_engine_config_fields():
     EngineConfig(**overrides)  # every key is a real EngineConfig field
     assert overrides["keep_first_n_layers_on_gpu"] == 1
     assert overrides["substitute_group_size"] == 64
+    assert (overrides["tree_policy"], overrides["node_budget"], overrides["draft_batch"]) == ("best_first", 192, 16)
 
 
 @pytest.mark.parametrize("buffers", [3, 2, 1])
