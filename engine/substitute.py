@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -93,7 +92,7 @@ def build_substitute(
         if kernel == "dense":
             quantized.append(_fused(modules, _dense, compute_dtype))
         elif kernel == "tinygemm":
-            quantized.append(_fused(modules, _int4(Int4Linear), compute_dtype))
+            quantized.append(_fused(modules, _int4_linear, compute_dtype))
         else:
             quantized.append(modules)
     if to_save and cache_file is not None:
@@ -183,15 +182,10 @@ def _dense(name: str, modules: list, dtype: torch.dtype) -> dict[str, torch.Tens
     return weights | ({f"{name}.bias": bias} if bias is not None else {})
 
 
-def _int4(module_class: type) -> Callable:
-    """A converter to `module_class`: HQQ's integers, scales and zeros of the stacked linears."""
-
-    def convert(name: str, modules: list, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
-        q, scale, zero = (torch.cat(parts) for parts in zip(*(_quantized_rows(m) for m in modules)))
-        bias = _stacked_bias(modules, dtype)
-        return {name: module_class(q, scale, zero, modules[0].meta["group_size"], bias, dtype)}
-
-    return convert
+def _int4_linear(name: str, modules: list, dtype: torch.dtype) -> dict[str, Int4Linear]:
+    """HQQ's integers, scales and zeros of the stacked linears, as one Int4Linear."""
+    q, scale, zero = (torch.cat(parts) for parts in zip(*(_quantized_rows(m) for m in modules)))
+    return {name: Int4Linear(q, scale, zero, modules[0].meta["group_size"], _stacked_bias(modules, dtype), dtype)}
 
 
 class Int4Linear(torch.nn.Module):
