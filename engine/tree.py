@@ -118,7 +118,10 @@ def grow_best_first(tree: Tree, step: DraftStep, shape: TreeShape, batch: int, c
         # A node deeper than max_depth must not be added: mask out children of the deepest nodes.
         too_deep = (tree.depths[: tree.size] >= shape.max_depth)[:, None]
         pool = candidate_scores[: tree.size].masked_fill(too_deep, float("-inf")).flatten()
-        scores, flat = pool.topk(min(batch, room, pool.numel()))
+        # Every node has drafted `children` candidates and every node but the root took one of them:
+        # at most this many real ones remain (with children = 1 the tree stays a chain at any batch).
+        remaining = tree.size * (children - 1) + 1
+        scores, flat = pool.topk(min(batch, room, remaining, pool.numel()))
         parents, picks = flat // children, flat % children
         # A placeholder hangs off the root: depth 1 keeps its rotary position inside the context.
         hang_from = torch.where(torch.isfinite(scores), parents, 0)
