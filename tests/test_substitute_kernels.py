@@ -15,7 +15,7 @@ from engine import EngineConfig, EngineError, SamplingConfig, load_engine
 from engine.offload import linear_tensors
 from engine.substitute import FUSED, build_substitute, resolve_kernel
 from tests.random_models import config_for
-from tests.test_lossless import greedy, mt_bench_prompts, random_prompts
+from tests.test_lossless import assert_drafts_lossless, greedy, mt_bench_prompts, random_prompts
 
 CPU = torch.device("cpu")
 
@@ -98,12 +98,7 @@ def test_random_subspec_equals_vanilla_with_each_kernel(random_folder, kernel):
     vanilla = load_engine(EngineConfig(llm_path=str(random_folder)))
     subspec = load_engine(EngineConfig(method="subspec_sd", llm_path=str(random_folder), substitute_kernel=kernel,
                                        max_depth=8, topk_len=3))
-    accepted = 0
-    for prompt in random_prompts(10, 512, seed=11):
-        gen = subspec.generate(prompt, SamplingConfig(max_new_tokens=20))
-        assert gen.token_ids == greedy(vanilla, prompt, 20)
-        accepted += sum(it.accepted_depth for it in gen.stats.iterations)
-    assert accepted > 0
+    assert_drafts_lossless(subspec, vanilla, random_prompts(10, 512, seed=11), 20)
 
 
 @pytest.mark.slow
