@@ -237,21 +237,11 @@ def _iterations(engine: Engine, prompt: list[int], policy: str, depth: int, budg
         if len(seen) >= 2 + args.iterations:
             cancel.set()
 
-    step, forwards = engine.drafter.draft_step, []
-
-    def counted(tree, nodes):
-        forwards.append(nodes.numel())
-        return step(tree, nodes)
-
-    engine.drafter.draft_step = counted
     retries = _alloc_retries()
-    try:
-        engine.generate(prompt, SamplingConfig(max_new_tokens=4096), on_iteration=record, cancel=cancel)
-    finally:
-        engine.drafter.draft_step = step
+    engine.generate(prompt, SamplingConfig(max_new_tokens=4096), on_iteration=record, cancel=cancel)
     retries = _alloc_retries() - retries
     steady = seen[2:]
-    forwards_per_iteration = len(forwards) / len(seen)
+    forwards_per_iteration = statistics.mean(it.draft_forwards for it in steady)
 
     def med(name: str) -> float:
         return statistics.median(getattr(it, name) or 0.0 for it in steady)

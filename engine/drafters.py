@@ -26,7 +26,7 @@ from engine.tree import Tree, TreeShape, grow_best_first, grow_reference
 class Drafter(Protocol):
     def prefill(self, prompt: torch.Tensor, chunk: int) -> None: ...
 
-    def draft(self, tree: Tree, shape: TreeShape) -> None: ...
+    def draft(self, tree: Tree, shape: TreeShape) -> int: ...  # returns the draft forwards it ran
 
     def commit(self, path_slots: list[int], path_tokens: list[int]) -> None: ...
 
@@ -35,8 +35,8 @@ class VanillaDrafter:
     def prefill(self, prompt: torch.Tensor, chunk: int) -> None:
         pass
 
-    def draft(self, tree: Tree, shape: TreeShape) -> None:
-        pass
+    def draft(self, tree: Tree, shape: TreeShape) -> int:
+        return 0
 
     def commit(self, path_slots: list[int], path_tokens: list[int]) -> None:
         pass
@@ -57,6 +57,7 @@ class TreeDrafter:
     graphs: DraftGraphs | None = None  # fixed-shape (CUDA-graph) draft steps; None = eager
     pointwise: Pointwise = EAGER  # element-wise math of draft steps (compiled on a GPU)
     _drafted: int = 0  # tree nodes [0, _drafted) went through a draft forward this iteration
+    _forwards: int = 0  # draft forwards this iteration
     _missing: list[tuple[int, int]] = field(default_factory=list)  # (slot, token) without draft KV
 
     def prefill(self, prompt: torch.Tensor, chunk: int) -> None:
@@ -64,14 +65,15 @@ class TreeDrafter:
         if self.owns_cache:
             self.transformer.prefill(self.stack, self.cache, prompt, chunk)
 
-    def draft(self, tree: Tree, shape: TreeShape) -> None:
+    def draft(self, tree: Tree, shape: TreeShape) -> int:
         self._catch_up()
-        self._drafted = 0
+        self._drafted = self._forwards = 0
         if self.config.tree_policy == "best_first":
             batch = self.config.draft_batch or self.config.topk_len
             grow_best_first(tree, self.draft_step, shape, batch=batch, children=self.config.topk_len)
         else:
             grow_reference(tree, self.draft_step, shape, topk=self.config.topk_len)
+        return self._forwards
 
     def commit(self, path_slots: list[int], path_tokens: list[int]) -> None:
         if not self.owns_cache:
@@ -99,6 +101,7 @@ class TreeDrafter:
     def draft_step(self, tree: Tree, nodes: torch.Tensor) -> torch.Tensor:
         """Draft log-probabilities [F, V] of the children of frontier `nodes` (their KV is written)."""
         self._drafted = tree.size  # the frontier is always the newest nodes
+        self._forwards += 1
         inputs = (tree.tokens[nodes], tree.positions(nodes), tree.slots(nodes), tree.mask(nodes))
         kv_end = tree.prefix_len + tree.size
         if self.graphs is not None:

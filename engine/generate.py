@@ -78,7 +78,7 @@ def run(
         )
         tree.reset(root, cache.length)
         with timer.span("draft"):
-            drafter.draft(tree, shape)
+            draft_forwards = drafter.draft(tree, shape)
         with timer.span("verify"):
             nodes = torch.arange(tree.size, device=device)
             logits = target.transformer.forward(
@@ -113,6 +113,7 @@ def run(
             verify_ms=timings["verify"],
             transfer_ms=target.transfer_ms(),
             tree_nodes=tree.size,
+            draft_forwards=draft_forwards,
             accepted_depth=len(result.path),
             iteration_ms=(time.perf_counter() - iteration_started) * 1e3,
         )

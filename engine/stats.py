@@ -20,6 +20,7 @@ class IterationStats:
     transfer_ms: float | None  # None where nothing streams (CPU, all layers resident)
     tree_nodes: int = 1
     accepted_depth: int = 0  # draft tokens accepted (emitted - 1)
+    draft_forwards: int = 0  # forwards of the drafter that grew this tree (0 for vanilla)
     iteration_ms: float | None = None  # wall time of the whole round; minus draft and verify: host work
 
 

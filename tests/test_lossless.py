@@ -202,9 +202,12 @@ def test_best_first_with_a_wide_draft_batch_equals_vanilla(random_folder):
                                            draft_batch=batch))
         step, calls = subspec.drafter.draft_step, []
         subspec.drafter.draft_step = lambda tree, nodes, step=step, calls=calls: calls.append(nodes.numel()) or step(tree, nodes)
+        reported = 0
         for prompt in random_prompts(6, 512, seed=13):
             gen = subspec.generate(prompt, SamplingConfig(max_new_tokens=16))
             assert gen.token_ids == greedy(vanilla, prompt, 16)
+            reported += sum(it.draft_forwards for it in gen.stats.iterations)
+        assert reported == len(calls)  # the stats count every draft forward
         iterations = 0 if not calls else sum(1 for width in calls if width == 1)  # one root step per tree
         forwards[batch] = len(calls) / iterations
         assert max(calls) == batch
