@@ -14,10 +14,18 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.activations import ACT2FN
 
 from engine.cache import KVCache
 from engine.pointwise import EAGER, Pointwise, rms_norm
+
+# Every decoding step attends over a key length never seen before (it grows by one token or one
+# accepted path per step). cuDNN's attention builds and caches an execution plan per shape: on an
+# H200 each new length stalled the host 20-50 ms, long enough to starve the layer stream (vanilla
+# 7B ran at 0.85 of the PCIe bound, 1.00 without cuDNN; benchmarks/offload_gpu.py). These kernels
+# take any length with no per-shape set-up.
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class Stack(Protocol):
@@ -81,16 +89,17 @@ class Transformer:
         cos, sin = self.cos[positions], self.sin[positions]
         attn_mask = None if mask is None else mask[None, None]
         h = rms_norm(x, *self.norms[0][0])
-        for i in range(stack.num_layers):
-            weights = stack.weights(i)
-            _, post_norm, q_norm, k_norm = self.norms[i]
-            attended = self._attention(weights, cache, i, h, cos, sin, slots, attn_mask, kv_end, q_norm, k_norm, ops)
-            x, h = ops.add_rms_norm(x, attended, *post_norm)
-            gate, up = _projections(weights, "gate_up_proj", ("gate_proj", "up_proj"), self.gate_up_sizes, h)
-            mlp = _linear(weights, "down_proj", ops.gated(self.act, gate, up))
-            stack.done(i)
-            next_norm = self.norms[i + 1][0] if i + 1 < stack.num_layers else self.final_norm
-            x, h = ops.add_rms_norm(x, mlp, *next_norm)
+        with sdpa_kernel(ATTENTION_BACKENDS):
+            for i in range(stack.num_layers):
+                weights = stack.weights(i)
+                _, post_norm, q_norm, k_norm = self.norms[i]
+                attended = self._attention(weights, cache, i, h, cos, sin, slots, attn_mask, kv_end, q_norm, k_norm, ops)
+                x, h = ops.add_rms_norm(x, attended, *post_norm)
+                gate, up = _projections(weights, "gate_up_proj", ("gate_proj", "up_proj"), self.gate_up_sizes, h)
+                mlp = _linear(weights, "down_proj", ops.gated(self.act, gate, up))
+                stack.done(i)
+                next_norm = self.norms[i + 1][0] if i + 1 < stack.num_layers else self.final_norm
+                x, h = ops.add_rms_norm(x, mlp, *next_norm)
         return self.lm_head(h[logits_rows]).float()
 
     def prefill(self, stack: Stack, cache: KVCache, prompt: torch.Tensor, chunk: int) -> torch.Tensor:

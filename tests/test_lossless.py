@@ -80,6 +80,25 @@ def test_emulated_offload_streams_every_offloaded_layer(random_folder):
     assert gen.stats.as_dict()["transfer_ms"] > 0  # copies really ran through the slot buffers
 
 
+def test_attention_never_picks_cudnn(random_folder, monkeypatch):
+    """cuDNN attention plans each new key length (a 20-50 ms host stall per decoding step on an
+    H200); the forward must run with it switched off, and switch it back on afterwards."""
+    import engine.model
+
+    seen = []
+    sdpa = engine.model.F.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model.F, "scaled_dot_product_attention", recording)
+    subspec = load_engine(EngineConfig(llm_path=str(random_folder), method="subspec_sd", max_depth=3))
+    subspec.generate([5, 6, 7], SamplingConfig(max_new_tokens=6))
+    assert seen and not any(seen)  # prefill, drafts and verification alike
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
 @pytest.mark.slow
 def test_bundled_vanilla_equals_transformers_generate(bundled_engine, bundled_folder):
     reference = AutoModelForCausalLM.from_pretrained(bundled_folder, dtype=torch.float32).eval()
