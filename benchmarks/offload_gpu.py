@@ -184,6 +184,7 @@ def bench_subspec(model, config, args, device, vram_gb: float, prompt: list[int]
         drafter.draft_step(tree, wide)  # capture
         out["draft_depth_graph_ms_wide"] = median_ms(lambda: drafter.draft_step(tree, wide), timer, 20)
         out["draft_batch_wide"] = args.draft_batch
+        out["draft_step_kernels_wide"] = kernel_breakdown(lambda: drafter.draft_step(tree, wide))
     head_gb = (model.lm_head.weight.nbytes + model.model.embed_tokens.weight[:WIDTH].nbytes) / 1e9
     out["draft_hbm_floor_ms"] = (out["substitute_gb"] + head_gb) / HBM_GBPS * 1e3
 
@@ -375,8 +376,8 @@ def release_cached_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def report(case: dict, taus: dict[str, float]) -> None:
-    v, s = case["vanilla"], case.get("subspec")
+def report_vanilla(case: dict) -> None:
+    v = case["vanilla"]
     print(f"\n== {case['shape']} at {case['vram_limit_gb']} GB ==")
     if v["stream_bound_ms"]:
         print(f"pinned H2D {v['h2d_gbps']:.1f} GB/s")
@@ -384,8 +385,10 @@ def report(case: dict, taus: dict[str, float]) -> None:
               f"{v['offloaded_gb']:.2f} GB streamed per token, bound {v['stream_bound_ms']:.1f} ms")
         print(f"  {v['ms_per_token']:.1f} ms/token = {v['tok_per_s']:.2f} tok/s, efficiency {v['efficiency']:.3f} "
               f"(bound/measured); peak {v['peak_gpu_gb']:.2f} GB (estimate {v['estimated_peak_gb']:.2f}, cap {case['vram_limit_gb'] * 2**30 / 1e9:.2f} = {case['vram_limit_gb']} GiB)")
-    if not s:
-        return
+
+
+def report_subspec(case: dict, taus: dict[str, float]) -> None:
+    v, s = case["vanilla"], case["subspec"]
     bound = s["stream_bound_ms"] or float("nan")
     print(f"subspec: {s['layers_on_gpu']} bf16 layers resident, {s['stream_buffers']} buffers, "
           f"substitute {s['substitute_gb']:.2f} GB ({s['substitute_kernel']}), bound {bound:.1f} ms, "
@@ -394,14 +397,12 @@ def report(case: dict, taus: dict[str, float]) -> None:
     graph = s.get("draft_depth_graph_ms")
     print(f"  one draft depth (6 tokens): eager {s['draft_depth_eager_ms']:.2f} ms"
           + (f", CUDA graph {graph:.2f} ms" if graph else "") + f"; HBM floor {s['draft_hbm_floor_ms']:.2f} ms")
-    kernels = s.get("draft_step_kernels")
-    if kernels and "error" not in kernels:
-        print(f"  draft step on the GPU: {kernels['kernels_per_step']:.0f} kernels, busy {kernels['busy_ms_per_step']:.2f} ms; "
-              "costliest: " + "; ".join(f"{name[:50]} {ms:.3f} ms x{n}" for name, ms, n in kernels["top"][:6]))
+    _print_kernels("draft step on the GPU", s.get("draft_step_kernels"))
     print(f"  KV compaction (8-node path): {s['compaction_ms']:.3f} ms; greedy tokens equal to vanilla: {s['greedy_match']}")
     wide = s.get("draft_depth_graph_ms_wide")
     if wide:
         print(f"  one draft forward of {s['draft_batch_wide']} tokens (CUDA graph): {wide:.2f} ms")
+        _print_kernels(f"{s['draft_batch_wide']}-token draft step on the GPU", s.get("draft_step_kernels_wide"))
     for key in ("iteration_reference", "iteration_profile", "iteration_profile_wide"):
         if key not in s:
             continue
@@ -414,6 +415,12 @@ def report(case: dict, taus: dict[str, float]) -> None:
             print(f"    with tau {tau} ({name}): {tau / it['iteration_ms'] * 1e3:.2f} tok/s "
                   f"vs vanilla {v['tok_per_s']:.2f} tok/s measured in this run")
     print(f"  peak {s['peak_gpu_gb'] or 0:.2f} GB (estimate {s['estimated_peak_gb'] or 0:.2f}, cap {case['vram_limit_gb'] * 2**30 / 1e9:.2f} = {case['vram_limit_gb']} GiB)")
+
+
+def _print_kernels(what: str, kernels: dict | None) -> None:
+    if kernels and "error" not in kernels:
+        print(f"  {what}: {kernels['kernels_per_step']:.0f} kernels, busy {kernels['busy_ms_per_step']:.2f} ms; "
+              "costliest: " + "; ".join(f"{name[:50]} {ms:.3f} ms x{n}" for name, ms, n in kernels["top"][:8]))
 
 
 def main() -> None:
@@ -455,9 +462,10 @@ def main() -> None:
             break
         try:
             case["vanilla"] = bench_vanilla(model, config, args, device, vram_gb, prompt)
+            report_vanilla(case)
             case["subspec"] = bench_subspec(model, config, args, device, vram_gb, prompt,
                                             case["vanilla"]["greedy_tokens"])
-            report(case, taus)
+            report_subspec(case, taus)
         except Exception as err:  # noqa: BLE001 - one case failing must not lose the others
             case["error"] = repr(err)[:500]
             print(f"{shape} failed: {case['error']}", flush=True)

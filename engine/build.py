@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 from typing import Callable
 
@@ -116,7 +117,8 @@ def _classic_drafter(config: EngineConfig, device: torch.device, dtype: torch.dt
 def _draft_graphs(config: EngineConfig, drafter: TreeDrafter, max_length: int, device: torch.device) -> DraftGraphs | None:
     if config.compile_mode is None or (config.compile_mode == "auto" and device.type != "cuda"):
         return None
-    return DraftGraphs(drafter.log_probs, max_length, device, capture=device.type == "cuda")
+    fixed_shape_step = functools.partial(drafter.log_probs, fixed_shape=True)
+    return DraftGraphs(fixed_shape_step, max_length, device, capture=device.type == "cuda")
 
 
 def resolve_device(name: str) -> torch.device:

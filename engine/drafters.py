@@ -109,7 +109,9 @@ class TreeDrafter:
         return self.log_probs(*inputs, kv_end)
 
     def log_probs(
-        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor, kv_end: int
+        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor, kv_end: int,
+        fixed_shape: bool = False,
     ) -> torch.Tensor:
-        logits = self.transformer.forward(self.stack, self.cache, tokens, positions, slots, mask, kv_end, ops=self.pointwise)
+        logits = self.transformer.forward(self.stack, self.cache, tokens, positions, slots, mask, kv_end,
+                                          ops=self.pointwise, fixed_shape=fixed_shape)
         return (logits / self.config.draft_temperature).log_softmax(dim=-1)

@@ -20,12 +20,14 @@ from transformers.activations import ACT2FN
 from engine.cache import KVCache
 from engine.pointwise import EAGER, Pointwise, rms_norm
 
-# Every decoding step attends over a key length never seen before (it grows by one token or one
+# Eager forwards attend over key lengths never seen before (the length grows by one token or one
 # accepted path per step). cuDNN's attention builds and caches an execution plan per shape: on an
 # H200 each new length stalled the host 20-50 ms, long enough to starve the layer stream (vanilla
 # 7B ran at 0.85 of the PCIe bound, 1.00 without cuDNN; benchmarks/offload_gpu.py). These kernels
-# take any length with no per-shape set-up.
-ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# take any length with no per-shape set-up. Draft steps replayed from CUDA graphs have a few fixed
+# shapes, so they plan once per shape and keep cuDNN's single masked-attention kernel.
+ANY_LENGTH_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+FIXED_SHAPE_ATTENTION = [SDPBackend.CUDNN_ATTENTION, *ANY_LENGTH_ATTENTION]
 
 
 class Stack(Protocol):
@@ -83,13 +85,14 @@ class Transformer:
         kv_end: int,  # attention reads slots [0, kv_end)
         logits_rows: torch.Tensor | slice = slice(None),
         ops: Pointwise = EAGER,
+        fixed_shape: bool = False,  # this shape is replayed many times (a CUDA-graph draft step)
     ) -> torch.Tensor:
         """Logits (float32) of the selected rows, after writing the tokens' KV at `slots`."""
         x = self.embed(tokens)
         cos, sin = self.cos[positions], self.sin[positions]
         attn_mask = None if mask is None else mask[None, None]
         h = rms_norm(x, *self.norms[0][0])
-        with sdpa_kernel(ATTENTION_BACKENDS):
+        with sdpa_kernel(FIXED_SHAPE_ATTENTION if fixed_shape else ANY_LENGTH_ATTENTION, set_priority=True):
             for i in range(stack.num_layers):
                 weights = stack.weights(i)
                 _, post_norm, q_norm, k_norm = self.norms[i]

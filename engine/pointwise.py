@@ -70,13 +70,16 @@ EAGER = Pointwise()
 
 
 def compiled_pointwise(backend: str | Callable = "inductor") -> Pointwise:
-    """torch.compile'd versions (fixed shapes: a draft step's width never changes within a graph).
-    A function that fails to compile warns once and runs eagerly from then on."""
+    """torch.compile'd versions. Shapes start static and turn dynamic once a second shape shows up
+    (torch.compile's default): draft widths, bucketed lengths and other models in the same process
+    then share a few compilations instead of exhausting dynamo's recompile limit (8 per function,
+    reached by the third model of one benchmark run). A function that fails to compile warns once
+    and runs eagerly from then on."""
     return Pointwise(*(_compiled(fn, backend) for fn in (add_rms_norm, attention_inputs, gated)))
 
 
 def _compiled(fn: Callable, backend: str | Callable) -> Callable:
-    compiled = torch.compile(fn, backend=backend, dynamic=False, fullgraph=True)
+    compiled = torch.compile(fn, backend=backend, fullgraph=True)
     use = [compiled]
 
     def call(*args):
