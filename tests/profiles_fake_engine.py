@@ -5,7 +5,7 @@ the free tree) is checked without a GPU."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -26,16 +26,22 @@ class FakeGpu:
     peak_bytes: Callable[[int, int, int], int]  # (layers_on_gpu, offload_slots, max_depth) -> peak bytes
     forward_s: Callable[[int], float]  # tokens -> seconds (the fake sleeps that long)
     out_of_memory: Callable[[int, int], bool] = lambda layers, slots: False
+    # Decode seconds of a generation; by default deeper trees "decode" faster.
+    decode_s: Callable[[EngineConfig], float] = lambda config: 0.1 / (
+        1 + config.max_depth if config.method != "vanilla" else 1
+    )
     loads: list[EngineConfig] = field(default_factory=list)
+    engines: list[FakeEngine] = field(default_factory=list)
 
     def load(self, config: EngineConfig, progress) -> FakeEngine:
-        self.loads.append(config)
+        self.loads.append(replace(config))  # as loaded: the engine's own copy may be reconfigured
         if self.out_of_memory(config.keep_first_n_layers_on_gpu or 0, config.offload_slots):
             try:
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory")
             except torch.cuda.OutOfMemoryError:
                 raise EngineError("fake does not fit the GPU memory with this plan") from None
-        return FakeEngine(config, self)
+        self.engines.append(FakeEngine(config, self))
+        return self.engines[-1]
 
 
 class FakeEngine:
@@ -49,8 +55,7 @@ class FakeEngine:
         assert not self.closed
         if sampling.max_new_tokens == 1:
             time.sleep(self.gpu.forward_s(len(prompt_ids)))
-        # Deeper trees "decode" faster, so a CPU comparison has a predictable winner.
-        decode_s = 0.1 / (1 + self.config.max_depth if self.config.method != "vanilla" else 1)
+        decode_s = self.gpu.decode_s(self.config)
         stats = GenerationStats(method=self.config.method, new_tokens=sampling.max_new_tokens, decode_s=decode_s)
         stats.peak_gpu_bytes = self.gpu.peak_bytes(
             self.config.keep_first_n_layers_on_gpu or 0, self.config.offload_slots, self.config.max_depth

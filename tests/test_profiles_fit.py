@@ -119,8 +119,47 @@ def test_a_bigger_tree_that_does_not_fit_falls_back_to_the_trial_tree():
         forward_s=lambda tokens: FREE_FORWARD_S,
     )
     plan = fit_7b(gpu)
-    assert [c.max_depth for c in gpu.loads] == [32, 64]
+    assert [c.max_depth for c in gpu.loads] == [32, 64, 32]  # the trial's tree is loaded again
     assert (plan.max_depth, plan.node_budget, plan.measured_peak_bytes) == (32, 192, allowed - 1)
+    assert all(engine.closed for engine in gpu.engines)
+
+
+def test_the_tree_is_the_free_budget_that_generates_fastest():
+    """Drafting is not free: a model whose drafts are accepted shallowly generates fastest with a
+    smaller tree than the free bound (here the fake's speed peaks at 192 nodes of 288)."""
+    gpu = FakeGpu(
+        peak_bytes=lambda layers, slots, depth: 4 * GIB,
+        forward_s=lambda tokens: FREE_FORWARD_S if tokens <= 289 else SLOW_FORWARD_S,
+        decode_s=lambda config: 0.1 + abs((config.node_budget or 0) - 192) / 1000,
+    )
+    messages = []
+    plan = fit.fit_gpu(None, "subspec_sd", QWEN25_7B, 8 * GIB, 8.0, 2048, "fp", messages.append, gpu.load)
+    assert (plan.node_budget, plan.max_depth, plan.tree_policy, plan.draft_batch) == (192, 32, "best_first", 16)
+    assert list(plan.tok_per_s_by_candidate) == [
+        "best-first 289 nodes", "best-first 193 nodes", "best-first 97 nodes"
+    ]
+    assert max(plan.tok_per_s_by_candidate, key=plan.tok_per_s_by_candidate.get) == "best-first 193 nodes"
+    assert any(m.startswith("best-first 193 nodes:") for m in messages)
+    assert all(engine.closed for engine in gpu.engines)
+    profile = Profile(GPU_DEVICE, "fake", "subspec_sd", plan, None, False)
+    assert "Measured: best-first 289 nodes" in format_profile(profile)
+
+
+@pytest.mark.slow
+def test_choose_tree_reconfigures_a_real_engine(monkeypatch):
+    """The tree trial on the real bundled model: every budget really generates (new widths, new
+    graphs) and is reported, and the fastest is the one returned."""
+    from engine import load_engine
+
+    monkeypatch.setattr(fit, "TREE_TRIAL_TOKENS", 16)
+    engine = load_engine(EngineConfig(method="subspec_sd", max_depth=2, topk_len=2))
+    messages = []
+    nodes, speeds = fit.choose_tree(engine, 49, messages.append)
+    assert list(speeds) == ["best-first 49 nodes", "best-first 33 nodes", "best-first 17 nodes"]
+    assert all(tps > 0 for tps in speeds.values()) and len(messages) == 3
+    assert nodes in (49, 33, 17) and speeds[f"best-first {nodes} nodes"] == max(speeds.values())
+    assert (engine.config.tree_policy, engine.config.topk_len, engine.config.draft_batch) == ("best_first", 6, 16)
+    engine.close()
 
 
 def test_a_plan_that_never_fits_is_refused():
