@@ -147,8 +147,8 @@ def test_the_tree_is_the_free_budget_that_generates_fastest():
 
 @pytest.mark.slow
 def test_choose_tree_reconfigures_a_real_engine(monkeypatch):
-    """The tree trial on the real bundled model: every budget really generates (new widths, new
-    graphs) and is reported, and the fastest is the one returned."""
+    """The tree trial on the real bundled model: every budget really generates (with its own draft
+    widths) and is reported, and the fastest is the one returned."""
     from engine import load_engine
 
     monkeypatch.setattr(fit, "TREE_TRIAL_TOKENS", 16)
