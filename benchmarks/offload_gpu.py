@@ -116,15 +116,27 @@ def build(model, config, args, device, method: str, vram_gb: float, **extra) -> 
     if device.type == "cuda":
         plan, buffers = fitting_plan(config, vram_gb, method, args.max_length, 1 + 48 * 6 if method != "vanilla" else 1)
         keep, estimated = plan.layers_on_gpu, plan.estimated_peak_bytes
+        estimated_resident = plan.estimated_peak_bytes - plan.workspace_bytes
     else:
-        keep, buffers, estimated = 2, 2, None
+        keep, buffers, estimated, estimated_resident = 2, 2, None, None
     engine = engine_from_model(
         EngineConfig(method=method, device=str(device), vram_limit_gb=vram_gb if device.type == "cuda" else None,
                      keep_first_n_layers_on_gpu=keep, offload_slots=buffers, max_length=args.max_length,
                      emulate_offload=device.type == "cpu", **extra),
         LoadedModel(model, _NoText(), args.shape, None),
     )
-    return engine, {"stream_buffers": buffers, "estimated_peak_gb": estimated / 1e9 if estimated else None}
+    # Where the memory model is off: what stays allocated (weights, caches, buffers) against its
+    # estimate without the workspace, and the loading peak (quantization transients).
+    memory = {"resident_gb": torch.cuda.memory_allocated(device) / 1e9, "build_peak_gb": torch.cuda.max_memory_allocated(device) / 1e9,
+              "estimated_resident_gb": estimated_resident / 1e9} if device.type == "cuda" else {}
+    return engine, {"stream_buffers": buffers, "estimated_peak_gb": estimated / 1e9 if estimated else None, **memory}
+
+
+def _memory_line(result: dict) -> str:
+    if "resident_gb" not in result:
+        return ""
+    return (f"; resident after loading {result['resident_gb']:.2f} GB (estimate without workspace "
+            f"{result['estimated_resident_gb']:.2f}), loading peak {result['build_peak_gb']:.2f} GB")
 
 
 def bench_vanilla(model, config, args, device, vram_gb: float, prompt: list[int]) -> dict:
@@ -384,7 +396,8 @@ def report_vanilla(case: dict) -> None:
         print(f"vanilla: {v['layers_on_gpu']}/{v['layers_total']} layers on GPU, {v['stream_buffers']} buffers, "
               f"{v['offloaded_gb']:.2f} GB streamed per token, bound {v['stream_bound_ms']:.1f} ms")
         print(f"  {v['ms_per_token']:.1f} ms/token = {v['tok_per_s']:.2f} tok/s, efficiency {v['efficiency']:.3f} "
-              f"(bound/measured); peak {v['peak_gpu_gb']:.2f} GB (estimate {v['estimated_peak_gb']:.2f}, cap {case['vram_limit_gb'] * 2**30 / 1e9:.2f} = {case['vram_limit_gb']} GiB)")
+              f"(bound/measured); peak {v['peak_gpu_gb']:.2f} GB (estimate {v['estimated_peak_gb']:.2f}, cap {case['vram_limit_gb'] * 2**30 / 1e9:.2f} = {case['vram_limit_gb']} GiB)"
+              + _memory_line(v))
 
 
 def report_subspec(case: dict, taus: dict[str, float]) -> None:
@@ -414,7 +427,8 @@ def report_subspec(case: dict, taus: dict[str, float]) -> None:
         for name, tau in taus.items():
             print(f"    with tau {tau} ({name}): {tau / it['iteration_ms'] * 1e3:.2f} tok/s "
                   f"vs vanilla {v['tok_per_s']:.2f} tok/s measured in this run")
-    print(f"  peak {s['peak_gpu_gb'] or 0:.2f} GB (estimate {s['estimated_peak_gb'] or 0:.2f}, cap {case['vram_limit_gb'] * 2**30 / 1e9:.2f} = {case['vram_limit_gb']} GiB)")
+    print(f"  peak {s['peak_gpu_gb'] or 0:.2f} GB (estimate {s['estimated_peak_gb'] or 0:.2f}, cap {case['vram_limit_gb'] * 2**30 / 1e9:.2f} = {case['vram_limit_gb']} GiB)"
+          + _memory_line(s))
 
 
 def _print_kernels(what: str, kernels: dict | None) -> None:
