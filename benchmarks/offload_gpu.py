@@ -132,11 +132,15 @@ def build(model, config, args, device, method: str, vram_gb: float, **extra) -> 
     return engine, {"stream_buffers": buffers, "estimated_peak_gb": estimated / 1e9 if estimated else None, **memory}
 
 
-def _memory_line(result: dict) -> str:
-    if "resident_gb" not in result:
-        return ""
-    return (f"; resident after loading {result['resident_gb']:.2f} GB (estimate without workspace "
-            f"{result['estimated_resident_gb']:.2f}), loading peak {result['build_peak_gb']:.2f} GB")
+def _peak_line(result: dict, case: dict) -> str:
+    """Peak against the estimate and the cap; on a GPU also what stays allocated after loading."""
+    cap = case["vram_limit_gb"]
+    line = (f"peak {result['peak_gpu_gb'] or 0:.2f} GB (estimate {result['estimated_peak_gb'] or 0:.2f}, "
+            f"cap {cap * 2**30 / 1e9:.2f} = {cap} GiB)")
+    if "resident_gb" in result:
+        line += (f"; resident after loading {result['resident_gb']:.2f} GB (estimate without workspace "
+                 f"{result['estimated_resident_gb']:.2f}), loading peak {result['build_peak_gb']:.2f} GB")
+    return line
 
 
 def bench_vanilla(model, config, args, device, vram_gb: float, prompt: list[int]) -> dict:
@@ -396,8 +400,7 @@ def report_vanilla(case: dict) -> None:
         print(f"vanilla: {v['layers_on_gpu']}/{v['layers_total']} layers on GPU, {v['stream_buffers']} buffers, "
               f"{v['offloaded_gb']:.2f} GB streamed per token, bound {v['stream_bound_ms']:.1f} ms")
         print(f"  {v['ms_per_token']:.1f} ms/token = {v['tok_per_s']:.2f} tok/s, efficiency {v['efficiency']:.3f} "
-              f"(bound/measured); peak {v['peak_gpu_gb']:.2f} GB (estimate {v['estimated_peak_gb']:.2f}, cap {case['vram_limit_gb'] * 2**30 / 1e9:.2f} = {case['vram_limit_gb']} GiB)"
-              + _memory_line(v))
+              "(bound/measured); " + _peak_line(v, case))
 
 
 def report_subspec(case: dict, taus: dict[str, float]) -> None:
@@ -427,8 +430,7 @@ def report_subspec(case: dict, taus: dict[str, float]) -> None:
         for name, tau in taus.items():
             print(f"    with tau {tau} ({name}): {tau / it['iteration_ms'] * 1e3:.2f} tok/s "
                   f"vs vanilla {v['tok_per_s']:.2f} tok/s measured in this run")
-    print(f"  peak {s['peak_gpu_gb'] or 0:.2f} GB (estimate {s['estimated_peak_gb'] or 0:.2f}, cap {case['vram_limit_gb'] * 2**30 / 1e9:.2f} = {case['vram_limit_gb']} GiB)"
-          + _memory_line(s))
+    print("  " + _peak_line(s, case))
 
 
 def _print_kernels(what: str, kernels: dict | None) -> None:

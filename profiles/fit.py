@@ -190,16 +190,23 @@ def choose_tree(engine: Engine, max_nodes: int, progress: Progress) -> tuple[int
     budgets = sorted({max(DRAFT_BATCH, round((max_nodes - 1) * f)) for f in TREE_FRACTIONS}, reverse=True)
     config = engine.config
     config.tree_policy, config.topk_len, config.draft_batch = TREE_POLICY, TOPK, DRAFT_BATCH
-    prompt = engine.chat_ids([{"role": "user", "content": TREE_TRIAL_PROMPT}])
-    speeds: dict[int, float] = {}
-    for budget in budgets:
+    labels = {budget: f"best-first {budget + 1} nodes" for budget in budgets}
+    speeds: dict[str, float] = {}
+    for budget, label in labels.items():
         config.node_budget, config.max_depth = budget, budget // TOPK
-        engine.generate(prompt, SamplingConfig(max_new_tokens=4))  # warm-up: graphs for this tree's widths
-        generation = engine.generate(prompt, SamplingConfig(max_new_tokens=TREE_TRIAL_TOKENS))
-        speeds[budget] = generation.stats.tok_per_s
-        progress(f"best-first {budget + 1} nodes: {speeds[budget]:.1f} tok/s, tau {generation.stats.tau:.2f}")
-    best = max(budgets, key=lambda budget: speeds[budget])
-    return best + 1, {f"best-first {budget + 1} nodes": tps for budget, tps in speeds.items()}
+        speeds[label] = _reply_tok_per_s(engine, TREE_TRIAL_PROMPT, TREE_TRIAL_TOKENS, label, progress)
+    best = max(budgets, key=lambda budget: speeds[labels[budget]])
+    return best + 1, speeds
+
+
+def _reply_tok_per_s(engine: Engine, question: str, new_tokens: int, label: str, progress: Progress) -> float:
+    """Decode tok/s of a greedy reply to `question`, after a short warm-up reply (first calls
+    allocate; a tree's new draft widths capture their graphs)."""
+    prompt = engine.chat_ids([{"role": "user", "content": question}])
+    engine.generate(prompt, SamplingConfig(max_new_tokens=4))
+    generation = engine.generate(prompt, SamplingConfig(max_new_tokens=new_tokens))
+    progress(f"{label}: {generation.stats.tok_per_s:.1f} tok/s, tau {generation.stats.tau:.2f}")
+    return generation.stats.tok_per_s
 
 
 def shrink(layers: int, buffers: int, excess_layers: int) -> tuple[int, int]:
@@ -249,13 +256,9 @@ def choose_cpu(
         engine = loader(config, progress)
         try:
             layers_total = int(engine.describe()["layers_total"])
-            prompt = engine.chat_ids([{"role": "user", "content": CPU_PROMPT}])
-            engine.generate(prompt, SamplingConfig(max_new_tokens=2))  # warm-up: first calls allocate
-            generation = engine.generate(prompt, SamplingConfig(max_new_tokens=new_tokens))
+            tok_per_s[candidate.label] = _reply_tok_per_s(engine, CPU_PROMPT, new_tokens, candidate.label, progress)
         finally:
             engine.close()
-        tok_per_s[candidate.label] = generation.stats.tok_per_s
-        progress(f"{candidate.label}: {generation.stats.tok_per_s:.1f} tok/s, tau {generation.stats.tau:.2f}")
     best = max(candidates, key=lambda c: tok_per_s[c.label])
     drafts = best.method != "vanilla"
     return ModelPlan(
