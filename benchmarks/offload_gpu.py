@@ -10,7 +10,7 @@ For each case (Qwen2.5-7B at 8 GB, Llama-3.1-8B at 8 GB, Qwen2.5-14B at 12 GB, Q
   the reference tree (depth 48 x top-6) and for the tree the profile rule picks from the verify
   timings; peak GPU memory against the cap;
 - tok/s of SubSpec = tau / iteration time, for stated taus (random weights say nothing about tau).
-The first case also compares the substitute's 4-bit kernels per layer (tinygemm with fused q/k/v
+The first case also compares the substitute's 4-bit kernels per layer (triton and tinygemm with fused q/k/v
 and gate/up, gemlite, dense dequantized weights) and bf16, eager and inside a CUDA graph, and
 profiles the GPU kernels of one draft step.
 
@@ -195,12 +195,14 @@ def bench_subspec(model, config, args, device, vram_gb: float, prompt: list[int]
         out["draft_depth_graph_ms"] = median_ms(lambda: drafter.draft_step(tree, frontier), timer, 20)
     if device.type == "cuda":
         out["draft_step_kernels"] = kernel_breakdown(lambda: drafter.draft_step(tree, frontier))
-    if graphs is not None and args.draft_batch != WIDTH:  # a wider draft forward: what does it cost?
-        wide = torch.arange(tree.size - args.draft_batch, tree.size, device=device)
+    out["wide"] = {batch: {} for batch in args.draft_batches if batch != WIDTH}
+    for batch, wide_out in out["wide"].items():  # wider draft forwards: what does each cost?
+        if graphs is None:
+            break
+        wide = torch.arange(tree.size - batch, tree.size, device=device)
         drafter.draft_step(tree, wide)  # capture
-        out["draft_depth_graph_ms_wide"] = median_ms(lambda: drafter.draft_step(tree, wide), timer, 20)
-        out["draft_batch_wide"] = args.draft_batch
-        out["draft_step_kernels_wide"] = kernel_breakdown(lambda: drafter.draft_step(tree, wide))
+        wide_out["draft_depth_graph_ms"] = median_ms(lambda: drafter.draft_step(tree, wide), timer, 20)
+        wide_out["draft_step_kernels"] = kernel_breakdown(lambda: drafter.draft_step(tree, wide))
     head_gb = (model.lm_head.weight.nbytes + model.model.embed_tokens.weight[:WIDTH].nbytes) / 1e9
     out["draft_hbm_floor_ms"] = (out["substitute_gb"] + head_gb) / HBM_GBPS * 1e3
 
@@ -211,9 +213,9 @@ def bench_subspec(model, config, args, device, vram_gb: float, prompt: list[int]
     profile_depth = max(1, (out["profile_nodes"] - 1) // topk)
     out["profile_depth"] = profile_depth  # the profile's plan: best-first over the free node budget
     out["iteration_profile"] = _iterations(engine, prompt, "best_first", profile_depth, out["profile_nodes"] - 1, args)
-    if args.draft_batch != WIDTH:  # the same budget, args.draft_batch nodes per draft forward
-        out["iteration_profile_wide"] = _iterations(engine, prompt, "best_first", profile_depth,
-                                                    out["profile_nodes"] - 1, args, args.draft_batch)
+    for batch, wide_out in out["wide"].items():  # the same budget, `batch` nodes per draft forward
+        wide_out["iteration"] = _iterations(engine, prompt, "best_first", profile_depth,
+                                            out["profile_nodes"] - 1, args, batch)
     out["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
     close(engine)
     return out
@@ -318,7 +320,7 @@ def kernels_per_layer(model, device: torch.device, repeats: int) -> dict:
     on_device = [{name: t.to(device) for name, t in layer.items()}]
     variants = {"bf16 (7 linears)": on_device[0]}
     out: dict = {}
-    for kernel in ("dense", "tinygemm", "gemlite"):
+    for kernel in ("dense", "triton", "tinygemm", "gemlite"):
         try:
             variants[f"{kernel} 4-bit"] = build_substitute(on_device, device, torch.bfloat16, kernel=kernel).layers[0]
         except Exception as err:  # noqa: BLE001 - report, keep measuring the others
@@ -415,15 +417,14 @@ def report_subspec(case: dict, taus: dict[str, float]) -> None:
           + (f", CUDA graph {graph:.2f} ms" if graph else "") + f"; HBM floor {s['draft_hbm_floor_ms']:.2f} ms")
     _print_kernels("draft step on the GPU", s.get("draft_step_kernels"))
     print(f"  KV compaction (8-node path): {s['compaction_ms']:.3f} ms; greedy tokens equal to vanilla: {s['greedy_match']}")
-    wide = s.get("draft_depth_graph_ms_wide")
-    if wide:
-        print(f"  one draft forward of {s['draft_batch_wide']} tokens (CUDA graph): {wide:.2f} ms")
-        _print_kernels(f"{s['draft_batch_wide']}-token draft step on the GPU", s.get("draft_step_kernels_wide"))
-    for key in ("iteration_reference", "iteration_profile", "iteration_profile_wide"):
-        if key not in s:
-            continue
-        it = s[key]
-        print(f"  {key.split('_', 1)[1]} tree ({it['policy']}, {it['draft_batch']} per draft forward), depth {it['depth']} ({it['nodes']:.0f} nodes): iteration {it['iteration_ms']:.1f} ms "
+    for batch, wide in s["wide"].items():
+        if "draft_depth_graph_ms" in wide:
+            print(f"  one draft forward of {batch} tokens (CUDA graph): {wide['draft_depth_graph_ms']:.2f} ms")
+            _print_kernels(f"{batch}-token draft step on the GPU", wide.get("draft_step_kernels"))
+    iterations = [("reference", s["iteration_reference"]), ("profile", s["iteration_profile"])]
+    iterations += [(f"profile, {batch} wide", wide["iteration"]) for batch, wide in s["wide"].items()]
+    for name, it in iterations:
+        print(f"  {name} tree ({it['policy']}, {it['draft_batch']} per draft forward), depth {it['depth']} ({it['nodes']:.0f} nodes): iteration {it['iteration_ms']:.1f} ms "
               f"= {it['iteration_ms'] / bound:.2f}x bound [draft {it['draft_ms']:.1f} ({it['draft_forwards']:.0f} forwards, {it['draft_ms_per_forward']:.2f} ms each), "
               f"verify {it['verify_ms']:.1f}, transfer {it['transfer_ms']:.1f}, host {it['host_ms']:.1f}]; "
               f"allocator retries {it['allocator_retries']}")
@@ -448,12 +449,13 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=4, help="steady iterations timed per tree")
     parser.add_argument("--tau", action="append", default=[], help="name=value: report tok/s at this tau")
     parser.add_argument("--depth", type=int, default=REFERENCE_TREE[0], help="reference tree depth (top-6)")
-    parser.add_argument("--draft-batch", type=int, default=16, help="best-first nodes per draft forward, also timed")
+    parser.add_argument("--draft-batch", default="16,32", help="best-first nodes per draft forward, also timed (a list)")
     parser.add_argument("--skip-kernels", action="store_true")
     parser.add_argument("--kernels-only", action="store_true", help="only the per-layer kernel comparison")
-    parser.add_argument("--substitute-kernel", default="auto", help="auto, tinygemm, gemlite, hqq, dense")
+    parser.add_argument("--substitute-kernel", default="auto", help="auto, triton, tinygemm, gemlite, hqq, dense")
     parser.add_argument("--json")
     args = parser.parse_args()
+    args.draft_batches = [int(b) for b in args.draft_batch.split(",")]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     taus = {name: float(value) for name, value in (t.split("=", 1) for t in args.tau)}
     cases = [(c.split(":")[0], float(c.split(":")[1])) for c in args.cases.split(",")]
@@ -484,7 +486,11 @@ def main() -> None:
             report_subspec(case, taus)
         except Exception as err:  # noqa: BLE001 - one case failing must not lose the others
             case["error"] = repr(err)[:500]
-            print(f"{shape} failed: {case['error']}", flush=True)
+            if device.type == "cuda":  # where the memory was when it failed
+                case["error_memory_gb"] = {"peak": torch.cuda.max_memory_allocated(device) / 1e9,
+                                           "allocated": torch.cuda.memory_allocated(device) / 1e9,
+                                           "reserved": torch.cuda.memory_reserved(device) / 1e9}
+            print(f"{shape} failed: {case['error']} {case.get('error_memory_gb', '')}", flush=True)
         results["cases"].append(case)
         if not args.skip_kernels and len(results["cases"]) == 1:
             # After the case: a gemlite import and extra graphs must not touch the case's figures.

@@ -8,7 +8,7 @@ from typing import Literal
 Method = Literal["vanilla", "classic_sd", "subspec_sd", "eagle_sd"]
 METHODS: tuple[str, ...] = ("vanilla", "classic_sd", "subspec_sd", "eagle_sd")
 COMPILE_MODES: tuple[str | None, ...] = ("auto", "cuda-graphs", None)
-SUBSTITUTE_KERNELS: tuple[str, ...] = ("auto", "tinygemm", "gemlite", "hqq", "dense")
+SUBSTITUTE_KERNELS: tuple[str, ...] = ("auto", "triton", "tinygemm", "gemlite", "hqq", "dense")
 
 
 @dataclass
@@ -42,7 +42,7 @@ class EngineConfig:
     draft_temperature: float = 0.2
     substitute_bits: int = 4
     substitute_group_size: int = 64
-    # What multiplies with the quantized weights: auto, tinygemm, gemlite, hqq, dense (engine.substitute).
+    # What multiplies with the quantized weights: auto, triton, tinygemm, gemlite, hqq, dense (engine.substitute).
     substitute_kernel: str = "auto"
     # verification
     verify_method: Literal["exact", "lossy"] = "exact"

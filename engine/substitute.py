@@ -6,6 +6,8 @@ prefix with no prefill and no second copy of anything shared.
 
 HQQ quantizes (w = (q - zero) * scale, per group of `group_size` inputs); a kernel then multiplies
 with those very numbers. Kernels (`substitute_kernel`):
+- "triton": engine.int4_kernel, written for the draft's 1-16 rows: one pass over the 4-bit weights
+  for all rows, HQQ's scale and zero applied per group. q/k/v and gate/up fused as for tinygemm.
 - "tinygemm": torch's own int4 kernel (`aten._weight_int4pack_mm`, gpt-fast's int4 path). HQQ's
   float zero points carry over exactly: tinygemm computes (q - 8) * scale + offset, so
   offset = (8 - zero) * scale. q/k/v and gate/up are fused into one matrix each (their rows are
@@ -14,14 +16,16 @@ with those very numbers. Kernels (`substitute_kernel`):
 - "hqq": hqq's torch backend (unpacks and dequantizes every weight on every call).
 - "dense": the dequantized weights, computed once, fused like tinygemm's (the CPU's choice: hqq's
   torch backend would dequantize tens of ms per linear on every call).
-"auto" = tinygemm on a GPU where it applies (bf16, 4-bit, group 32-256), else gemlite, else hqq;
-dense on a CPU. Measured on an H200 (7B layer, 6 tokens, CUDA graph): tinygemm 0.15 ms per layer,
-gemlite 0.23 ms; both far above the 0.027 ms HBM floor (README, "GPU performance").
+"auto" = triton on a GPU where it applies (bf16, 4-bit, group 32-128), else tinygemm (bf16, group
+32-256), else gemlite, else hqq; dense on a CPU. Measured on an H200 (7B layer in a CUDA graph, the
+four fused linears): triton 88 us at 6 tokens and 95 us at 16, tinygemm 145 and 297, gemlite ~230
+at 6; the 4-bit bytes' HBM floor is 39 us (README, "GPU performance").
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -92,7 +96,11 @@ def build_substitute(
         if kernel == "dense":
             quantized.append(_fused(modules, _dense, compute_dtype))
         elif kernel == "tinygemm":
-            quantized.append(_fused(modules, _int4_linear, compute_dtype))
+            quantized.append(_fused(modules, _int4(Int4Linear), compute_dtype))
+        elif kernel == "triton":
+            from engine.int4_kernel import TritonInt4Linear  # imports triton: only when chosen
+
+            quantized.append(_fused(modules, _int4(TritonInt4Linear), compute_dtype))
         else:
             quantized.append(modules)
     if to_save and cache_file is not None:
@@ -109,14 +117,19 @@ def resolve_kernel(
     if kernel not in SUBSTITUTE_KERNELS:
         raise EngineError(f"unknown substitute kernel {kernel!r}: use one of {', '.join(SUBSTITUTE_KERNELS)}")
     why_not_tinygemm = _tinygemm_unsupported(device, dtype, bits, group_size, layer)
+    why_not_triton = _triton_unsupported(device, dtype, bits, group_size)
     if kernel == "auto":
         if device.type == "cpu":
             return "dense"
+        if why_not_triton is None:
+            return "triton"
         if why_not_tinygemm is None:
             return "tinygemm"
         return "gemlite" if _gemlite_importable() else "hqq"
     if kernel == "tinygemm" and why_not_tinygemm is not None:
         raise EngineError(f"substitute kernel tinygemm cannot run here: {why_not_tinygemm}")
+    if kernel == "triton" and why_not_triton is not None:
+        raise EngineError(f"substitute kernel triton cannot run here: {why_not_triton}")
     if kernel == "gemlite" and (device.type != "cuda" or not _gemlite_importable()):
         raise EngineError("substitute kernel gemlite needs a CUDA GPU and the gpu extra (pip install -e '.[gpu]')")
     return kernel
@@ -135,6 +148,23 @@ def _tinygemm_unsupported(
         rows, inputs = layer[name].shape
         if rows % 8 or inputs % 32:
             return f"{name} is {rows} x {inputs}; it needs outputs divisible by 8 and inputs by 32"
+    return None
+
+
+def _triton_unsupported(device: torch.device, dtype: torch.dtype, bits: int, group_size: int) -> str | None:
+    if bits != 4:
+        return f"it multiplies 4-bit weights, not {bits}-bit"
+    if group_size not in (32, 64, 128):
+        return f"its group sizes are 32, 64, 128, not {group_size}"
+    # Triton compiles for CUDA; its interpreter (TRITON_INTERPRET=1, for the tests) runs on a CPU.
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "it needs a CUDA GPU"
+    if device.type == "cuda" and dtype != torch.bfloat16:
+        return f"on a GPU it computes in bfloat16, not {str(dtype).removeprefix('torch.')}"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (CUDA builds of torch bring it)"
     return None
 
 
@@ -182,10 +212,16 @@ def _dense(name: str, modules: list, dtype: torch.dtype) -> dict[str, torch.Tens
     return weights | ({f"{name}.bias": bias} if bias is not None else {})
 
 
-def _int4_linear(name: str, modules: list, dtype: torch.dtype) -> dict[str, Int4Linear]:
-    """HQQ's integers, scales and zeros of the stacked linears, as one Int4Linear."""
-    q, scale, zero = (torch.cat(parts) for parts in zip(*(_quantized_rows(m) for m in modules)))
-    return {name: Int4Linear(q, scale, zero, modules[0].meta["group_size"], _stacked_bias(modules, dtype), dtype)}
+def _int4(module_class: type) -> Callable:
+    """A converter to `module_class` (Int4Linear, TritonInt4Linear): HQQ's integers, scales and
+    zeros of the stacked linears, as they are."""
+
+    def convert(name: str, modules: list, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+        q, scale, zero = (torch.cat(parts) for parts in zip(*(_quantized_rows(m) for m in modules)))
+        group_size = modules[0].meta["group_size"]
+        return {name: module_class(q, scale, zero, group_size, _stacked_bias(modules, dtype), dtype)}
+
+    return convert
 
 
 class Int4Linear(torch.nn.Module):
@@ -259,7 +295,7 @@ def _use_gemlite(layers: list[dict]) -> None:
 
 
 def _nbytes(w: object) -> int:
-    if isinstance(w, (torch.Tensor, Int4Linear)):
+    if isinstance(getattr(w, "nbytes", None), int):  # tensors and the int4 modules
         return w.nbytes
     if isinstance(w, torch.nn.Module):
         return sum(t.nbytes for t in list(w.parameters()) + list(w.buffers())) + sum(

@@ -80,7 +80,7 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-iter", type=_checked("warmup_iter", int), help="untimed generations before measuring")
     g.add_argument("--compile-mode", help="draft steps: auto (CUDA graphs + compiled element-wise math on a GPU), cuda-graphs, or none (eager)")
     g.add_argument("--substitute-kernel", choices=SUBSTITUTE_KERNELS,
-                   help="subspec_sd's 4-bit matmul: auto (tinygemm on a GPU, dense on a CPU), tinygemm, gemlite, hqq, dense")
+                   help="subspec_sd's 4-bit matmul: auto (triton on a GPU, dense on a CPU), triton, tinygemm, gemlite, hqq, dense")
     g.add_argument("--max-depth", type=_checked("max_depth", int), help="draft tree depth")
     g.add_argument("--topk-len", type=_checked("topk_len", int), help="draft tree width per depth")
     g.add_argument("--tree-policy", choices=("reference", "best_first"))

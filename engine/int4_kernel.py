@@ -1,0 +1,206 @@
+"""A 4-bit matmul for the draft's few rows, reading each weight byte once.
+
+A draft step multiplies 1-16 tokens with every quantized linear, so its floor is the 4-bit weight
+bytes over HBM bandwidth. torch's tinygemm kernel puts the tokens on the 8-wide side of its tensor-core
+tile and walks the weights once per 8 tokens (a 16-token step costs twice a 6-token one, both far
+above the floor). Here the tokens are the 16-row side of one tile, so 1-16 tokens cost one pass.
+
+Layout (`pack_int4`): the integers of 128 consecutive inputs sit in 16 int32 words per output,
+nibble j of word r holding input 16 j + r. A program loads [16, BLOCK_N] words in one coalesced
+read and peels them into 8 slices of [16, BLOCK_N] integers, each one tensor-core dot with 16
+columns of x. HQQ's formula stays exact to its numbers, applied after the dot, once per group:
+x . ((q - zero) * scale) = scale * (x . q) + (-zero * scale) * sum(x), the integers exact in bf16.
+
+Small outputs (q/k/v, o, down) give too few column tiles to keep the GPU's memory busy, so K is split
+over SPLIT programs; each writes its partial sums, and the last of them (an atomic count per tile)
+adds them in a fixed order and writes the output: one launch, deterministic, nothing to zero
+between calls (the last program resets the count), so CUDA graphs replay it.
+
+Triton runs on CUDA GPUs; with TRITON_INTERPRET=1 it runs on a CPU too (how the tests check it).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_K = 128  # inputs per step: 16 words of 8 nibbles
+SLICE = 16  # inputs per nibble slice (one tensor-core K step)
+MAX_ROWS = 32  # rows of one call (a draft step's tokens, 16 or 32 to a tile); more are split into calls
+GROUPS = (32, 64, 128)  # HQQ group sizes a 128-input step holds whole
+# The same numbers as the kernel reads them (a jitted function sees only constexpr globals).
+_BLOCK_K = tl.constexpr(BLOCK_K)
+_SLICE = tl.constexpr(SLICE)
+
+
+def _unpack_asm(j: int) -> str:
+    select, shift = (0x5410 if j < 4 else 0x7632), 4 * (j % 4)
+    return (f"{{ .reg .b32 t; prmt.b32 t, $1, $2, {select}; shr.u32 t, t, {shift}; "
+            "lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA; }")  # 0x4300: bf16 128.0; 0xEA: (a & b) | c
+
+
+_UNPACK = tl.constexpr(tuple(_unpack_asm(j) for j in range(8)))  # nibble j + 128, as two bf16
+
+
+@triton.jit
+def _nibbles(packed, j: tl.constexpr, dtype: tl.constexpr, FAST: tl.constexpr):
+    """128 + nibble j of every word, in `dtype` (exact: integers below 256).
+
+    FAST (bf16 on a GPU): two words per instruction sequence, no integer-to-float conversion
+    (the GPU converts 16 per cycle per multiprocessor, too slow to keep up with memory): the two
+    low halves (j < 4) or high halves of two words are interleaved (prmt), shifted, masked and
+    OR-ed into the bits of bf16 128.0 (lop3), which leaves 128 + nibble as two bf16."""
+    if FAST:
+        return tl.inline_asm_elementwise(_UNPACK[j], "=r,r,r", [packed], dtype=tl.bfloat16, is_pure=True, pack=2)
+    return (((packed >> (4 * j)) & 0xF) + 128).to(dtype)
+
+
+@triton.jit
+def _int4_matmul(
+    x_ptr, words_ptr, scale_ptr, offset_ptr, bias_ptr, out_ptr, partial_ptr, count_ptr,
+    M, N, K,
+    BLOCKS_PER_SPLIT: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FAST: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    words = tl.arange(0, _SLICE)
+    inputs = tl.arange(0, _SLICE)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(BLOCKS_PER_SPLIT):  # SPLIT divides the blocks: no program has a ragged end
+        block = pid_k * BLOCKS_PER_SPLIT + i
+        packed = tl.load(words_ptr + (block * _SLICE + words)[:, None] * N + cols[None, :], mask=col_ok[None, :], other=0)
+        for g in tl.static_range(_BLOCK_K // GROUP):
+            group = block * (_BLOCK_K // GROUP) + g
+            scale = tl.load(scale_ptr + group * N + cols, mask=col_ok, other=0.0)
+            offset = tl.load(offset_ptr + group * N + cols, mask=col_ok, other=0.0)
+            for s in tl.static_range(g * (GROUP // _SLICE), (g + 1) * (GROUP // _SLICE)):
+                k = block * _BLOCK_K + s * _SLICE + inputs
+                x_ok = row_ok[:, None] if EVEN_K else row_ok[:, None] & (k[None, :] < K)
+                x = tl.load(x_ptr + rows[:, None] * K + k[None, :], mask=x_ok, other=0.0)
+                q = _nibbles(packed, s, x.dtype, FAST) - 128.0  # exact: small integers
+                acc = tl.dot(x, q * scale[None, :] + offset[None, :], acc)  # HQQ's weights, rounded as HQQ's
+    at = rows[:, None] * N + cols[None, :]
+    ok = row_ok[:, None] & col_ok[None, :]
+    if SPLIT > 1:
+        tl.store(partial_ptr + pid_k * BLOCK_M * N + at, acc, mask=ok)
+        tl.debug_barrier()  # every thread's partial is written before the count says so
+        if tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel") != SPLIT - 1:
+            return
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for split in range(SPLIT):  # a fixed order: the same sums whichever program came last
+            acc += tl.load(partial_ptr + split * BLOCK_M * N + at, mask=ok, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(count_ptr + pid_n, 0)  # ready for the next call
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def pack_int4(q: torch.Tensor, rows_at_once: int = 4096) -> torch.Tensor:
+    """[N, K] integers 0..15 -> [ceil(K / 128) * 16, N] int32 words (module docstring's layout);
+    K is padded with zeros to whole 128-input blocks (their x is masked to 0 in the kernel).
+    Packed `rows_at_once` outputs at a time: the temporaries stay small next to the weights."""
+    n, k = q.shape
+    blocks = triton.cdiv(k, BLOCK_K)
+    words = torch.empty(blocks * SLICE, n, dtype=torch.int32, device=q.device)
+    for start in range(0, n, rows_at_once):
+        part = torch.nn.functional.pad(q[start : start + rows_at_once], (0, blocks * BLOCK_K - k))
+        nibbles = part.view(part.shape[0], blocks, BLOCK_K // SLICE, SLICE)  # [n, block, j, r]
+        packed = torch.zeros(part.shape[0], blocks, SLICE, dtype=torch.int32, device=q.device)
+        for j in range(BLOCK_K // SLICE):
+            packed |= nibbles[:, :, j].to(torch.int32) << (4 * j)  # nibble 7 wraps into the sign bit
+        words[:, start : start + part.shape[0]] = packed.view(part.shape[0], -1).t()
+    return words
+
+
+def choose_tiles(n: int, k: int, multiprocessors: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, SPLIT, warps, stages), the rule fitted to an H200 sweep of the 7B linears (6 and 16
+    rows; README "GPU performance"): 4 warps and 3 stages won everywhere; 64 columns per program
+    for outputs under 8192 and 256 above; K split by the smallest divisor of its 128-input blocks
+    that gives 1.5 programs per multiprocessor (fewer starve the memory system, more re-read x)."""
+    block_n = 64 if n < 8192 else 256
+    tiles = triton.cdiv(n, block_n)
+    blocks = triton.cdiv(k, BLOCK_K)
+    divisors = [s for s in range(1, blocks + 1) if blocks % s == 0]
+    split = next((s for s in divisors if 2 * tiles * s >= 3 * multiprocessors), blocks)
+    return block_n, split, 4, 3
+
+
+def _workspace(device: torch.device, numel: int) -> torch.Tensor:
+    """Partial sums of split programs, one buffer per device shared by every linear: a draft step
+    runs them one after another on one stream. Grown only at a linear's first call, which comes
+    before any CUDA graph capture (graphs capture warmed-up calls)."""
+    buffer = _WORKSPACES.get(device)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _WORKSPACES[device] = torch.empty(numel, dtype=torch.float32, device=device)
+    return buffer
+
+
+_WORKSPACES: dict[torch.device, torch.Tensor] = {}
+
+
+class TritonInt4Linear(torch.nn.Module):
+    """y = x W^T + b with W = (q - zero) * scale (HQQ's 4-bit quantization, groups along K)."""
+
+    def __init__(
+        self,
+        q: torch.Tensor,  # [N, K] integers 0..15
+        scale: torch.Tensor,  # [N, K / group_size]
+        zero: torch.Tensor,  # [N, K / group_size], HQQ's float zero points
+        group_size: int,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        tiles: tuple[int, int, int, int] | None = None,  # (BLOCK_N, SPLIT, warps, stages); default choose_tiles
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.group_size = group_size
+        self.words = pack_int4(q)
+        groups = self.words.shape[0] * 8 // group_size
+        # [groups, N], zero past K: padded inputs add nothing.
+        self.scale = _by_group(scale, groups, dtype)
+        self.offset = _by_group(-zero * scale, groups, dtype)
+        self.bias = bias
+        multiprocessors = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+        self.block_n, self.split, self.warps, self.stages = tiles or choose_tiles(self.out_features, self.in_features, multiprocessors)
+        tiles_n = triton.cdiv(self.out_features, self.block_n)
+        self.blocks = triton.cdiv(self.in_features, BLOCK_K)
+        if self.blocks % self.split:
+            raise ValueError(f"SPLIT {self.split} does not divide {self.blocks} blocks of {BLOCK_K} inputs")
+        self.count = torch.zeros(tiles_n, dtype=torch.int32, device=q.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).contiguous()
+        out = torch.empty(rows.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        for start in range(0, rows.shape[0], MAX_ROWS):
+            self._matmul(rows[start : start + MAX_ROWS], out[start : start + MAX_ROWS])
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def _matmul(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        grid = (triton.cdiv(self.out_features, self.block_n), self.split)
+        bias = self.bias if self.bias is not None else self.scale  # any pointer: not read
+        partial = _workspace(x.device, self.split * MAX_ROWS * self.out_features if self.split > 1 else 1)
+        _int4_matmul[grid](
+            x, self.words, self.scale, self.offset, bias, out, partial, self.count,
+            x.shape[0], self.out_features, self.in_features, BLOCKS_PER_SPLIT=self.blocks // self.split,
+            GROUP=self.group_size, SPLIT=self.split, HAS_BIAS=self.bias is not None,
+            EVEN_K=self.in_features % BLOCK_K == 0, BLOCK_M=16 if x.shape[0] <= 16 else 32, BLOCK_N=self.block_n,
+            FAST=x.is_cuda and x.dtype == torch.bfloat16,
+            num_warps=self.warps, num_stages=self.stages,
+        )
+
+    @property
+    def nbytes(self) -> int:
+        bias = self.bias.nbytes if self.bias is not None else 0
+        return self.words.nbytes + self.scale.nbytes + self.offset.nbytes + self.count.nbytes + bias
+
+
+def _by_group(values: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.zeros(groups, values.shape[0], dtype=dtype, device=values.device)
+    out[: values.shape[1]] = values.t()
+    return out.contiguous()
