@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from engine import Engine, EngineConfig, EngineError, SamplingConfig, load_engine
+from engine import Engine, EngineConfig, EngineError, GenerationStats, SamplingConfig, load_engine
 from profiles.memory import DEFAULT_PREFILL_CHUNK, STREAM_BUFFER_FALLBACK, Plan, estimate_plan
 from profiles.store import ModelPlan, ProfileError
 
@@ -31,8 +31,11 @@ Loader = Callable[[EngineConfig, Progress], Engine]
 
 TOPK = 6  # the reference tree's width; the depth follows from the node budget
 TREE_POLICY = "best_first"  # the engine's default: measured the higher tau (engine/config.py)
-# Nodes per draft forward: the engine's default (engine/config.py has the measurements).
-DRAFT_BATCH = EngineConfig.draft_batch
+# Nodes per draft forward tried with each tree budget. A GPU's 4-bit kernel reads the weights once
+# for up to 32 rows, so a wider forward costs little more (H200, 7B shape: 4.4 ms at 16 tokens,
+# 5.3 at 32) and a 288-node tree takes 10 forwards instead of 19; whether the wider, less adaptive
+# expansion keeps this model's tau is what the trial replies measure.
+DRAFT_BATCHES = (EngineConfig.draft_batch, 32)
 # Reference trees of depth 4, 8, 16, 32, 48, 64 (1 + 6 * depth nodes), all within one prefill chunk.
 NODE_CANDIDATES = (1, 25, 49, 97, 193, 289, 385)
 TRIAL_DEPTH = 32  # the tree of the first trial load (the reference default, 193 nodes)
@@ -135,9 +138,11 @@ def fit_gpu(
         engine.close()
         engine, peak, nodes = _confirm_bigger_tree(base, nodes, peak, allowed, loader, progress)
     tok_per_s: dict[str, float] = {}
+    batch = None
     try:
         if drafts:
-            nodes, tok_per_s = choose_tree(engine, nodes, progress)
+            nodes, batch, tok_per_s, reply_peak = choose_tree(engine, nodes, allowed, progress)
+            peak = max(peak, reply_peak)
     finally:
         engine.close()
     depth = (nodes - 1) // TOPK
@@ -159,7 +164,7 @@ def fit_gpu(
         max_depth=depth if drafts else None,
         topk_len=TOPK if drafts else None,
         node_budget=nodes - 1 if drafts else None,
-        draft_batch=DRAFT_BATCH if drafts else None,
+        draft_batch=batch,
         estimated_peak_bytes=estimate.estimated_peak_bytes,
         measured_peak_bytes=peak,
         verify_ms_by_nodes=trial.forward_ms_by_nodes,
@@ -184,29 +189,49 @@ def _confirm_bigger_tree(
     return again.engine, peak, trial_nodes
 
 
-def choose_tree(engine: Engine, max_nodes: int, progress: Progress) -> tuple[int, dict[str, float]]:
-    """The best-first tree of at most `max_nodes` nodes that generates a real reply fastest, and the
-    tok/s of each budget tried. `engine` is reconfigured in place (its drafter reads its config)."""
-    budgets = sorted({max(DRAFT_BATCH, round((max_nodes - 1) * f)) for f in TREE_FRACTIONS}, reverse=True)
+def choose_tree(
+    engine: Engine, max_nodes: int, allowed_bytes: int | None, progress: Progress
+) -> tuple[int, int, dict[str, float], int]:
+    """The best-first tree (nodes, nodes per draft forward) of at most `max_nodes` nodes that
+    generates a real reply fastest within `allowed_bytes`, the tok/s of each candidate tried and the
+    highest peak among those kept. `engine` is reconfigured in place (its drafter reads its config)."""
+    budgets = sorted({max(DRAFT_BATCHES[0], round((max_nodes - 1) * f)) for f in TREE_FRACTIONS}, reverse=True)
     config = engine.config
-    config.tree_policy, config.topk_len, config.draft_batch = TREE_POLICY, TOPK, DRAFT_BATCH
-    labels = {budget: f"best-first {budget + 1} nodes" for budget in budgets}
+    config.tree_policy, config.topk_len = TREE_POLICY, TOPK
     speeds: dict[str, float] = {}
-    for budget, label in labels.items():
-        config.node_budget, config.max_depth = budget, budget // TOPK
-        speeds[label] = _reply_tok_per_s(engine, TREE_TRIAL_PROMPT, TREE_TRIAL_TOKENS, label, progress)
-    best = max(budgets, key=lambda budget: speeds[labels[budget]])
-    return best + 1, speeds
+    fitting: dict[tuple[int, int], float] = {}
+    peak = 0
+    for budget in budgets:
+        for batch in DRAFT_BATCHES:
+            label = f"best-first {budget + 1} nodes, {batch} per draft forward"
+            config.node_budget, config.max_depth, config.draft_batch = budget, budget // TOPK, batch
+            try:
+                stats = _reply(engine, TREE_TRIAL_PROMPT, TREE_TRIAL_TOKENS, label, progress)
+            except EngineError as err:  # wider draft widths capture more graphs: they may not fit
+                if not _is_out_of_memory(err):
+                    raise
+                progress(f"{label}: out of memory")
+                continue
+            speeds[label] = stats.tok_per_s
+            if allowed_bytes is not None and (stats.peak_gpu_bytes or 0) > allowed_bytes:
+                progress(f"{label}: peak {stats.peak_gpu_bytes / 2**30:.2f} GiB is over the budget")
+                continue
+            fitting[budget, batch] = stats.tok_per_s
+            peak = max(peak, stats.peak_gpu_bytes or 0)
+    if not fitting:
+        raise ProfileError("no draft tree fits next to the model in a real reply: lower --max-length")
+    budget, batch = max(fitting, key=fitting.get)
+    return budget + 1, batch, speeds, peak
 
 
-def _reply_tok_per_s(engine: Engine, question: str, new_tokens: int, label: str, progress: Progress) -> float:
-    """Decode tok/s of a greedy reply to `question`, after a short warm-up reply (first calls
+def _reply(engine: Engine, question: str, new_tokens: int, label: str, progress: Progress) -> GenerationStats:
+    """The stats of a greedy reply to `question`, after a short warm-up reply (first calls
     allocate; a tree's new draft widths capture their graphs)."""
     prompt = engine.chat_ids([{"role": "user", "content": question}])
     engine.generate(prompt, SamplingConfig(max_new_tokens=4))
     generation = engine.generate(prompt, SamplingConfig(max_new_tokens=new_tokens))
     progress(f"{label}: {generation.stats.tok_per_s:.1f} tok/s, tau {generation.stats.tau:.2f}")
-    return generation.stats.tok_per_s
+    return generation.stats
 
 
 def shrink(layers: int, buffers: int, excess_layers: int) -> tuple[int, int]:
@@ -256,7 +281,7 @@ def choose_cpu(
         engine = loader(config, progress)
         try:
             layers_total = int(engine.describe()["layers_total"])
-            tok_per_s[candidate.label] = _reply_tok_per_s(engine, CPU_PROMPT, new_tokens, candidate.label, progress)
+            tok_per_s[candidate.label] = _reply(engine, CPU_PROMPT, new_tokens, candidate.label, progress).tok_per_s
         finally:
             engine.close()
     best = max(candidates, key=lambda c: tok_per_s[c.label])

@@ -143,7 +143,7 @@ def format_profile(profile: Profile) -> str:
         costs = ", ".join(f"{n}: {ms:.1f} ms" for n, ms in sorted(plan.verify_ms_by_nodes.items()))
         lines.append(f"Forward cost by tokens: {costs}")
     if plan.tok_per_s_by_candidate:
-        speeds = ", ".join(f"{label} {tps:.1f} tok/s" for label, tps in plan.tok_per_s_by_candidate.items())
+        speeds = "; ".join(f"{label}: {tps:.1f} tok/s" for label, tps in plan.tok_per_s_by_candidate.items())
         lines.append(f"Measured: {speeds}")
     origin = "reused" if profile.reused else "measured"
     lines.append(f"Profile:  {origin} {plan.measured_at:%Y-%m-%d %H:%M} UTC, " + (f"stored in {profile.path}" if profile.path else "not saved"))

@@ -30,6 +30,8 @@ class FakeGpu:
     decode_s: Callable[[EngineConfig], float] = lambda config: 0.1 / (
         1 + config.max_depth if config.method != "vanilla" else 1
     )
+    # Extra peak bytes of a generation with this config (wider draft forwards capture more graphs).
+    generation_extra_bytes: Callable[[EngineConfig], int] = lambda config: 0
     loads: list[EngineConfig] = field(default_factory=list)
     engines: list[FakeEngine] = field(default_factory=list)
 
@@ -59,7 +61,7 @@ class FakeEngine:
         stats = GenerationStats(method=self.config.method, new_tokens=sampling.max_new_tokens, decode_s=decode_s)
         stats.peak_gpu_bytes = self.gpu.peak_bytes(
             self.config.keep_first_n_layers_on_gpu or 0, self.config.offload_slots, self.config.max_depth
-        )
+        ) + self.gpu.generation_extra_bytes(self.config)
         return Generation([0] * sampling.max_new_tokens, "", "length", stats)
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:

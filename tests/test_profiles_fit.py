@@ -136,13 +136,40 @@ def test_the_tree_is_the_free_budget_that_generates_fastest():
     plan = fit.fit_gpu(None, "subspec_sd", QWEN25_7B, 8 * GIB, 8.0, 2048, "fp", messages.append, gpu.load)
     assert (plan.node_budget, plan.max_depth, plan.tree_policy, plan.draft_batch) == (192, 32, "best_first", 16)
     assert list(plan.tok_per_s_by_candidate) == [
-        "best-first 289 nodes", "best-first 193 nodes", "best-first 97 nodes"
+        f"best-first {nodes} nodes, {batch} per draft forward" for nodes in (289, 193, 97) for batch in (16, 32)
     ]
-    assert max(plan.tok_per_s_by_candidate, key=plan.tok_per_s_by_candidate.get) == "best-first 193 nodes"
-    assert any(m.startswith("best-first 193 nodes:") for m in messages)
+    best = max(plan.tok_per_s_by_candidate, key=plan.tok_per_s_by_candidate.get)
+    assert best == "best-first 193 nodes, 16 per draft forward"  # a tie with 32: the first tried
+    assert any(m.startswith("best-first 193 nodes, 32 per draft forward:") for m in messages)
     assert all(engine.closed for engine in gpu.engines)
     profile = Profile(GPU_DEVICE, "fake", "subspec_sd", plan, None, False)
-    assert "Measured: best-first 289 nodes" in format_profile(profile)
+    assert "Measured: best-first 289 nodes, 16 per draft forward" in format_profile(profile)
+
+
+def test_a_faster_draft_width_that_does_not_fit_is_not_chosen():
+    """32 nodes per draft forward generate faster here, but their reply peaks over the budget (more
+    draft graphs): the plan keeps 16, and its stored peak is the one that fitted."""
+    allowed = fit.allocation_budget(seven_b_estimate())
+    gpu = FakeGpu(
+        peak_bytes=lambda layers, slots, depth: 4 * GIB,
+        forward_s=lambda tokens: FREE_FORWARD_S if tokens <= 289 else SLOW_FORWARD_S,
+        decode_s=lambda config: 0.05 if config.draft_batch == 32 else 0.1,
+        generation_extra_bytes=lambda config: allowed if config.draft_batch == 32 else 0,
+    )
+    messages = []
+    plan = fit.fit_gpu(None, "subspec_sd", QWEN25_7B, 8 * GIB, 8.0, 2048, "fp", messages.append, gpu.load)
+    assert (plan.node_budget, plan.draft_batch, plan.measured_peak_bytes) == (288, 16, 4 * GIB)
+    assert any("32 per draft forward: peak" in m and "over the budget" in m for m in messages)
+
+
+def test_without_the_budget_check_the_faster_draft_width_wins():
+    gpu = FakeGpu(
+        peak_bytes=lambda layers, slots, depth: 4 * GIB,
+        forward_s=lambda tokens: FREE_FORWARD_S if tokens <= 289 else SLOW_FORWARD_S,
+        decode_s=lambda config: 0.05 if config.draft_batch == 32 else 0.1,
+    )
+    plan = fit.fit_gpu(None, "subspec_sd", QWEN25_7B, 8 * GIB, 8.0, 2048, "fp", print, gpu.load)
+    assert (plan.node_budget, plan.draft_batch) == (288, 32)
 
 
 @pytest.mark.slow
@@ -152,13 +179,15 @@ def test_choose_tree_reconfigures_a_real_engine(monkeypatch):
     from engine import load_engine
 
     monkeypatch.setattr(fit, "TREE_TRIAL_TOKENS", 16)
+    monkeypatch.setattr(fit, "TREE_FRACTIONS", (1.0, 1 / 3))
     engine = load_engine(EngineConfig(method="subspec_sd", max_depth=2, topk_len=2))
     messages = []
-    nodes, speeds = fit.choose_tree(engine, 49, messages.append)
-    assert list(speeds) == ["best-first 49 nodes", "best-first 33 nodes", "best-first 17 nodes"]
-    assert all(tps > 0 for tps in speeds.values()) and len(messages) == 3
-    assert nodes in (49, 33, 17) and speeds[f"best-first {nodes} nodes"] == max(speeds.values())
-    assert (engine.config.tree_policy, engine.config.topk_len, engine.config.draft_batch) == ("best_first", 6, 16)
+    nodes, batch, speeds, peak = fit.choose_tree(engine, 65, None, messages.append)
+    assert list(speeds) == [f"best-first {n} nodes, {b} per draft forward" for n in (65, 22) for b in (16, 32)]
+    assert all(tps > 0 for tps in speeds.values()) and len(messages) == 4
+    assert speeds[f"best-first {nodes} nodes, {batch} per draft forward"] == max(speeds.values())
+    assert (engine.config.tree_policy, engine.config.topk_len) == ("best_first", 6)
+    assert peak == 0  # a CPU reports no GPU peak
     engine.close()
 
 
