@@ -1,15 +1,15 @@
 """A 4-bit matmul for the draft's few rows, reading each weight byte once.
 
-A draft step multiplies 1-16 tokens with every quantized linear, so its floor is the 4-bit weight
-bytes over HBM bandwidth. torch's tinygemm kernel puts the tokens on the 8-wide side of its tensor-core
-tile and walks the weights once per 8 tokens (a 16-token step costs twice a 6-token one, both far
-above the floor). Here the tokens are the 16-row side of one tile, so 1-16 tokens cost one pass.
+A draft step multiplies 1-32 tokens with every quantized linear, so its floor is the 4-bit weight
+bytes over HBM bandwidth. torch's tinygemm kernel puts the tokens on the 8-wide side of its
+tensor-core tile and walks the weights once per 8 tokens (16 tokens cost twice 6). Here the tokens
+are the 16- or 32-row side of one tile, so up to 32 tokens share one pass over the weights.
 
 Layout (`pack_int4`): the integers of 128 consecutive inputs sit in 16 int32 words per output,
 nibble j of word r holding input 16 j + r. A program loads [16, BLOCK_N] words in one coalesced
-read and peels them into 8 slices of [16, BLOCK_N] integers, each one tensor-core dot with 16
-columns of x. HQQ's formula stays exact to its numbers, applied after the dot, once per group:
-x . ((q - zero) * scale) = scale * (x . q) + (-zero * scale) * sum(x), the integers exact in bf16.
+read and peels them into 8 slices of [16, BLOCK_N] integers (`_nibbles`), each dequantized in
+registers with HQQ's own numbers, w = (q - zero) * scale = q * scale + offset rounded to bf16 as
+HQQ's bf16 layers round it, and multiplied with 16 columns of x into one fp32 accumulator.
 
 Small outputs (q/k/v, o, down) give too few column tiles to keep the GPU's memory busy, so K is split
 over SPLIT programs; each writes its partial sums, and the last of them (an atomic count per tile)
@@ -28,7 +28,6 @@ import triton.language as tl
 BLOCK_K = 128  # inputs per step: 16 words of 8 nibbles
 SLICE = 16  # inputs per nibble slice (one tensor-core K step)
 MAX_ROWS = 32  # rows of one call (a draft step's tokens, 16 or 32 to a tile); more are split into calls
-GROUPS = (32, 64, 128)  # HQQ group sizes a 128-input step holds whole
 # The same numbers as the kernel reads them (a jitted function sees only constexpr globals).
 _BLOCK_K = tl.constexpr(BLOCK_K)
 _SLICE = tl.constexpr(SLICE)
@@ -60,9 +59,11 @@ def _nibbles(packed, j: tl.constexpr, dtype: tl.constexpr, FAST: tl.constexpr):
 def _int4_matmul(
     x_ptr, words_ptr, scale_ptr, offset_ptr, bias_ptr, out_ptr, partial_ptr, count_ptr,
     M, N, K,
-    BLOCKS_PER_SPLIT: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FAST: tl.constexpr,
+    BLOCKS_PER_SPLIT: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FAST: tl.constexpr,
 ):
+    """out[M, N] = x[M, K] W^T (+ bias) for M <= BLOCK_M; program (pid_n, pid_k) owns BLOCK_N outputs
+    and the pid_k-th of SPLIT equal runs of 128-input blocks."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
@@ -74,7 +75,8 @@ def _int4_matmul(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for i in range(BLOCKS_PER_SPLIT):  # SPLIT divides the blocks: no program has a ragged end
         block = pid_k * BLOCKS_PER_SPLIT + i
-        packed = tl.load(words_ptr + (block * _SLICE + words)[:, None] * N + cols[None, :], mask=col_ok[None, :], other=0)
+        at_words = (block * _SLICE + words)[:, None] * N + cols[None, :]
+        packed = tl.load(words_ptr + at_words, mask=col_ok[None, :], other=0)
         for g in tl.static_range(_BLOCK_K // GROUP):
             group = block * (_BLOCK_K // GROUP) + g
             scale = tl.load(scale_ptr + group * N + cols, mask=col_ok, other=0.0)
@@ -132,9 +134,9 @@ def choose_tiles(n: int, k: int, multiprocessors: int) -> tuple[int, int, int, i
 
 
 def _workspace(device: torch.device, numel: int) -> torch.Tensor:
-    """Partial sums of split programs, one buffer per device shared by every linear: a draft step
-    runs them one after another on one stream. Grown only at a linear's first call, which comes
-    before any CUDA graph capture (graphs capture warmed-up calls)."""
+    """A buffer for split programs' partial sums, shared by the linears built after it: a draft step
+    runs them one after another on one stream. A linear keeps the buffer it was built with (its CUDA
+    graphs write there), so a bigger one made for a later linear never frees it."""
     buffer = _WORKSPACES.get(device)
     if buffer is None or buffer.numel() < numel:
         buffer = _WORKSPACES[device] = torch.empty(numel, dtype=torch.float32, device=device)
@@ -155,7 +157,7 @@ class TritonInt4Linear(torch.nn.Module):
         group_size: int,
         bias: torch.Tensor | None,
         dtype: torch.dtype,
-        tiles: tuple[int, int, int, int] | None = None,  # (BLOCK_N, SPLIT, warps, stages); default choose_tiles
+        tiles: tuple[int, int, int, int] | None = None,  # (BLOCK_N, SPLIT, warps, stages): choose_tiles
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = q.shape
@@ -167,12 +169,13 @@ class TritonInt4Linear(torch.nn.Module):
         self.offset = _by_group(-zero * scale, groups, dtype)
         self.bias = bias
         multiprocessors = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-        self.block_n, self.split, self.warps, self.stages = tiles or choose_tiles(self.out_features, self.in_features, multiprocessors)
-        tiles_n = triton.cdiv(self.out_features, self.block_n)
+        tiles = tiles or choose_tiles(self.out_features, self.in_features, multiprocessors)
+        self.block_n, self.split, self.warps, self.stages = tiles
         self.blocks = triton.cdiv(self.in_features, BLOCK_K)
         if self.blocks % self.split:
             raise ValueError(f"SPLIT {self.split} does not divide {self.blocks} blocks of {BLOCK_K} inputs")
-        self.count = torch.zeros(tiles_n, dtype=torch.int32, device=q.device)
+        self.count = torch.zeros(triton.cdiv(self.out_features, self.block_n), dtype=torch.int32, device=q.device)
+        self.partial = _workspace(q.device, self.split * MAX_ROWS * self.out_features if self.split > 1 else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).contiguous()
@@ -184,9 +187,8 @@ class TritonInt4Linear(torch.nn.Module):
     def _matmul(self, x: torch.Tensor, out: torch.Tensor) -> None:
         grid = (triton.cdiv(self.out_features, self.block_n), self.split)
         bias = self.bias if self.bias is not None else self.scale  # any pointer: not read
-        partial = _workspace(x.device, self.split * MAX_ROWS * self.out_features if self.split > 1 else 1)
         _int4_matmul[grid](
-            x, self.words, self.scale, self.offset, bias, out, partial, self.count,
+            x, self.words, self.scale, self.offset, bias, out, self.partial, self.count,
             x.shape[0], self.out_features, self.in_features, BLOCKS_PER_SPLIT=self.blocks // self.split,
             GROUP=self.group_size, SPLIT=self.split, HAS_BIAS=self.bias is not None,
             EVEN_K=self.in_features % BLOCK_K == 0, BLOCK_M=16 if x.shape[0] <= 16 else 32, BLOCK_N=self.block_n,
@@ -196,6 +198,7 @@ class TritonInt4Linear(torch.nn.Module):
 
     @property
     def nbytes(self) -> int:
+        """Its own bytes (the partial-sum buffer is shared: a few MB for a whole model)."""
         bias = self.bias.nbytes if self.bias is not None else 0
         return self.words.nbytes + self.scale.nbytes + self.offset.nbytes + self.count.nbytes + bias
 
