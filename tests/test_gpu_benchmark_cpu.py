@@ -26,3 +26,19 @@ def test_offload_benchmark_runs_on_cpu(tmp_path):
         split = subspec[tree]
         assert split["draft_ms"] > 0 and split["verify_ms"] > 0
         assert split["iteration_ms"] >= split["draft_ms"] + split["verify_ms"] - 1e-6
+    for batch in ("16", "32"):  # best-first with wider draft forwards, same budget
+        assert subspec["wide"][batch]["iteration"]["draft_batch"] == int(batch)
+
+
+def test_int4_tile_sweep_says_it_needs_a_gpu_and_sweeps_divisors_of_k():
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "int4_tiles.py")],
+                         cwd=ROOT, timeout=120, capture_output=True, text=True)
+    assert run.returncode == 1 and "needs a CUDA GPU" in run.stderr
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import int4_tiles
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    tiles = int4_tiles._sweep(4608, 28, 132)  # 7B q/k/v: 28 blocks of 128 inputs
+    assert {split for _, split, _, _ in tiles} <= {1, 2, 4, 7, 14, 28}
+    assert {block_n for block_n, _, _, _ in tiles} == {64, 128, 256}

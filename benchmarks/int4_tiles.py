@@ -1,0 +1,158 @@
+"""Tile shapes of the substitute's Triton int4 kernel against torch's tinygemm, per linear (GPU only).
+
+For each linear shape (default: Qwen2.5-7B's fused q/k/v, o, fused gate/up and down), random HQQ-style
+4-bit weights (group 64) are converted by both kernels; each (BLOCK_N, SPLIT, warps, stages) of a
+small sweep is timed at 6 and 16 rows inside a CUDA graph over several copies of the weights (so L2
+holds none), next to tinygemm and the floor (the 4-bit bytes over the device-to-device copy rate
+measured in the same run), with its deviation from the dequantized weights and whether two calls
+agree bit for bit. engine.int4_kernel.choose_tiles is the rule fitted to this sweep.
+
+    python benchmarks/int4_tiles.py [--shapes qkv=4608x3584,down=3584x18944] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+SHAPES_7B = "qkv=4608x3584,o=3584x3584,gate_up=37888x3584,down=3584x18944"
+GROUP = 64
+COPIES = 6
+ROWS = (6, 16)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=SHAPES_7B, help="name=NxK,... (outputs x inputs)")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("int4_tiles.py times GPU kernels: it needs a CUDA GPU")
+    import triton
+
+    from engine.int4_kernel import BLOCK_K, TritonInt4Linear, choose_tiles
+    from engine.substitute import Int4Linear
+
+    device = torch.device("cuda")
+    multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
+    copy_gbps = _copy_gbps(device)
+    print(f"device-to-device copy {copy_gbps:.0f} GB/s (read + write)")
+    results: dict = {"copy_gbps": copy_gbps, "shapes": {}}
+    for name, shape in (item.split("=") for item in args.shapes.split(",")):
+        n, k = (int(v) for v in shape.split("x"))
+        weights = [_quantized(n, k, device) for _ in range(COPIES)]
+        tinygemm = [Int4Linear(*w, GROUP, None, torch.bfloat16) for w in weights]
+        triton_linears = [TritonInt4Linear(*w, GROUP, None, torch.bfloat16) for w in weights]
+        dense = _dequantized(*weights[0])
+        xs = {m: [torch.randn(m, k, dtype=torch.bfloat16, device=device) for _ in range(COPIES)] for m in ROWS}
+        first = triton_linears[0]
+        floor_us = (first.words.nbytes + first.scale.nbytes + first.offset.nbytes) / (copy_gbps / 2 * 1e3)
+        row = {"floor_us": floor_us, "tinygemm_us": {m: _graph_us(tinygemm, xs[m]) for m in ROWS}, "tiles": {}}
+        print(f"{name} {n} x {k}: floor {floor_us:.1f} us; tinygemm " +
+              ", ".join(f"{m} rows {us:.1f} us" for m, us in row["tinygemm_us"].items()))
+        blocks = triton.cdiv(k, BLOCK_K)
+        default = choose_tiles(n, k, multiprocessors)
+        for tiles in sorted(_sweep(n, blocks, multiprocessors) | {default}):
+            for linear in triton_linears:
+                _retile(linear, tiles)
+            times = {m: _graph_us(triton_linears, xs[m]) for m in ROWS}
+            deviation, repeatable = _check(first, dense)
+            row["tiles"][str(tiles)] = {"us": times, "max_relative_deviation": deviation, "repeatable": repeatable}
+            mark = " (choose_tiles)" if tiles == default else ""
+            print(f"  BLOCK_N {tiles[0]:3d} SPLIT {tiles[1]:3d} warps {tiles[2]} stages {tiles[3]}: " +
+                  ", ".join(f"{m} rows {us:6.1f} us" for m, us in times.items()) +
+                  f" ({floor_us / times[ROWS[0]]:.2f} of the floor), deviation {deviation:.4f}, "
+                  f"repeatable {repeatable}{mark}")
+        results["shapes"][name] = row
+        del tinygemm, triton_linears, weights
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def _quantized(n: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, device=device)
+    scale = torch.rand(n, k // GROUP, device=device) * 0.01 + 0.001
+    zero = torch.rand(n, k // GROUP, device=device) * 15
+    return q, scale, zero
+
+
+def _dequantized(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    n, k = q.shape
+    return ((q.float().view(n, -1, GROUP) - zero[..., None]) * scale[..., None]).view(n, k)
+
+
+def _sweep(n: int, blocks: int, multiprocessors: int) -> set[tuple[int, int, int, int]]:
+    """BLOCK_N 64/128/256, up to three SPLITs (divisors of K's blocks) giving 0.5-8 programs per
+    multiprocessor, 4 or 8 warps, 3 stages."""
+    out = set()
+    divisors = [s for s in range(1, blocks + 1) if blocks % s == 0]
+    for block_n in (64, 128, 256):
+        tiles = -(-n // block_n)
+        splits = [s for s in divisors if multiprocessors // 2 <= tiles * s <= 8 * multiprocessors][:3]
+        out |= {(block_n, s, w, 3) for s in splits or divisors[:1] for w in (4, 8)}
+    return out
+
+
+def _retile(linear, tiles: tuple[int, int, int, int]) -> None:
+    from engine.int4_kernel import MAX_ROWS
+
+    linear.block_n, linear.split, linear.warps, linear.stages = tiles
+    linear.count = torch.zeros(-(-linear.out_features // linear.block_n), dtype=torch.int32, device=linear.words.device)
+    linear.partial = torch.empty(max(1, linear.split * MAX_ROWS * linear.out_features),
+                                 dtype=torch.float32, device=linear.words.device)
+
+
+def _check(linear, dense: torch.Tensor) -> tuple[float, bool]:
+    x = torch.randn(ROWS[0], dense.shape[1], dtype=torch.bfloat16, device=dense.device)
+    want = x.float() @ dense.t()
+    first, second = linear(x), linear(x)
+    return ((first.float() - want).abs().max() / want.abs().max()).item(), torch.equal(first, second)
+
+
+def _graph_us(linears: list, xs: list[torch.Tensor], replays: int = 40) -> float:
+    """Median microseconds per call of the linears over their inputs, replayed from one CUDA graph."""
+    def calls() -> None:
+        for linear, x in zip(linears, xs):
+            linear(x)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        calls()
+        calls()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        calls()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(linears))
+    return sorted(times)[len(times) // 2]
+
+
+def _copy_gbps(device: torch.device) -> float:
+    source = torch.empty(2 << 30, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        target.copy_(source)
+    end.record()
+    end.synchronize()
+    return 2 * source.numel() * 10 / (start.elapsed_time(end) / 1e3) / 1e9
+
+
+if __name__ == "__main__":
+    main()
