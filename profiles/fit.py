@@ -31,11 +31,13 @@ Loader = Callable[[EngineConfig, Progress], Engine]
 
 TOPK = 6  # the reference tree's width; the depth follows from the node budget
 TREE_POLICY = "best_first"  # the engine's default: measured the higher tau (engine/config.py)
-# Nodes per draft forward tried with each tree budget. A GPU's 4-bit kernel reads the weights once
-# for up to 32 rows, so a wider forward costs little more (H200, 7B shape: 4.4 ms at 16 tokens,
-# 5.3 at 32) and a 288-node tree takes 10 forwards instead of 19; whether the wider, less adaptive
-# expansion keeps this model's tau is what the trial replies measure.
-DRAFT_BATCHES = (EngineConfig.draft_batch, 32)
+# Nodes per draft forward tried with the whole free budget (smaller budgets: the first, the engine's
+# default). A GPU's 4-bit kernel reads the weights once for up to 32 rows, so a wider forward costs
+# little more (H200, 7B shape: 3.9 ms at 6 tokens, 4.4 at 16, 5.3 at 32) and a 288-node tree takes
+# 10 forwards of 32 instead of 19 of 16 or 48 of 6. But no path is deeper than the forwards that
+# drafted it: a model whose drafts are accepted deep needs the narrow, deep tree. The trial replies
+# measure which wins for this model.
+DRAFT_BATCHES = (EngineConfig.draft_batch, 32, 6)
 # Reference trees of depth 4, 8, 16, 32, 48, 64 (1 + 6 * depth nodes), all within one prefill chunk.
 NODE_CANDIDATES = (1, 25, 49, 97, 193, 289, 385)
 TRIAL_DEPTH = 32  # the tree of the first trial load (the reference default, 193 nodes)
@@ -202,7 +204,7 @@ def choose_tree(
     fitting: dict[tuple[int, int], float] = {}
     peak = 0
     for budget in budgets:
-        for batch in DRAFT_BATCHES:
+        for batch in DRAFT_BATCHES if budget == budgets[0] else DRAFT_BATCHES[:1]:
             label = f"best-first {budget + 1} nodes, {batch} per draft forward"
             config.node_budget, config.max_depth, config.draft_batch = budget, budget // TOPK, batch
             try:

@@ -136,11 +136,13 @@ def test_the_tree_is_the_free_budget_that_generates_fastest():
     plan = fit.fit_gpu(None, "subspec_sd", QWEN25_7B, 8 * GIB, 8.0, 2048, "fp", messages.append, gpu.load)
     assert (plan.node_budget, plan.max_depth, plan.tree_policy, plan.draft_batch) == (192, 32, "best_first", 16)
     assert list(plan.tok_per_s_by_candidate) == [
-        f"best-first {nodes} nodes, {batch} per draft forward" for nodes in (289, 193, 97) for batch in (16, 32)
+        "best-first 289 nodes, 16 per draft forward", "best-first 289 nodes, 32 per draft forward",
+        "best-first 289 nodes, 6 per draft forward", "best-first 193 nodes, 16 per draft forward",
+        "best-first 97 nodes, 16 per draft forward",
     ]
     best = max(plan.tok_per_s_by_candidate, key=plan.tok_per_s_by_candidate.get)
-    assert best == "best-first 193 nodes, 16 per draft forward"  # a tie with 32: the first tried
-    assert any(m.startswith("best-first 193 nodes, 32 per draft forward:") for m in messages)
+    assert best == "best-first 193 nodes, 16 per draft forward"
+    assert any(m.startswith("best-first 289 nodes, 32 per draft forward:") for m in messages)
     assert all(engine.closed for engine in gpu.engines)
     profile = Profile(GPU_DEVICE, "fake", "subspec_sd", plan, None, False)
     assert "Measured: best-first 289 nodes, 16 per draft forward" in format_profile(profile)
@@ -162,14 +164,17 @@ def test_a_faster_draft_width_that_does_not_fit_is_not_chosen():
     assert any("32 per draft forward: peak" in m and "over the budget" in m for m in messages)
 
 
-def test_without_the_budget_check_the_faster_draft_width_wins():
+@pytest.mark.parametrize("fastest", [32, 6])
+def test_the_fastest_draft_width_that_fits_wins(fastest):
+    """32 per forward (few forwards) or 6 (a model accepted deep needs the deep tree): whichever
+    generates fastest is the plan's."""
     gpu = FakeGpu(
         peak_bytes=lambda layers, slots, depth: 4 * GIB,
         forward_s=lambda tokens: FREE_FORWARD_S if tokens <= 289 else SLOW_FORWARD_S,
-        decode_s=lambda config: 0.05 if config.draft_batch == 32 else 0.1,
+        decode_s=lambda config: 0.05 if config.draft_batch == fastest else 0.1,
     )
     plan = fit.fit_gpu(None, "subspec_sd", QWEN25_7B, 8 * GIB, 8.0, 2048, "fp", print, gpu.load)
-    assert (plan.node_budget, plan.draft_batch) == (288, 32)
+    assert (plan.node_budget, plan.max_depth, plan.draft_batch) == (288, 48, fastest)
 
 
 @pytest.mark.slow
@@ -183,7 +188,8 @@ def test_choose_tree_reconfigures_a_real_engine(monkeypatch):
     engine = load_engine(EngineConfig(method="subspec_sd", max_depth=2, topk_len=2))
     messages = []
     nodes, batch, speeds, peak = fit.choose_tree(engine, 65, None, messages.append)
-    assert list(speeds) == [f"best-first {n} nodes, {b} per draft forward" for n in (65, 22) for b in (16, 32)]
+    assert list(speeds) == [f"best-first {n} nodes, {b} per draft forward" for n, b in
+                            ((65, 16), (65, 32), (65, 6), (22, 16))]
     assert all(tps > 0 for tps in speeds.values()) and len(messages) == 4
     assert speeds[f"best-first {nodes} nodes, {batch} per draft forward"] == max(speeds.values())
     assert (engine.config.tree_policy, engine.config.topk_len) == ("best_first", 6)
