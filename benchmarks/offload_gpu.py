@@ -9,13 +9,15 @@ For each case (Qwen2.5-7B at 8 GB, Llama-3.1-8B at 8 GB, Qwen2.5-14B at 12 GB, Q
   the iteration split of real generations (draft, verify, transfer, KV compaction, host work) for
   the reference tree (depth 48 x top-6) and for the tree the profile rule picks from the verify
   timings; peak GPU memory against the cap;
-- tok/s of SubSpec = tau / iteration time, for stated taus (random weights say nothing about tau).
+- tok/s of SubSpec = tau / iteration time, for stated taus (random weights say nothing about tau);
+  a tau measured for one tree (`name=value@tree`, tree = reference, profile, wide16, wide32) is
+  applied to that tree only.
 The first case also compares the substitute's 4-bit kernels per layer (triton and tinygemm with fused q/k/v
 and gate/up, gemlite, dense dequantized weights) and bf16, eager and inside a CUDA graph, and
 profiles the GPU kernels of one draft step.
 
     python benchmarks/offload_gpu.py [--cases qwen2.5-7b:8,qwen2.5-32b:24] [--json out.json]
-        [--tau bundled=6.7 --tau reference-paper=28.35]
+        [--tau bundled-x16=11.95@wide16 --tau reference-paper=28.35]
 On a CPU it runs a tiny shape end to end (no figure means anything), so CI keeps it working.
 """
 
@@ -405,7 +407,13 @@ def report_vanilla(case: dict) -> None:
               "(bound/measured); " + _peak_line(v, case))
 
 
-def report_subspec(case: dict, taus: dict[str, float]) -> None:
+def _tau(value: str) -> tuple[float, str | None]:
+    """'11.95@wide16' -> (11.95, 'wide16'); '28.35' -> (28.35, None): every tree."""
+    tau, _, tree = value.partition("@")
+    return float(tau), tree or None
+
+
+def report_subspec(case: dict, taus: dict[str, tuple[float, str | None]]) -> None:
     v, s = case["vanilla"], case["subspec"]
     bound = s["stream_bound_ms"] or float("nan")
     print(f"subspec: {s['layers_on_gpu']} bf16 layers resident, {s['stream_buffers']} buffers, "
@@ -422,14 +430,16 @@ def report_subspec(case: dict, taus: dict[str, float]) -> None:
             print(f"  one draft forward of {batch} tokens (CUDA graph): {wide['draft_depth_graph_ms']:.2f} ms")
             _print_kernels(f"{batch}-token draft step on the GPU", wide.get("draft_step_kernels"))
     iterations = [("reference", s["iteration_reference"]), ("profile", s["iteration_profile"])]
-    iterations += [(f"profile, {batch} wide", wide["iteration"]) for batch, wide in s["wide"].items()]
-    for name, it in iterations:
-        print(f"  {name} tree ({it['policy']}, {it['draft_batch']} per draft forward), depth {it['depth']} ({it['nodes']:.0f} nodes): iteration {it['iteration_ms']:.1f} ms "
+    iterations += [(f"wide{batch}", wide["iteration"]) for batch, wide in s["wide"].items()]
+    for tree_name, it in iterations:
+        print(f"  {tree_name} tree ({it['policy']}, {it['draft_batch']} per draft forward), depth {it['depth']} ({it['nodes']:.0f} nodes): iteration {it['iteration_ms']:.1f} ms "
               f"= {it['iteration_ms'] / bound:.2f}x bound [draft {it['draft_ms']:.1f} ({it['draft_forwards']:.0f} forwards, {it['draft_ms_per_forward']:.2f} ms each), "
               f"verify {it['verify_ms']:.1f}, transfer {it['transfer_ms']:.1f}, host {it['host_ms']:.1f}]; "
               f"allocator retries {it['allocator_retries']}")
-        for name, tau in taus.items():
-            print(f"    with tau {tau} ({name}): {tau / it['iteration_ms'] * 1e3:.2f} tok/s "
+        for tau_name, (tau, tree) in taus.items():
+            if tree not in (None, tree_name):  # a tau measured for another tree says nothing here
+                continue
+            print(f"    with tau {tau} ({tau_name}): {tau / it['iteration_ms'] * 1e3:.2f} tok/s "
                   f"vs vanilla {v['tok_per_s']:.2f} tok/s measured in this run")
     print("  " + _peak_line(s, case))
 
@@ -447,7 +457,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--iterations", type=int, default=4, help="steady iterations timed per tree")
-    parser.add_argument("--tau", action="append", default=[], help="name=value: report tok/s at this tau")
+    parser.add_argument("--tau", action="append", default=[],
+                        help="name=value[@tree]: report tok/s at this tau (for that tree only: reference, profile, "
+                             "wide16, wide32)")
     parser.add_argument("--depth", type=int, default=REFERENCE_TREE[0], help="reference tree depth (top-6)")
     parser.add_argument("--draft-batch", default="16,32", help="best-first nodes per draft forward, also timed (a list)")
     parser.add_argument("--skip-kernels", action="store_true")
@@ -457,7 +469,7 @@ def main() -> None:
     args = parser.parse_args()
     args.draft_batches = [int(b) for b in args.draft_batch.split(",")]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    taus = {name: float(value) for name, value in (t.split("=", 1) for t in args.tau)}
+    taus = {name: _tau(value) for name, value in (t.split("=", 1) for t in args.tau)}
     cases = [(c.split(":")[0], float(c.split(":")[1])) for c in args.cases.split(",")]
     if device.type == "cpu":
         cases, args.repeats, args.iterations, args.skip_kernels = [("tiny", 0.0)], 1, 1, True

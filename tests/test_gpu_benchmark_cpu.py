@@ -15,8 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_offload_benchmark_runs_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "offload_gpu.py"), "--json", str(out)],
-                   cwd=ROOT, check=True, timeout=600, capture_output=True)
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "offload_gpu.py"), "--json", str(out),
+                          "--tau", "every-tree=3", "--tau", "one-tree=5@wide16"],
+                         cwd=ROOT, check=True, timeout=600, capture_output=True, text=True)
+    # tok/s at a tau: for every tree (reference, profile, wide16, wide32), or only the tree it was measured for
+    assert run.stdout.count("(every-tree)") == 4 and run.stdout.count("(one-tree)") == 1
     case = json.loads(out.read_text())["cases"][0]
     assert case["shape"] == "tiny" and "error" not in case
     subspec = case["subspec"]
