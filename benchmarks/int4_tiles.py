@@ -3,8 +3,8 @@
 For each linear shape (default: Qwen2.5-7B's fused q/k/v, o, fused gate/up and down), random HQQ-style
 4-bit weights (group 64) are converted by both kernels; each (BLOCK_N, SPLIT, warps, stages) of a
 small sweep is timed at 6 and 16 rows inside a CUDA graph over several copies of the weights (so L2
-holds none), next to tinygemm and the floor (the 4-bit bytes over the device-to-device copy rate
-measured in the same run), with its deviation from the dequantized weights and whether two calls
+holds none), next to tinygemm and the floor (the 4-bit bytes over the device-to-device copy rate,
+reads plus writes, measured in the same run), with its deviation from the dequantized weights and whether two calls
 agree bit for bit. engine.int4_kernel.choose_tiles is the rule fitted to this sweep.
 
     python benchmarks/int4_tiles.py [--shapes qkv=4608x3584,down=3584x18944] [--json out.json]
@@ -49,7 +49,7 @@ def main() -> None:
         dense = _dequantized(*weights[0])
         xs = {m: [torch.randn(m, k, dtype=torch.bfloat16, device=device) for _ in range(COPIES)] for m in ROWS}
         first = triton_linears[0]
-        floor_us = (first.words.nbytes + first.scale.nbytes + first.offset.nbytes) / (copy_gbps / 2 * 1e3)
+        floor_us = (first.words.nbytes + first.scale.nbytes + first.offset.nbytes) / (copy_gbps * 1e3)
         row = {"floor_us": floor_us, "tinygemm_us": {m: _graph_us(tinygemm, xs[m]) for m in ROWS}, "tiles": {}}
         print(f"{name} {n} x {k}: floor {floor_us:.1f} us; tinygemm " +
               ", ".join(f"{m} rows {us:.1f} us" for m, us in row["tinygemm_us"].items()))

@@ -6,8 +6,8 @@ prefix with no prefill and no second copy of anything shared.
 
 HQQ quantizes (w = (q - zero) * scale, per group of `group_size` inputs); a kernel then multiplies
 with those very numbers. Kernels (`substitute_kernel`):
-- "triton": engine.int4_kernel, written for the draft's 1-16 rows: one pass over the 4-bit weights
-  for all rows, HQQ's scale and zero applied per group. q/k/v and gate/up fused as for tinygemm.
+- "triton": engine.int4_kernel, written for the draft's 1-32 rows: one pass over the 4-bit weights
+  for all rows, dequantized in registers with HQQ's numbers. q/k/v and gate/up fused as for tinygemm.
 - "tinygemm": torch's own int4 kernel (`aten._weight_int4pack_mm`, gpt-fast's int4 path). HQQ's
   float zero points carry over exactly: tinygemm computes (q - 8) * scale + offset, so
   offset = (8 - zero) * scale. q/k/v and gate/up are fused into one matrix each (their rows are
@@ -17,9 +17,10 @@ with those very numbers. Kernels (`substitute_kernel`):
 - "dense": the dequantized weights, computed once, fused like tinygemm's (the CPU's choice: hqq's
   torch backend would dequantize tens of ms per linear on every call).
 "auto" = triton on a GPU where it applies (bf16, 4-bit, group 32-128), else tinygemm (bf16, group
-32-256), else gemlite, else hqq; dense on a CPU. Measured on an H200 (7B layer in a CUDA graph, the
-four fused linears): triton 88 us at 6 tokens and 95 us at 16, tinygemm 145 and 297, gemlite ~230
-at 6; the 4-bit bytes' HBM floor is 39 us (README, "GPU performance").
+32-256), else gemlite, else hqq; dense on a CPU. Measured on an H200 (one 7B layer's linears at 6
+tokens in a CUDA graph): triton 0.105 ms, tinygemm 0.165, gemlite 0.237, against 0.027 ms for its
+4-bit bytes at HBM speed; at 16 tokens tinygemm doubles, triton barely moves (README, "GPU
+performance").
 """
 
 from __future__ import annotations
