@@ -470,6 +470,10 @@ def main() -> None:
     args.draft_batches = [int(b) for b in args.draft_batch.split(",")]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     taus = {name: _tau(value) for name, value in (t.split("=", 1) for t in args.tau)}
+    trees = {"reference", "profile"} | {f"wide{batch}" for batch in args.draft_batches if batch != WIDTH}
+    for name, (_, tree) in taus.items():
+        if tree is not None and tree not in trees:
+            parser.error(f"--tau {name}: no tree {tree!r} in this run (trees: {', '.join(sorted(trees))})")
     cases = [(c.split(":")[0], float(c.split(":")[1])) for c in args.cases.split(",")]
     if device.type == "cpu":
         cases, args.repeats, args.iterations, args.skip_kernels = [("tiny", 0.0)], 1, 1, True

@@ -46,7 +46,7 @@ def subspec_equals_vanilla(folder: str) -> None:
                                        max_depth=3, topk_len=2))
     assert subspec.describe()["substitute_kernel"] == "triton"
     accepted = 0
-    for prompt in ([5, 9, 13, 200, 7], [42] * 6):  # the interpreter runs every linear in Python: few tokens
+    for prompt in ([5, 9, 13, 200, 7],):  # the interpreter runs every linear in Python: one short reply
         expected = vanilla.generate(prompt, SamplingConfig(max_new_tokens=8)).token_ids
         gen = subspec.generate(prompt, SamplingConfig(max_new_tokens=8))
         assert gen.token_ids == expected, (prompt, gen.token_ids, expected)

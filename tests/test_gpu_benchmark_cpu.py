@@ -5,10 +5,13 @@ and the subspec-vs-vanilla greedy agreement it records are."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,15 +36,27 @@ def test_offload_benchmark_runs_on_cpu(tmp_path):
         assert subspec["wide"][batch]["iteration"]["draft_batch"] == int(batch)
 
 
-def test_int4_tile_sweep_says_it_needs_a_gpu_and_sweeps_divisors_of_k():
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "int4_tiles.py")],
-                         cwd=ROOT, timeout=120, capture_output=True, text=True)
-    assert run.returncode == 1 and "needs a CUDA GPU" in run.stderr
+def _benchmark(name: str):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        import int4_tiles
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_a_tau_for_a_tree_the_run_does_not_have_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["offload_gpu.py", "--tau", "x=3@wide61"])
+    with pytest.raises(SystemExit) as exit_info:
+        _benchmark("offload_gpu").main()
+    assert exit_info.value.code == 2 and "no tree 'wide61' in this run" in capsys.readouterr().err
+
+
+def test_int4_tile_sweep_says_it_needs_a_gpu_and_sweeps_divisors_of_k(monkeypatch):
+    int4_tiles = _benchmark("int4_tiles")
+    monkeypatch.setattr(sys, "argv", ["int4_tiles.py"])
+    monkeypatch.setattr(int4_tiles.torch.cuda, "is_available", lambda: False)  # also on a GPU machine
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        int4_tiles.main()
     tiles = int4_tiles._sweep(4608, 28, 132)  # 7B q/k/v: 28 blocks of 128 inputs
     assert {split for _, split, _, _ in tiles} <= {1, 2, 4, 7, 14, 28}
     assert {block_n for block_n, _, _, _ in tiles} == {64, 128, 256}

@@ -183,7 +183,7 @@ def test_choose_tree_reconfigures_a_real_engine(monkeypatch):
     widths) and is reported, and the fastest is the one returned."""
     from engine import load_engine
 
-    monkeypatch.setattr(fit, "TREE_TRIAL_TOKENS", 16)
+    monkeypatch.setattr(fit, "TREE_TRIAL_TOKENS", 8)
     monkeypatch.setattr(fit, "TREE_FRACTIONS", (1.0, 1 / 3))
     engine = load_engine(EngineConfig(method="subspec_sd", max_depth=2, topk_len=2))
     messages = []

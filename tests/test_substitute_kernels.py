@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from engine import EngineConfig, EngineError, SamplingConfig, load_engine
 from engine.offload import linear_tensors
 from engine.substitute import FUSED, build_substitute, resolve_kernel
-from tests.random_models import config_for
+from tests.random_models import config_for, save_random_model
 from tests.test_lossless import assert_drafts_lossless, greedy, mt_bench_prompts, random_prompts
 
 CPU = torch.device("cpu")
@@ -111,18 +111,19 @@ def test_bundled_subspec_with_tinygemm_equals_vanilla(bundled_engine):
     taus = []
     for question in mt_bench_prompts(1):  # torch's CPU int4 kernel is slow at a few rows: 1 prompt
         prompt = vanilla.chat_ids([{"role": "user", "content": question}])
-        gen = subspec.generate(prompt, SamplingConfig(max_new_tokens=32))
-        assert gen.token_ids == greedy(vanilla, prompt, 32), question
+        gen = subspec.generate(prompt, SamplingConfig(max_new_tokens=20))
+        assert gen.token_ids == greedy(vanilla, prompt, 20), question
         taus.append(gen.stats.tau)
     assert sum(taus) / len(taus) > 1.5  # the int4 substitute drafts tokens the target accepts
     # (random models cover tinygemm on more prompts: test_random_subspec_equals_vanilla_with_each_kernel)
 
 
-def test_close_frees_the_drafter_with_its_substitute(random_folder):
+def test_close_frees_the_drafter_with_its_substitute(tmp_path, bundled_folder):
     """The drafter and its draft-step graphs refer to each other; closing must free them at once,
     not at some later garbage collection (a second model loaded meanwhile would not fit the GPU)."""
+    folder = save_random_model(tmp_path / "llama", "llama", bundled_folder)
     # Fixed-shape draft steps (what CUDA graphs replay) run on a CPU too, through the same DraftGraphs.
-    engine = load_engine(EngineConfig(method="subspec_sd", llm_path=str(random_folder), max_depth=2, topk_len=2,
+    engine = load_engine(EngineConfig(method="subspec_sd", llm_path=str(folder), max_depth=2, topk_len=2,
                                       compile_mode="cuda-graphs"))
     engine.generate([5, 9, 13], SamplingConfig(max_new_tokens=4))
     assert engine.drafter.graphs is not None
