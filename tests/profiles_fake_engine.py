@@ -32,16 +32,14 @@ class FakeGpu:
     )
     # Extra peak bytes of a generation with this config (wider draft forwards capture more graphs).
     generation_extra_bytes: Callable[[EngineConfig], int] = lambda config: 0
+    generation_out_of_memory: Callable[[EngineConfig], bool] = lambda config: False
     loads: list[EngineConfig] = field(default_factory=list)
     engines: list[FakeEngine] = field(default_factory=list)
 
     def load(self, config: EngineConfig, progress) -> FakeEngine:
         self.loads.append(replace(config))  # as loaded: the engine's own copy may be reconfigured
         if self.out_of_memory(config.keep_first_n_layers_on_gpu or 0, config.offload_slots):
-            try:
-                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-            except torch.cuda.OutOfMemoryError:
-                raise EngineError("fake does not fit the GPU memory with this plan") from None
+            _raise_out_of_memory("fake does not fit the GPU memory with this plan")
         self.engines.append(FakeEngine(config, self))
         return self.engines[-1]
 
@@ -57,6 +55,8 @@ class FakeEngine:
         assert not self.closed
         if sampling.max_new_tokens == 1:
             time.sleep(self.gpu.forward_s(len(prompt_ids)))
+        elif self.gpu.generation_out_of_memory(self.config):
+            _raise_out_of_memory("out of GPU memory while generating")
         decode_s = self.gpu.decode_s(self.config)
         stats = GenerationStats(method=self.config.method, new_tokens=sampling.max_new_tokens, decode_s=decode_s)
         stats.peak_gpu_bytes = self.gpu.peak_bytes(
@@ -72,3 +72,11 @@ class FakeEngine:
 
     def close(self) -> None:
         self.closed = True
+
+
+def _raise_out_of_memory(message: str) -> None:
+    """As the engine does: torch's OOM becomes one EngineError line, the original kept as context."""
+    try:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    except torch.cuda.OutOfMemoryError:
+        raise EngineError(message) from None

@@ -164,6 +164,20 @@ def test_a_faster_draft_width_that_does_not_fit_is_not_chosen():
     assert any("32 per draft forward: peak" in m and "over the budget" in m for m in messages)
 
 
+def test_a_draft_width_that_runs_out_of_memory_is_skipped():
+    gpu = FakeGpu(
+        peak_bytes=lambda layers, slots, depth: 4 * GIB,
+        forward_s=lambda tokens: FREE_FORWARD_S if tokens <= 289 else SLOW_FORWARD_S,
+        decode_s=lambda config: 0.05 if config.draft_batch == 32 else 0.1,
+        generation_out_of_memory=lambda config: config.draft_batch == 32,
+    )
+    messages = []
+    plan = fit.fit_gpu(None, "subspec_sd", QWEN25_7B, 8 * GIB, 8.0, 2048, "fp", messages.append, gpu.load)
+    assert (plan.node_budget, plan.draft_batch) == (288, 16)
+    assert "best-first 289 nodes, 32 per draft forward: out of memory" in messages
+    assert "best-first 289 nodes, 32 per draft forward" not in plan.tok_per_s_by_candidate
+
+
 @pytest.mark.parametrize("fastest", [32, 6])
 def test_the_fastest_draft_width_that_fits_wins(fastest):
     """32 per forward (few forwards) or 6 (a model accepted deep needs the deep tree): whichever
