@@ -116,28 +116,13 @@ def _check(linear, dense: torch.Tensor) -> tuple[float, bool]:
 
 def _graph_us(linears: list, xs: list[torch.Tensor], replays: int = 40) -> float:
     """Median microseconds per call of the linears over their inputs, replayed from one CUDA graph."""
+    from offload_gpu import graph_ms  # the GPU benchmark's graph timing (this folder is on the path)
+
     def calls() -> None:
         for linear, x in zip(linears, xs):
             linear(x)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        calls()
-        calls()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        calls()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(linears))
-    return sorted(times)[len(times) // 2]
+    return graph_ms(calls, replays) * 1e3 / len(linears)
 
 
 def _copy_gbps(device: torch.device) -> float:

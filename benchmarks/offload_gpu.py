@@ -350,7 +350,7 @@ def kernels_per_layer(model, device: torch.device, repeats: int) -> dict:
                     float((got[k].float() - want[k].float()).abs().max() / want[k].float().abs().max()) for k in want)
             out[f"{name} linears"] = len(linears[name]) - sum(n.endswith(".bias") for n in linears[name])
             out[f"{name} eager ms"] = _bench_eager(step, repeats)
-            out[f"{name} graph ms"] = _bench_graph(step, repeats)
+            out[f"{name} graph ms"] = graph_ms(step, repeats * 4)
         except Exception as err:  # noqa: BLE001
             out[f"{name} error"] = repr(err)[:200]
     params = sum(t.numel() for n, t in layer.items() if not n.endswith(".bias"))
@@ -371,7 +371,8 @@ def _bench_eager(step: Callable[[], None], repeats: int) -> float:
     return median_ms(step, timer, repeats * 4)
 
 
-def _bench_graph(step: Callable[[], None], repeats: int) -> float:
+def graph_ms(step: Callable[[], None], replays: int) -> float:
+    """Median ms of `step` captured in one CUDA graph (after a warm-up on a side stream) and replayed."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -381,7 +382,7 @@ def _bench_graph(step: Callable[[], None], repeats: int) -> float:
     with torch.cuda.graph(graph):
         step()
     timer = Timer(torch.device("cuda"))
-    return median_ms(graph.replay, timer, repeats * 4)
+    return median_ms(graph.replay, timer, replays)
 
 
 def close(engine: Engine) -> None:

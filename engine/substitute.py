@@ -39,6 +39,7 @@ from engine.offload import LINEAR_NAMES, LayerWeights
 # Linears that read the same input, stacked into one matrix by the fusing kernels.
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 TINYGEMM_GROUPS = (32, 64, 128, 256)
+TRITON_GROUPS = (32, 64, 128)  # engine.int4_kernel: a 128-input block holds whole groups of 16-input slices
 
 
 class SubstituteStack:
@@ -155,8 +156,8 @@ def _tinygemm_unsupported(
 def _triton_unsupported(device: torch.device, dtype: torch.dtype, bits: int, group_size: int) -> str | None:
     if bits != 4:
         return f"it multiplies 4-bit weights, not {bits}-bit"
-    if group_size not in (32, 64, 128):
-        return f"its group sizes are 32, 64, 128, not {group_size}"
+    if group_size not in TRITON_GROUPS:
+        return f"its group sizes are {', '.join(map(str, TRITON_GROUPS))}, not {group_size}"
     # Triton compiles for CUDA; its interpreter (TRITON_INTERPRET=1, for the tests) runs on a CPU.
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return "it needs a CUDA GPU"

@@ -80,7 +80,8 @@ class ModelPlan:
     estimated_peak_bytes: int | None = None
     measured_peak_bytes: int | None = None
     verify_ms_by_nodes: dict[int, float] = field(default_factory=dict)  # forward cost by tokens
-    tok_per_s_by_candidate: dict[str, float] = field(default_factory=dict)  # what was tried: methods/trees (CPU), tree budgets (GPU)
+    # What was tried: methods and trees (CPU), tree budgets and draft widths (GPU).
+    tok_per_s_by_candidate: dict[str, float] = field(default_factory=dict)
 
     def engine_overrides(self) -> dict[str, Any]:
         """EngineConfig fields this plan decides (a front end applies them over its defaults)."""
