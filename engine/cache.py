@@ -1,6 +1,8 @@
 """Static KV cache (batch 1) with in-place compaction of an accepted tree path.
 
-Slots [0, length) hold committed tokens. A forward writes its tokens' keys and values at explicit
+Keys and values share one tensor [layers, 2, kv_heads, slots, head_dim], so one kernel writes both
+(a draft step writes its tokens into every layer: one launch per layer saved) and one gather moves
+an accepted path. Slots [0, length) hold committed tokens. A forward writes its tokens' keys and values at explicit
 slots (a tree's nodes sit right after the prefix); after verification the accepted path is moved to
 contiguous slots after the prefix. Tensors are allocated once and never reallocated, so their
 addresses stay stable for CUDA graphs.
@@ -21,24 +23,30 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        shape = (num_layers, num_kv_heads, max_length, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.kv = torch.zeros((num_layers, 2, num_kv_heads, max_length, head_dim), dtype=dtype, device=device)
         self.max_length = max_length
         self.length = 0  # committed tokens
 
     @property
-    def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
+    def keys(self) -> torch.Tensor:
+        return self.kv[:, 0]  # [layers, kv_heads, slots, head_dim]
 
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v ([kv_heads, T, head_dim]) of T tokens at `slots` (T,) of `layer`."""
-        self.keys[layer].index_copy_(1, slots, k)
-        self.values[layer].index_copy_(1, slots, v)
+    @property
+    def values(self) -> torch.Tensor:
+        return self.kv[:, 1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.nbytes
+
+    def write(self, layer: int, slots: torch.Tensor, kv: torch.Tensor) -> None:
+        """Store the keys and values kv ([2, kv_heads, T, head_dim], any strides) of T tokens at
+        `slots` (T,) of `layer`."""
+        self.kv[layer].index_copy_(2, slots, kv)
 
     def view(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of slots [0, end) of `layer`: what attention reads."""
-        return self.keys[layer, :, :end], self.values[layer, :, :end]
+        return self.kv[layer, 0, :, :end], self.kv[layer, 1, :, :end]
 
     def commit(self, path_slots: list[int]) -> None:
         """Move the entries at `path_slots` (the accepted path, in order, all >= length) to the
@@ -49,10 +57,8 @@ class KVCache:
         start, count = self.length, len(path_slots)
         if path_slots != list(range(start, start + count)):
             # From pageable memory without waiting for the device: the loop never syncs here.
-            src = torch.tensor(path_slots).to(self.keys.device, non_blocking=True)
-            dest = slice(start, start + count)
-            self.keys[:, :, dest] = self.keys[:, :, src]
-            self.values[:, :, dest] = self.values[:, :, src]
+            src = torch.tensor(path_slots).to(self.kv.device, non_blocking=True)
+            self.kv[:, :, :, start : start + count] = self.kv[:, :, :, src]
         self.length = start + count
 
     def truncate(self, length: int) -> None:

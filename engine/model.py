@@ -52,8 +52,6 @@ class Transformer:
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.vocab_size = config.vocab_size
-        kv_width = self.num_kv_heads * self.head_dim
-        self.qkv_sizes = (self.num_heads * self.head_dim, kv_width, kv_width)
         self.gate_up_sizes = (config.intermediate_size, config.intermediate_size)
         self.act = ACT2FN[config.hidden_act]
         self.embed = inner.embed_tokens.to(device)
@@ -90,7 +88,7 @@ class Transformer:
         """Logits (float32) of the selected rows, after writing the tokens' KV at `slots`."""
         x = self.embed(tokens)
         cos, sin = self.cos[positions], self.sin[positions]
-        attn_mask = None if mask is None else mask[None, None]
+        attn_mask = None if mask is None else attention_bias(mask, self.dtype)
         h = rms_norm(x, *self.norms[0][0])
         with sdpa_kernel(FIXED_SHAPE_ATTENTION if fixed_shape else ANY_LENGTH_ATTENTION, set_priority=True):
             for i in range(stack.num_layers):
@@ -119,17 +117,27 @@ class Transformer:
 
     def _attention(self, weights, cache, layer, h, cos, sin, slots, attn_mask, kv_end, q_norm, k_norm, ops):
         T = h.shape[0]
-        q, k, v = _projections(weights, "qkv_proj", ("q_proj", "k_proj", "v_proj"), self.qkv_sizes, h)
-        q, k, v = ops.attention_inputs(
-            q.view(T, self.num_heads, self.head_dim), k.view(T, self.num_kv_heads, self.head_dim),
-            v.view(T, self.num_kv_heads, self.head_dim), cos, sin, q_norm, k_norm,
-        )
-        cache.write(layer, slots, k, v)
+        qkv = _concatenated(weights, "qkv_proj", ("q_proj", "k_proj", "v_proj"), h)
+        heads = ops.attention_inputs(qkv.view(T, -1, self.head_dim), cos, sin, self.num_heads, q_norm, k_norm)
+        # Views, no copies: q [H, T, D] and the cache's [2, KVH, T, D] out of the [T, heads, D] rows.
+        q = heads[:, : self.num_heads].transpose(0, 1)
+        cache.write(layer, slots, heads[:, self.num_heads :].unflatten(1, (2, -1)).permute(1, 2, 0, 3))
         keys, values = cache.view(layer, kv_end)
         out = F.scaled_dot_product_attention(
             q[None], keys[None], values[None], attn_mask=attn_mask, enable_gqa=True
         )
+        # The GPU's attention kernels write q's layout, tokens outermost: this reshape is a view there.
         return _linear(weights, "o_proj", out[0].transpose(0, 1).reshape(T, -1))
+
+
+def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The [T, kv_end] boolean mask as the additive 0 / -inf bias attention adds, [1, 1, T, kv_end],
+    made once per forward: given the boolean mask, attention converts it in every layer (and pads
+    its rows to an aligned stride, a copy more). Rows here are padded to 16 elements up front."""
+    rows, end = mask.shape
+    bias = torch.full((rows, -(-end // 16) * 16), float("-inf"), dtype=dtype, device=mask.device)
+    bias[:, :end].masked_fill_(mask, 0.0)
+    return bias[None, None, :, :end]
 
 
 def _linear(weights: dict, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -147,6 +155,14 @@ def _projections(
     if fused not in weights:
         return tuple(_linear(weights, name, x) for name in names)
     return _linear(weights, fused, x).split(sizes, dim=-1)
+
+
+def _concatenated(weights: dict, fused: str, names: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
+    """The linears `names` of x side by side: one matmul when the stack holds them stacked as
+    `fused`, else one each, concatenated."""
+    if fused in weights:
+        return _linear(weights, fused, x)
+    return torch.cat([_linear(weights, name, x) for name in names], dim=-1)
 
 
 def _norm(module: torch.nn.Module | None, device: torch.device) -> tuple[torch.Tensor, float] | None:

@@ -39,18 +39,22 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 def attention_inputs(
-    q: torch.Tensor,  # [T, H, D]
-    k: torch.Tensor,  # [T, KVH, D]
-    v: torch.Tensor,  # [T, KVH, D]
+    heads: torch.Tensor,  # [T, H + 2 KVH, D]: the fused q/k/v projection, per head
     cos: torch.Tensor,  # [T, D]
     sin: torch.Tensor,
+    num_q_heads: int,
     q_norm: tuple[torch.Tensor, float] | None,  # Qwen3: (weight, eps) of the per-head norms
     k_norm: tuple[torch.Tensor, float] | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Heads-first q, k (normalised per head where the model does, then rotated) and v."""
+) -> torch.Tensor:
+    """The same [T, H + 2 KVH, D] heads with q and k normalised per head (where the model does)
+    and rotated, v as it was: one output, so a compiled draft writes it in one kernel, attention
+    reads q as a view and the cache takes k and v in one copy."""
+    num_kv_heads = (heads.shape[1] - num_q_heads) // 2
+    q, k, v = heads.split((num_q_heads, num_kv_heads, num_kv_heads), dim=1)
     if q_norm is not None and k_norm is not None:
         q, k = rms_norm(q, *q_norm), rms_norm(k, *k_norm)
-    return rotate(q.transpose(0, 1), cos, sin), rotate(k.transpose(0, 1), cos, sin), v.transpose(0, 1)
+    cos, sin = cos[:, None], sin[:, None]  # the same angle for every head of a token
+    return torch.cat((rotate(q, cos, sin), rotate(k, cos, sin), v), dim=1)
 
 
 def gated(act: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

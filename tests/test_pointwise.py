@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 from engine import EngineConfig, load_engine
@@ -27,18 +27,40 @@ def test_rms_norm_is_the_transformers_module_bit_for_bit(norm_class, dtype):
     assert torch.equal(rms_norm(x, module.weight, module.variance_epsilon), module(x))
 
 
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_attention_inputs_are_the_transformers_rotary_bit_for_bit(qk_norm):
+    """q and k as transformers' attention computes them (Qwen3's per-head norms, then the rotary
+    embedding), v untouched, all in the one [T, heads, D] output."""
+    torch.manual_seed(0)
+    T, H, KVH, D = 5, 4, 2, 16
+    heads = torch.randn(T, H + 2 * KVH, D, dtype=torch.bfloat16)
+    angles = torch.randn(T, D // 2)
+    cos, sin = (torch.cat((f(angles), f(angles)), -1).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+    q_norm, k_norm = Qwen3RMSNorm(D, eps=1e-6).to(torch.bfloat16), Qwen3RMSNorm(D, eps=1e-6).to(torch.bfloat16)
+    q_norm.weight.data.normal_(1.0, 0.3)
+    k_norm.weight.data.normal_(1.0, 0.3)
+    q, k, v = heads.split((H, KVH, KVH), dim=1)
+    if qk_norm:
+        q, k = q_norm(q), k_norm(k)
+    want_q, want_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
+    norms = ((q_norm.weight, 1e-6), (k_norm.weight, 1e-6)) if qk_norm else (None, None)
+    got = EAGER.attention_inputs(heads, cos, sin, H, *norms)
+    assert torch.equal(got[:, :H].transpose(0, 1), want_q[0])
+    assert torch.equal(got[:, H : H + KVH].transpose(0, 1), want_k[0])
+    assert torch.equal(got[:, H + KVH :], v)
+
+
 def test_compiled_functions_equal_the_eager_ones():
     torch.manual_seed(0)
     ops = compiled_pointwise("aot_eager")
     x, delta, weight = torch.randn(6, 64), torch.randn(6, 64), torch.randn(64)
     for got, expected in zip(ops.add_rms_norm(x, delta, weight, 1e-6), EAGER.add_rms_norm(x, delta, weight, 1e-6)):
         assert torch.equal(got, expected)
-    q, k, v = torch.randn(6, 4, 16), torch.randn(6, 2, 16), torch.randn(6, 2, 16)
+    heads = torch.randn(6, 4 + 2 * 2, 16)  # 4 query heads, 2 key/value heads
     cos, sin = torch.randn(6, 16), torch.randn(6, 16)
     for norms in (None, (torch.randn(16), 1e-6)):
-        got = ops.attention_inputs(q, k, v, cos, sin, norms, norms)
-        expected = EAGER.attention_inputs(q, k, v, cos, sin, norms, norms)
-        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+        got = ops.attention_inputs(heads, cos, sin, 4, norms, norms)
+        assert torch.equal(got, EAGER.attention_inputs(heads, cos, sin, 4, norms, norms))
     assert torch.equal(ops.gated(torch.nn.SiLU(), x, delta), EAGER.gated(torch.nn.SiLU(), x, delta))
 
 

@@ -512,7 +512,7 @@ def filled_cache(prefix_len: int, written: int) -> KVCache:
     for layer in range(LAYERS):
         k = (layer * 1000 + torch.arange(HEADS)[:, None, None] * 100 + slots[None, :, None]
              + torch.arange(DIM)[None, None, :] / 10).float()
-        cache.write(layer, slots, k, -k)
+        cache.write(layer, slots, torch.stack((k, -k)))
     cache.commit(list(range(prefix_len)))  # contiguous from 0: counts them, moves nothing
     return cache
 
@@ -520,7 +520,7 @@ def filled_cache(prefix_len: int, written: int) -> KVCache:
 def test_commit_moves_a_non_contiguous_path_after_the_prefix():
     cache = filled_cache(prefix_len=5, written=18)
     before_k, before_v = cache.keys.clone(), cache.values.clone()
-    addresses = (cache.keys.data_ptr(), cache.values.data_ptr())
+    address = cache.kv.data_ptr()
     path = [5, 7, 8, 12, 17]  # the root, then deeper and deeper nodes
     cache.commit(path)
     assert cache.length == 10
@@ -529,7 +529,7 @@ def test_commit_moves_a_non_contiguous_path_after_the_prefix():
         assert torch.equal(keys[:, :5], before_k[layer, :, :5])  # the prefix is untouched
         assert torch.equal(keys[:, 5:10], before_k[layer, :, path])
         assert torch.equal(values[:, 5:10], before_v[layer, :, path])
-    assert (cache.keys.data_ptr(), cache.values.data_ptr()) == addresses  # in place
+    assert cache.kv.data_ptr() == address  # in place
 
 
 def test_commit_of_a_contiguous_path_moves_nothing():
