@@ -61,6 +61,10 @@ class DraftGraphs:
         self.capture = capture
         self._shapes: dict[tuple[int, int], _Captured] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture else None
+        # Warm-ups run on a side stream. One for all captures: the allocator caches blocks per
+        # stream, so a new stream per capture kept every warm-up's memory apart (seen on an H200:
+        # +180 MB over a 7B model's first generation).
+        self._side = torch.cuda.Stream(device) if capture else None
         self._outputs: dict[int, torch.Tensor] = {}  # per frontier width: where every graph writes
 
     def __call__(
@@ -90,7 +94,7 @@ class DraftGraphs:
         """Warm up on a side stream (kernel autotuning, workspaces), then capture. The static inputs
         already hold this step's real inputs, so the warm-up writes the very KV the step writes."""
         args = (shape.tokens, shape.positions, shape.slots, shape.mask, padded)
-        side = torch.cuda.Stream(self.device)
+        side = self._side
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):

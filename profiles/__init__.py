@@ -10,8 +10,8 @@ config.json dict, like LM Studio's estimate::
                          substitute_bits=4, substitute_group=64)
     plan.fits, plan.layers_on_gpu, plan.layers_total, plan.stream_buffers, plan.reason
     plan.weights_bytes, plan.kv_cache_bytes, plan.buffers_bytes, plan.total_bytes
-    plan.summary()  # "weights 5.45 GiB, KV 0.11 GiB, buffers 1.54 GiB (3 stream buffers and
-                    #  workspace), 0 of 28 layers on GPU, 7.90 of 8.00 GiB: fits"
+    plan.summary()  # "weights 5.45 GiB, KV 0.11 GiB, buffers 1.24 GiB (2 stream buffers and
+                    #  workspace), 0 of 28 layers on GPU, 7.60 of 8.00 GiB: fits"
 
 Measured on this machine (`subspec profile`, the TUI's first start)::
 

@@ -15,6 +15,8 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping
 
+from engine.verify import ROWS_AT_ONCE, TEMPORARY_BYTES_PER_LOGIT
+
 GIB = 1024**3
 MIB = 1024**2
 GB = 1000**3  # DESIGN.md quotes layer sizes in decimal GB (0.466 GB for a 7B layer)
@@ -35,6 +37,8 @@ DEFAULT_TREE_NODES = 1 + 32 * 6
 DEFAULT_PREFILL_CHUNK = 512
 DEFAULT_MAX_CONTEXT = 2048
 FP32_BYTES = 4
+# The widest draft forward planned for: the profile tries 6, 16 and 32 tokens per forward.
+DRAFT_ROWS = 32
 
 
 class ModelShapeError(ValueError):
@@ -141,20 +145,29 @@ class ModelShape:
     def workspace_bytes(self, tokens: int, context: int, logits_tokens: int, dtype_bytes: int = 2) -> int:
         """Transient memory of one forward over `tokens` new tokens attending to `context` slots,
         with logits for `logits_tokens` of them (every node of a tree; the last token of a prefill
-        chunk, as engine/model.py's prefill asks).
+        chunk, as engine/model.py's prefill asks), and of the target's choice from those logits.
 
-        The logits dominate a tree verification (nodes * vocab, in the compute dtype and again as
-        fp32 for softmax and acceptance); then attention scores where SDPA falls back to its math
-        path and materializes them (fp32, heads * tokens * context) and the tree/causal mask
+        The logits dominate a tree verification: nodes * vocab in the compute dtype and again as
+        fp32, then, while a token is chosen, the fp32 logits and the temporaries of ROWS_AT_ONCE rows
+        (engine.verify: softmax, top-p's sort). Then attention scores where SDPA falls back to its
+        math path and materializes them (fp32, heads * tokens * context) and the tree/causal mask
         (tokens * context); the MLP's gate, up and product and a few hidden-sized tensors are small.
         """
-        logits = logits_tokens * self.vocab * (dtype_bytes + FP32_BYTES)
+        forward_logits = logits_tokens * self.vocab * (dtype_bytes + FP32_BYTES)
+        choosing = logits_tokens * self.vocab * FP32_BYTES + min(logits_tokens, ROWS_AT_ONCE) * self.vocab * TEMPORARY_BYTES_PER_LOGIT
         scores = self.heads * tokens * context * FP32_BYTES
         mask = tokens * context * dtype_bytes
         mlp = 3 * tokens * self.intermediate * dtype_bytes
         qkv = tokens * (self.heads + 2 * self.kv_heads) * self.head_dim * dtype_bytes
         hidden = 4 * tokens * self.hidden * dtype_bytes
-        return logits + scores + mask + mlp + qkv + hidden
+        return max(forward_logits, choosing) + scores + mask + mlp + qkv + hidden
+
+    def draft_workspace_bytes(self, rows: int = DRAFT_ROWS, dtype_bytes: int = 2) -> int:
+        """What draft steps keep while a tree is verified: their CUDA graphs' memory pool holds the
+        widest forward's logits (compute dtype, fp32, scaled, log-softmax) and one output per
+        frontier width (a best-first tree uses up to three: 1 and 6 at the top, then the batch and
+        a last, smaller one), together under 3 * rows rows of fp32."""
+        return self.vocab * rows * (dtype_bytes + 3 * FP32_BYTES + 3 * FP32_BYTES)
 
 
 def hqq_linear_bytes(out_features: int, in_features: int, bits: int, group: int) -> int:
@@ -315,7 +328,7 @@ def estimate_plan(
     workspace = max(
         shape.workspace_bytes(nodes, max_context, nodes, dtype_bytes),  # one tree verification
         shape.workspace_bytes(min(prefill_chunk, max_context), max_context, 1, dtype_bytes),  # one prefill chunk
-    )
+    ) + (shape.draft_workspace_bytes(dtype_bytes=dtype_bytes) if drafts else 0)
     margin = safety_margin_bytes(vram_bytes)
 
     def plan_with(resident: int, buffers: int) -> Plan:

@@ -40,12 +40,12 @@ def test_shrink_gives_up_resident_layers_before_stream_buffers():
     assert fit.shrink(0, 2, 5) == (0, 1)  # never below one buffer: the caller gives up there
 
 
-def seven_b_estimate(gib: int = 8):
-    return estimate_plan(QWEN25_7B, gib * GIB, "subspec_sd", tree_nodes=193)
+def seven_b_estimate(gib: float = 8):
+    return estimate_plan(QWEN25_7B, int(gib * GIB), "subspec_sd", tree_nodes=193)
 
 
-def fit_7b(gpu: FakeGpu, gib: int = 8):
-    return fit.fit_gpu(None, "subspec_sd", QWEN25_7B, gib * GIB, float(gib), 2048, "fp", lambda _m: None, gpu.load)
+def fit_7b(gpu: FakeGpu, gib: float = 8):
+    return fit.fit_gpu(None, "subspec_sd", QWEN25_7B, int(gib * GIB), float(gib), 2048, "fp", lambda _m: None, gpu.load)
 
 
 def loaded(gpu: FakeGpu) -> list[tuple[int, int]]:
@@ -77,16 +77,16 @@ def test_over_budget_peak_lowers_the_resident_layers_first():
 
 
 def test_with_no_layer_resident_an_over_budget_peak_drops_a_stream_buffer():
-    estimate = seven_b_estimate()
+    estimate = seven_b_estimate(8.25)  # 3 buffers need 8.04 GiB (test_profiles_memory), no layer fits beside them
     allowed = fit.allocation_budget(estimate)
     layer = estimate.layer_bytes
-    assert (estimate.layers_on_gpu, estimate.stream_buffers) == (0, 3)  # test_profiles_memory
+    assert (estimate.layers_on_gpu, estimate.stream_buffers) == (0, 3)
     # Measured: every layer streamed through 3 buffers is half a layer over budget; 2 buffers fit.
     gpu = FakeGpu(
         peak_bytes=lambda layers, slots, depth: allowed - layer // 2 + (layers + slots - 2) * layer,
         forward_s=lambda tokens: FREE_FORWARD_S if tokens <= 193 else SLOW_FORWARD_S,
     )
-    plan = fit_7b(gpu)
+    plan = fit_7b(gpu, 8.25)
     assert loaded(gpu) == [(0, 3), (0, 2)]
     assert (plan.layers_on_gpu, plan.stream_buffers, plan.measured_peak_bytes) == (0, 2, allowed - layer // 2)
     # The engine is asked for the buffers that were measured, not its own default of 3.
@@ -101,7 +101,7 @@ def test_out_of_memory_load_retries_and_a_bigger_free_tree_is_confirmed():
         forward_s=lambda tokens: FREE_FORWARD_S if tokens <= 289 else SLOW_FORWARD_S,
         out_of_memory=lambda layers, slots: slots > 2,
     )
-    plan = fit_7b(gpu)
+    plan = fit_7b(gpu, 8.25)
     # 3 buffers: out of memory while loading; 2 fit; the free 289-node tree (depth 48) is larger
     # than the trial's depth 32, so it is loaded (with the same 2 buffers) and run once more before
     # it is handed out.
@@ -212,15 +212,15 @@ def test_choose_tree_reconfigures_a_real_engine(monkeypatch):
 
 
 def test_a_plan_that_never_fits_is_refused():
-    allowed = fit.allocation_budget(seven_b_estimate())
+    allowed = fit.allocation_budget(seven_b_estimate(8.25))
     gpu = FakeGpu(peak_bytes=lambda layers, slots, depth: allowed + 1, forward_s=lambda tokens: 0.0)
     with pytest.raises(ProfileError, match="even with every layer streamed through one buffer"):
-        fit_7b(gpu)
+        fit_7b(gpu, 8.25)
     assert loaded(gpu) == [(0, 3), (0, 2), (0, 1)]  # 1 buffer and no layer resident: the last resort
-    # The memory model alone rules out Qwen2.5-14B with a 4-bit substitute on 11 GiB (11.89 GiB even
+    # The memory model alone rules out Qwen2.5-14B with a 4-bit substitute on 11 GiB (12.02 GiB even
     # through one buffer, test_profiles_memory): no load at all.
     gpu = FakeGpu(peak_bytes=lambda layers, slots, depth: 0, forward_s=lambda tokens: 0.0)
-    with pytest.raises(ProfileError, match=r"does not fit this GPU with subspec_sd: needs 11\.89 GiB"):
+    with pytest.raises(ProfileError, match=r"does not fit this GPU with subspec_sd: needs 12\.02 GiB"):
         fit.fit_gpu(None, "subspec_sd", QWEN25_14B, 11 * GIB, 11.0, 2048, "fp", lambda _m: None, gpu.load)
     assert gpu.loads == []
 

@@ -86,3 +86,29 @@ def test_sampled_tokens_follow_the_target_distribution(tiny, monkeypatch):
 
     monkeypatch.setattr(generate_module, "walk", trust_the_draft)
     assert not fits(subspec, expected)
+
+
+def test_a_verification_s_logits_are_gone_before_the_next_one(bundled_engine):
+    """The [nodes, vocab] logits of one verification are freed before the next forward allocates
+    its own: two iterations' logits never share the GPU (the plan's workspace counts one)."""
+    import gc
+    import weakref
+
+    engine = bundled_engine("subspec_sd")
+    transformer = engine.target.transformer
+    forward, held = transformer.forward, []
+
+    def tracked(*args, **kwargs):
+        gc.collect()  # reference cycles aside: only a live reference keeps a tensor
+        assert all(ref() is None for ref in held), "an earlier verification's logits are still alive"
+        logits = forward(*args, **kwargs)
+        if logits.shape[0] > 1:  # a tree's logits (a prefill keeps its last row, 1 x vocab)
+            held.append(weakref.ref(logits))
+        return logits
+
+    transformer.forward = tracked
+    try:
+        gen = engine.generate([1, 2, 3], SamplingConfig(max_new_tokens=12))
+    finally:
+        del transformer.forward
+    assert len(held) >= 2 and len(gen.stats.iterations) >= 2

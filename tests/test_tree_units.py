@@ -13,7 +13,8 @@ import torch
 
 from engine.cache import KVCache
 from engine.tree import Tree, TreeShape, grow_best_first, grow_reference
-from engine.verify import lenient_nodes, walk, walk_lossy
+from engine.config import SamplingConfig
+from engine.verify import ROWS_AT_ONCE, choose, lenient_nodes, walk, walk_lossy
 
 CPU = torch.device("cpu")
 
@@ -551,3 +552,24 @@ def test_truncate_then_commit_starts_from_the_new_length():
     assert cache.length == 9
     assert torch.equal(cache.keys[:, :, 6:9], before_k[:, :, [6, 9, 15]])
     assert torch.equal(cache.keys[:, :, :6], before_k[:, :, :6])
+
+
+def test_choice_and_gates_over_more_rows_than_are_processed_at_once():
+    """Rows are sampled and gated ROWS_AT_ONCE at a time: every row keeps its own distribution and
+    its place, across the chunk boundaries."""
+    rows, vocab = 2 * ROWS_AT_ONCE + 5, 64
+    torch.manual_seed(0)
+    logits = torch.randn(rows, vocab)
+    own = torch.randperm(vocab)[:rows] % vocab
+    logits[torch.arange(rows), own] = 40.0  # each row all but certain of its own token
+    generator = torch.Generator().manual_seed(0)
+    for sampling in (SamplingConfig(do_sample=True, temperature=0.8, top_p=0.9, top_k=10),
+                     SamplingConfig(do_sample=True)):
+        assert torch.equal(choose(logits, sampling, generator), own)
+    parents = torch.randint(0, rows, (rows,))
+    tokens = torch.where(torch.rand(rows) < 0.5, own[parents], (own[parents] + 1) % vocab)
+    probs = logits.softmax(dim=-1)
+    assert torch.equal(lenient_nodes(logits, tokens, parents, "prob", 0.5), probs[parents, tokens] > 0.5)
+    logits[::3] = 0.0  # uniform rows: entropy 1
+    gate = lenient_nodes(logits, tokens, parents, "entropy", 0.5)
+    assert torch.equal(gate, (parents % 3 != 0))
