@@ -88,13 +88,13 @@ def _dequantized(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> to
 
 def _sweep(n: int, blocks: int, multiprocessors: int) -> set[tuple[int, int, int, int]]:
     """BLOCK_N 64/128/256, up to three SPLITs (divisors of K's blocks) giving 0.5-8 programs per
-    multiprocessor, 4 or 8 warps, 3 stages."""
+    multiprocessor, 4 warps (8 lost everywhere in the first sweeps), 2, 3 or 4 stages."""
     out = set()
     divisors = [s for s in range(1, blocks + 1) if blocks % s == 0]
     for block_n in (64, 128, 256):
         tiles = -(-n // block_n)
         splits = [s for s in divisors if multiprocessors // 2 <= tiles * s <= 8 * multiprocessors][:3]
-        out |= {(block_n, s, w, 3) for s in splits or divisors[:1] for w in (4, 8)}
+        out |= {(block_n, s, 4, stages) for s in splits or divisors[:1] for stages in (2, 3, 4)}
     return out
 
 

@@ -120,16 +120,20 @@ def pack_int4(q: torch.Tensor, rows_at_once: int = 4096) -> torch.Tensor:
     return words
 
 
+MAX_SPLIT = 8  # more split programs re-read x and add more partial sums than they gain (down_proj at 37: slower)
+
+
 def choose_tiles(n: int, k: int, multiprocessors: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, SPLIT, warps, stages), the rule fitted to an H200 sweep of the 7B linears (6 and 16
-    rows; README "GPU performance"): 4 warps and 3 stages won everywhere; 64 columns per program
-    for outputs under 8192 and 256 above; K split by the smallest divisor of its 128-input blocks
-    that gives 1.5 programs per multiprocessor (fewer starve the memory system, more re-read x)."""
+    """(BLOCK_N, SPLIT, warps, stages), the rule fitted to H200 sweeps of the 7B linears (6 and 16
+    rows; README "GPU performance"): 4 warps and 3 stages won everywhere (8 warps lost by up to
+    2x, 2 or 4 stages were slower or within noise); 64 columns per program for outputs under 8192
+    and 256 above; K split by the smallest divisor of its 128-input blocks, up to MAX_SPLIT, that
+    gives 3 programs per multiprocessor (fewer starve the memory system), else by the largest one."""
     block_n = 64 if n < 8192 else 256
     tiles = triton.cdiv(n, block_n)
     blocks = triton.cdiv(k, BLOCK_K)
-    divisors = [s for s in range(1, blocks + 1) if blocks % s == 0]
-    split = next((s for s in divisors if 2 * tiles * s >= 3 * multiprocessors), blocks)
+    divisors = [s for s in range(1, min(blocks, MAX_SPLIT) + 1) if blocks % s == 0]
+    split = next((s for s in divisors if tiles * s >= 3 * multiprocessors), divisors[-1])
     return block_n, split, 4, 3
 
 
