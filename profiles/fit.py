@@ -95,7 +95,8 @@ def fit_gpu(
     peak fits `vram_bytes`, and a tree budget."""
     estimate = estimate_plan(model_config, vram_bytes, method, max_context=max_context, tree_nodes=1 + TRIAL_DEPTH * TOPK)
     if not estimate.fits:
-        raise ProfileError(f"the model does not fit this GPU with {method}: {estimate.reason}")
+        raise ProfileError(f"the model does not fit this GPU with {method}: {estimate.reason}"
+                           + _shorter_context_hint(model_config, vram_bytes, method, max_context))
     allowed = allocation_budget(estimate)
     progress(f"memory model: {estimate.summary()}")
     layers = estimate.layers_on_gpu
@@ -173,6 +174,16 @@ def fit_gpu(
         verify_ms_by_nodes=trial.forward_ms_by_nodes,
         tok_per_s_by_candidate=tok_per_s,
     )
+
+
+def _shorter_context_hint(model_config: dict, vram_bytes: int, method: str, max_context: int) -> str:
+    """'; it fits with --max-length N' for the longest of a half, a quarter or an eighth of the
+    context with which the memory model says it fits (the KV cache and attention scores shrink)."""
+    for context in (max_context // 2, max_context // 4, max_context // 8):
+        if context >= 256 and estimate_plan(model_config, vram_bytes, method, max_context=context,
+                                            tree_nodes=1 + TRIAL_DEPTH * TOPK).fits:
+            return f"; it fits with --max-length {context}"
+    return ""
 
 
 def _confirm_bigger_tree(

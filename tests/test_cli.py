@@ -218,8 +218,8 @@ def test_profile_command_passes_model_cap_method_and_force(capsys, monkeypatch):
 
     calls = []
 
-    def fake_run_profile(model, vram_limit_gb, method, progress, force):
-        calls.append((model, vram_limit_gb, method, force))
+    def fake_run_profile(model, vram_limit_gb, method, progress, force, max_context):
+        calls.append((model, vram_limit_gb, method, force, max_context))
         return StoredProfile()
 
     monkeypatch.setattr(profiles, "run_profile", fake_run_profile)
@@ -227,16 +227,16 @@ def test_profile_command_passes_model_cap_method_and_force(capsys, monkeypatch):
     code, out, _ = run(capsys, "--method", "vanilla", "--llm-path", "org/model", "profile", "--vram-limit-gb", "8",
                        "--force", "--json")
     assert (code, json.loads(out)) == (0, StoredProfile().as_dict())
-    code, out, err = run(capsys, "--vram-limit-gb", "12", "profile", "--model", "other/model")
+    code, out, err = run(capsys, "--vram-limit-gb", "12", "--max-length", "1024", "profile", "--model", "other/model")
     assert (code, out) == (0, "Model: bundled\n")
     assert "profiling the CPU" in err
-    assert calls == [("org/model", 8.0, "vanilla", True), ("other/model", 12.0, "subspec_sd", False)]
+    assert calls == [("org/model", 8.0, "vanilla", True, 2048), ("other/model", 12.0, "subspec_sd", False, 1024)]
 
 
 def test_profile_errors_are_one_line(capsys, monkeypatch):
     import profiles
 
-    def failing(*args):
+    def failing(*args, **kwargs):
         raise profiles.ProfileError("model 'x/y' is not on this machine")
 
     monkeypatch.setattr(profiles, "run_profile", failing)

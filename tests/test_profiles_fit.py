@@ -220,8 +220,12 @@ def test_a_plan_that_never_fits_is_refused():
     # The memory model alone rules out Qwen2.5-14B with a 4-bit substitute on 11 GiB (12.02 GiB even
     # through one buffer, test_profiles_memory): no load at all.
     gpu = FakeGpu(peak_bytes=lambda layers, slots, depth: 0, forward_s=lambda tokens: 0.0)
-    with pytest.raises(ProfileError, match=r"does not fit this GPU with subspec_sd: needs 12\.02 GiB"):
+    with pytest.raises(ProfileError, match=r"does not fit this GPU with subspec_sd: needs 12\.02 GiB") as refused:
         fit.fit_gpu(None, "subspec_sd", QWEN25_14B, 11 * GIB, 11.0, 2048, "fp", lambda _m: None, gpu.load)
+    assert "--max-length" not in str(refused.value)  # not even 256 tokens of context make it fit
+    # On 12 GiB it needs 12.06 GiB at 2048 tokens; half the context (KV cache, attention scores) fits.
+    with pytest.raises(ProfileError, match=r"needs 12\.06 GiB.*; it fits with --max-length 1024$"):
+        fit.fit_gpu(None, "subspec_sd", QWEN25_14B, 12 * GIB, 12.0, 2048, "fp", lambda _m: None, gpu.load)
     assert gpu.loads == []
 
 
