@@ -2,10 +2,10 @@
 
 Keys and values share one tensor [layers, 2, kv_heads, slots, head_dim], so one kernel writes both
 (a draft step writes its tokens into every layer: one launch per layer saved) and one gather moves
-an accepted path. Slots [0, length) hold committed tokens. A forward writes its tokens' keys and values at explicit
-slots (a tree's nodes sit right after the prefix); after verification the accepted path is moved to
-contiguous slots after the prefix. Tensors are allocated once and never reallocated, so their
-addresses stay stable for CUDA graphs.
+an accepted path. Slots [0, length) hold committed tokens. A forward writes its tokens' keys and
+values at explicit slots (a tree's nodes sit right after the prefix); after verification the
+accepted path is moved to contiguous slots after the prefix. Tensors are allocated once and never
+reallocated, so their addresses stay stable for CUDA graphs.
 """
 
 from __future__ import annotations
@@ -26,14 +26,6 @@ class KVCache:
         self.kv = torch.zeros((num_layers, 2, num_kv_heads, max_length, head_dim), dtype=dtype, device=device)
         self.max_length = max_length
         self.length = 0  # committed tokens
-
-    @property
-    def keys(self) -> torch.Tensor:
-        return self.kv[:, 0]  # [layers, kv_heads, slots, head_dim]
-
-    @property
-    def values(self) -> torch.Tensor:
-        return self.kv[:, 1]
 
     @property
     def nbytes(self) -> int:

@@ -12,6 +12,7 @@ the draws are independent and only the visited nodes' draws are used.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -46,10 +47,11 @@ def choose(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Gene
     """The target's token at each row of `logits` [N, V]."""
     if sampling.greedy:
         return logits.argmax(dim=-1)
-    return _by_rows(lambda rows: torch.multinomial(processed_probs(rows, sampling), 1, generator=generator)[:, 0], logits)
+    return _by_rows(lambda rows: torch.multinomial(processed_probs(rows, sampling), 1, generator=generator)[:, 0],
+                    logits)
 
 
-def _by_rows(fn, rows: torch.Tensor) -> torch.Tensor:
+def _by_rows(fn: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
     """fn of every row, ROWS_AT_ONCE rows at a time (fn treats each row on its own)."""
     return torch.cat([fn(chunk) for chunk in rows.split(ROWS_AT_ONCE)])
 
@@ -106,7 +108,8 @@ def lenient_nodes(
     prob: the target gives node i's token a probability above `threshold` at the parent."""
     if method == "entropy":
         return _by_rows(lambda rows: _normalised_entropy(rows) < threshold, logits)[parents]
-    token_probs = _by_rows(lambda pairs: logits[pairs[:, 0]].softmax(dim=-1).gather(-1, pairs[:, 1:])[:, 0],
+    # (parent, token) pairs: the parent's row is gathered for each node, so chunks bound it too.
+    token_probs = _by_rows(lambda pairs: logits[pairs[:, 0]].float().softmax(dim=-1).gather(-1, pairs[:, 1:])[:, 0],
                            torch.stack((parents, tokens), dim=1))
     return token_probs > threshold
 

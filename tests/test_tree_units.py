@@ -520,7 +520,7 @@ def filled_cache(prefix_len: int, written: int) -> KVCache:
 
 def test_commit_moves_a_non_contiguous_path_after_the_prefix():
     cache = filled_cache(prefix_len=5, written=18)
-    before_k, before_v = cache.keys.clone(), cache.values.clone()
+    before_k, before_v = cache.kv[:, 0].clone(), cache.kv[:, 1].clone()
     address = cache.kv.data_ptr()
     path = [5, 7, 8, 12, 17]  # the root, then deeper and deeper nodes
     cache.commit(path)
@@ -535,23 +535,23 @@ def test_commit_moves_a_non_contiguous_path_after_the_prefix():
 
 def test_commit_of_a_contiguous_path_moves_nothing():
     cache = filled_cache(prefix_len=4, written=12)
-    before_k, before_v = cache.keys.clone(), cache.values.clone()
+    before_k, before_v = cache.kv[:, 0].clone(), cache.kv[:, 1].clone()
     cache.commit([4, 5, 6])
     assert cache.length == 7
-    assert torch.equal(cache.keys, before_k) and torch.equal(cache.values, before_v)
+    assert torch.equal(cache.kv[:, 0], before_k) and torch.equal(cache.kv[:, 1], before_v)
     cache.commit([7])  # the root alone
-    assert cache.length == 8 and torch.equal(cache.keys, before_k)
+    assert cache.length == 8 and torch.equal(cache.kv[:, 0], before_k)
 
 
 def test_truncate_then_commit_starts_from_the_new_length():
     cache = filled_cache(prefix_len=10, written=16)
-    before_k = cache.keys.clone()
+    before_k = cache.kv[:, 0].clone()
     cache.truncate(6)
     assert cache.length == 6 and cache.view(0, cache.length)[0].shape == (HEADS, 6, DIM)
     cache.commit([6, 9, 15])
     assert cache.length == 9
-    assert torch.equal(cache.keys[:, :, 6:9], before_k[:, :, [6, 9, 15]])
-    assert torch.equal(cache.keys[:, :, :6], before_k[:, :, :6])
+    assert torch.equal(cache.kv[:, 0][:, :, 6:9], before_k[:, :, [6, 9, 15]])
+    assert torch.equal(cache.kv[:, 0][:, :, :6], before_k[:, :, :6])
 
 
 def test_choice_and_gates_over_more_rows_than_are_processed_at_once():
