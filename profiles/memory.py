@@ -154,7 +154,8 @@ class ModelShape:
         (tokens * context); the MLP's gate, up and product and a few hidden-sized tensors are small.
         """
         forward_logits = logits_tokens * self.vocab * (dtype_bytes + FP32_BYTES)
-        choosing = logits_tokens * self.vocab * FP32_BYTES + min(logits_tokens, ROWS_AT_ONCE) * self.vocab * TEMPORARY_BYTES_PER_LOGIT
+        temporaries = min(logits_tokens, ROWS_AT_ONCE) * self.vocab * TEMPORARY_BYTES_PER_LOGIT
+        choosing = logits_tokens * self.vocab * FP32_BYTES + temporaries
         scores = self.heads * tokens * context * FP32_BYTES
         mask = tokens * context * dtype_bytes
         mlp = 3 * tokens * self.intermediate * dtype_bytes

@@ -293,8 +293,9 @@ def cmd_profile(args: argparse.Namespace, settings: Settings) -> int:
 
     model = args.model or settings.engine.llm_path
     vram_limit = args.profile_vram_limit_gb or settings.engine.vram_limit_gb
+    # --max-length is the plan's context: its KV cache and workspace are part of what must fit.
     profile = profiles.run_profile(model, vram_limit, settings.engine.method, _progress, args.force,
-                                   max_context=settings.engine.max_length)  # the plan's context: KV cache and workspace
+                                   max_context=settings.engine.max_length)
     if args.json:
         _print_json(profile.as_dict())
     else:
