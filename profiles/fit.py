@@ -93,7 +93,7 @@ def fit_gpu(
 ) -> ModelPlan:
     """The largest resident-layer count (with as many stream buffers as fit, up to 3) whose measured
     peak fits `vram_bytes`, and a tree budget."""
-    estimate = estimate_plan(model_config, vram_bytes, method, max_context=max_context, tree_nodes=1 + TRIAL_DEPTH * TOPK)
+    estimate = _trial_estimate(model_config, vram_bytes, method, max_context)
     if not estimate.fits:
         raise ProfileError(f"the model does not fit this GPU with {method}: {estimate.reason}"
                            + _shorter_context_hint(model_config, vram_bytes, method, max_context))
@@ -176,12 +176,16 @@ def fit_gpu(
     )
 
 
+def _trial_estimate(model_config: dict, vram_bytes: int, method: str, max_context: int) -> Plan:
+    """The memory model's plan for the first trial load's tree."""
+    return estimate_plan(model_config, vram_bytes, method, max_context=max_context, tree_nodes=1 + TRIAL_DEPTH * TOPK)
+
+
 def _shorter_context_hint(model_config: dict, vram_bytes: int, method: str, max_context: int) -> str:
     """'; it fits with --max-length N' for the longest of a half, a quarter or an eighth of the
     context with which the memory model says it fits (the KV cache and attention scores shrink)."""
     for context in (max_context // 2, max_context // 4, max_context // 8):
-        if context >= 256 and estimate_plan(model_config, vram_bytes, method, max_context=context,
-                                            tree_nodes=1 + TRIAL_DEPTH * TOPK).fits:
+        if context >= 256 and _trial_estimate(model_config, vram_bytes, method, context).fits:
             return f"; it fits with --max-length {context}"
     return ""
 
