@@ -4,8 +4,9 @@ For each linear shape (default: Qwen2.5-7B's fused q/k/v, o, fused gate/up and d
 4-bit weights (group 64) are converted by both kernels; each (BLOCK_N, SPLIT, warps, stages) of a
 small sweep is timed at 6 and 16 rows inside a CUDA graph over several copies of the weights (so L2
 holds none), next to tinygemm and the floor (the 4-bit bytes over the device-to-device copy rate,
-reads plus writes, measured in the same run), with its deviation from the dequantized weights and whether two calls
-agree bit for bit. engine.int4_kernel.choose_tiles is the rule fitted to this sweep.
+reads plus writes, measured in the same run), with its deviation from the dequantized weights, whether
+two calls agree bit for bit, and whether the weights it multiplies with are bit for bit HQQ's bf16
+weights (q * scale + offset rounded once). engine.int4_kernel.choose_tiles is the rule fitted to this sweep.
 
     python benchmarks/int4_tiles.py [--shapes qkv=4608x3584,down=3584x18944] [--json out.json]
 """
@@ -47,6 +48,7 @@ def main() -> None:
         tinygemm = [Int4Linear(*w, GROUP, None, torch.bfloat16) for w in weights]
         triton_linears = [TritonInt4Linear(*w, GROUP, None, torch.bfloat16) for w in weights]
         dense = _dequantized(*weights[0])
+        rounded = _bf16_weights(*weights[0])
         xs = {m: [torch.randn(m, k, dtype=torch.bfloat16, device=device) for _ in range(COPIES)] for m in ROWS}
         first = triton_linears[0]
         floor_us = (first.words.nbytes + first.scale.nbytes + first.offset.nbytes) / (copy_gbps * 1e3)
@@ -60,12 +62,14 @@ def main() -> None:
                 _retile(linear, tiles)
             times = {m: _graph_us(triton_linears, xs[m]) for m in ROWS}
             deviation, repeatable = _check(first, dense)
-            row["tiles"][str(tiles)] = {"us": times, "max_relative_deviation": deviation, "repeatable": repeatable}
+            exact = torch.equal(_weights_seen(first), rounded)
+            row["tiles"][str(tiles)] = {"us": times, "max_relative_deviation": deviation, "repeatable": repeatable,
+                                        "weights_bit_for_bit": exact}
             mark = " (choose_tiles)" if tiles == default else ""
             print(f"  BLOCK_N {tiles[0]:3d} SPLIT {tiles[1]:3d} warps {tiles[2]} stages {tiles[3]}: " +
                   ", ".join(f"{m} rows {us:6.1f} us" for m, us in times.items()) +
                   f" ({floor_us / times[ROWS[0]]:.2f} of the floor), deviation {deviation:.4f}, "
-                  f"repeatable {repeatable}{mark}")
+                  f"repeatable {repeatable}, weights bit for bit {exact}{mark}")
         results["shapes"][name] = row
         del tinygemm, triton_linears, weights
         torch.cuda.empty_cache()
@@ -84,6 +88,25 @@ def _quantized(n: int, k: int, device: torch.device) -> tuple[torch.Tensor, torc
 def _dequantized(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     n, k = q.shape
     return ((q.float().view(n, -1, GROUP) - zero[..., None]) * scale[..., None]).view(n, k)
+
+
+def _bf16_weights(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """[K, N] weights q * scale + offset as the kernel must compute them: scale and offset = -zero *
+    scale in bf16 (as the linear stores them), the sum exact in float64 and rounded once to bf16
+    (8 significant bits, ties to even; torch's float64 -> bf16 cast would round twice)."""
+    n, k = q.shape
+    scale_b = scale.to(torch.bfloat16).double()
+    offset_b = (-zero * scale).to(torch.bfloat16).double()
+    exact = (q.double().view(n, -1, GROUP) * scale_b[..., None] + offset_b[..., None]).view(n, k)
+    mantissa, exponent = torch.frexp(exact)
+    return torch.ldexp(torch.round(mantissa * 256) / 256, exponent).to(torch.bfloat16).t()
+
+
+def _weights_seen(linear) -> torch.Tensor:
+    """The weights the kernel multiplies with, [K, N]: x = rows of the identity picks them out one
+    input at a time (a single product per output, so the fp32 sums add nothing but zeros)."""
+    eye = torch.eye(linear.in_features, dtype=torch.bfloat16, device=linear.words.device)
+    return torch.cat([linear(eye[start : start + 32]) for start in range(0, linear.in_features, 32)])
 
 
 def _sweep(n: int, blocks: int, multiprocessors: int) -> set[tuple[int, int, int, int]]:

@@ -5,11 +5,13 @@ bytes over HBM bandwidth. torch's tinygemm kernel puts the tokens on the 8-wide 
 tensor-core tile and walks the weights once per 8 tokens (16 tokens cost twice 6). Here the tokens
 are the 16- or 32-row side of one tile, so up to 32 tokens share one pass over the weights.
 
-Layout (`pack_int4`): the integers of 128 consecutive inputs sit in 16 int32 words per output,
-nibble j of word r holding input 16 j + r. A program loads [16, BLOCK_N] words in one coalesced
-read and peels them into 8 slices of [16, BLOCK_N] integers (`_nibbles`), each dequantized in
-registers with HQQ's own numbers, w = (q - zero) * scale = q * scale + offset rounded to bf16 as
-HQQ's bf16 layers round it, and multiplied with 16 columns of x into one fp32 accumulator.
+Layout (`pack_int4`): the integers of 128 consecutive inputs sit in 16 int32 words per output. A
+program loads [16, BLOCK_N] words in one coalesced read and peels them into 8 slices of [16, BLOCK_N]
+weights (`_weights`), slice j covering inputs 16 j .. 16 j + 15. The two rows of a tensor-core pair
+(inputs 16 j + 2 t and + 1) share a word, in its low and high 16 bits (word 2 t + j // 4, bits
+4 (j % 4) .. + 3 of each half), so one shift and one mask give both as a pair of bf16 numbers, and
+one fused multiply-add dequantizes them in registers with HQQ's own numbers: w = (q - zero) * scale =
+q * scale + offset, rounded once to bf16. They meet 16 columns of x in one fp32 accumulator.
 
 Small outputs (q/k/v, o, down) give too few column tiles to keep the GPU's memory busy, so K is split
 over SPLIT programs; each writes its partial sums, and the last of them (an atomic count per tile)
@@ -33,32 +35,41 @@ _BLOCK_K = tl.constexpr(BLOCK_K)
 _SLICE = tl.constexpr(SLICE)
 
 
-def _unpack_asm(j: int) -> str:
-    select, shift = (0x5410 if j < 4 else 0x7632), 4 * (j % 4)
-    return (f"{{ .reg .b32 t; prmt.b32 t, $1, $2, {select}; shr.u32 t, t, {shift}; "
-            "lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA; }")  # 0x4300: bf16 128.0; 0xEA: (a & b) | c
+def _dequantize_asm(j: int) -> str:
+    """PTX for slice j of a word pair ($1, $2) with its scale and offset pairs ($3, $4): two weights."""
+    word, shift = ("$1" if j < 4 else "$2"), 4 * (j % 4)
+    return (f"{{ .reg .b32 t; shr.u32 t, {word}, {shift}; and.b32 t, t, 0x000F000F; "
+            "fma.rn.bf16x2 $0, t, $3, $4; }")
 
 
-_UNPACK = tl.constexpr(tuple(_unpack_asm(j) for j in range(8)))  # nibble j + 128, as two bf16
+_DEQUANTIZE = tl.constexpr(tuple(_dequantize_asm(j) for j in range(8)))
 
 
 @triton.jit
-def _nibbles(packed, j: tl.constexpr, dtype: tl.constexpr, FAST: tl.constexpr):
-    """128 + nibble j of every word, in `dtype` (exact: integers below 256).
+def _weights(packed, j: tl.constexpr, scale, offset, FAST: tl.constexpr):
+    """Slice j of a block's weights, [16, BLOCK_N], from its [16, BLOCK_N] words: row r = 2t + u
+    is nibble 4 (j % 4) of half u of word 2t + j // 4 (`pack_int4`); w = nibble x scale + offset
+    (offset = -zero x scale), rounded once.
 
-    FAST (bf16 on a GPU): two words per instruction sequence, no integer-to-float conversion
-    (the GPU converts 16 per cycle per multiprocessor, too slow to keep up with memory): the two
-    low halves (j < 4) or high halves of two words are interleaved (prmt), shifted, masked and
-    OR-ed into the bits of bf16 128.0 (lop3), which leaves 128 + nibble as two bf16."""
+    FAST (bf16 on a GPU): a word pair's two halves are one bf16 pair already, so a shift, a mask
+    and one fused multiply-add give two weights, no integer-to-float conversion (16 per cycle per
+    multiprocessor, too slow to keep up with memory): the four bits are a bf16 subnormal,
+    nibble x 2^-133, and the scales carry 2^p (`exact_scaling`)."""
     if FAST:
-        return tl.inline_asm_elementwise(_UNPACK[j], "=r,r,r", [packed], dtype=tl.bfloat16, is_pure=True, pack=2)
-    return (((packed >> (4 * j)) & 0xF) + 128).to(dtype)
+        return tl.inline_asm_elementwise(_DEQUANTIZE[j], "=r,r,r,r,r", [packed, scale, offset],
+                                         dtype=tl.bfloat16, is_pure=True, pack=2)
+    pairs = tl.permute(tl.reshape(packed, (_SLICE // 2, 2, packed.shape[1])), (0, 2, 1))  # [t, n, word of pair]
+    low, high = tl.split(pairs)
+    words = low if j < 4 else high
+    halves = tl.join((words >> (4 * (j % 4))) & 0xF, (words >> (16 + 4 * (j % 4))) & 0xF)  # [t, n, u]
+    nibbles = tl.reshape(tl.permute(halves, (0, 2, 1)), (_SLICE, packed.shape[1])).to(scale.dtype)
+    return nibbles * scale + offset
 
 
 @triton.jit
 def _int4_matmul(
     x_ptr, words_ptr, scale_ptr, offset_ptr, bias_ptr, out_ptr, partial_ptr, count_ptr,
-    M, N, K,
+    M, N, K, unscale,
     BLOCKS_PER_SPLIT: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FAST: tl.constexpr,
 ):
@@ -85,8 +96,10 @@ def _int4_matmul(
                 k = block * _BLOCK_K + s * _SLICE + inputs
                 x_ok = row_ok[:, None] if EVEN_K else row_ok[:, None] & (k[None, :] < K)
                 x = tl.load(x_ptr + rows[:, None] * K + k[None, :], mask=x_ok, other=0.0)
-                q = _nibbles(packed, s, x.dtype, FAST) - 128.0  # exact: small integers
-                acc = tl.dot(x, q * scale[None, :] + offset[None, :], acc)  # HQQ's weights, rounded as HQQ's
+                w = _weights(packed, s, tl.broadcast_to(scale[None, :], (_SLICE, BLOCK_N)),
+                             tl.broadcast_to(offset[None, :], (_SLICE, BLOCK_N)), FAST)
+                acc = tl.dot(x, w, acc)
+    acc *= unscale  # a power of two: exact
     at = rows[:, None] * N + cols[None, :]
     ok = row_ok[:, None] & col_ok[None, :]
     if SPLIT > 1:
@@ -112,10 +125,12 @@ def pack_int4(q: torch.Tensor, rows_at_once: int = 4096) -> torch.Tensor:
     words = torch.empty(blocks * SLICE, n, dtype=torch.int32, device=q.device)
     for start in range(0, n, rows_at_once):
         part = torch.nn.functional.pad(q[start : start + rows_at_once], (0, blocks * BLOCK_K - k))
-        nibbles = part.view(part.shape[0], blocks, BLOCK_K // SLICE, SLICE)  # [n, block, j, r]
-        packed = torch.zeros(part.shape[0], blocks, SLICE, dtype=torch.int32, device=q.device)
-        for j in range(BLOCK_K // SLICE):
-            packed |= nibbles[:, :, j].to(torch.int32) << (4 * j)  # nibble 7 wraps into the sign bit
+        # [n, block, half h, nibble jj, pair t, u]: input 16 (4 h + jj) + 2 t + u
+        nibbles = part.view(part.shape[0], blocks, 2, 4, SLICE // 2, 2).to(torch.int32)
+        packed = torch.zeros(part.shape[0], blocks, SLICE // 2, 2, dtype=torch.int32, device=q.device)
+        for jj in range(4):
+            for u in range(2):  # the top nibble wraps into the sign bit
+                packed |= nibbles[:, :, :, jj, :, u].transpose(2, 3) << (16 * u + 4 * jj)
         words[:, start : start + part.shape[0]] = packed.view(part.shape[0], -1).t()
     return words
 
@@ -173,6 +188,10 @@ class TritonInt4Linear(torch.nn.Module):
         # [groups, N], zero past K: padded inputs add nothing.
         self.scale = _by_group(scale, groups, dtype)
         self.offset = _by_group(-zero * scale, groups, dtype)
+        self.fast = q.is_cuda and dtype == torch.bfloat16
+        self.unscale = 1.0
+        if self.fast:
+            self.scale, self.offset, self.unscale = exact_scaling(self.scale, self.offset)
         self.bias = bias
         multiprocessors = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
         tiles = tiles or choose_tiles(self.out_features, self.in_features, multiprocessors)
@@ -195,10 +214,10 @@ class TritonInt4Linear(torch.nn.Module):
         bias = self.bias if self.bias is not None else self.scale  # any pointer: not read
         _int4_matmul[grid](
             x, self.words, self.scale, self.offset, bias, out, self.partial, self.count,
-            x.shape[0], self.out_features, self.in_features, BLOCKS_PER_SPLIT=self.blocks // self.split,
+            x.shape[0], self.out_features, self.in_features, self.unscale, BLOCKS_PER_SPLIT=self.blocks // self.split,
             GROUP=self.group_size, SPLIT=self.split, HAS_BIAS=self.bias is not None,
             EVEN_K=self.in_features % BLOCK_K == 0, BLOCK_M=16 if x.shape[0] <= 16 else 32, BLOCK_N=self.block_n,
-            FAST=x.is_cuda and x.dtype == torch.bfloat16,
+            FAST=self.fast,
             num_warps=self.warps, num_stages=self.stages,
         )
 
@@ -207,6 +226,18 @@ class TritonInt4Linear(torch.nn.Module):
         """Its own bytes (the partial-sum buffer is shared: a few MB for a whole model)."""
         bias = self.bias.nbytes if self.bias is not None else 0
         return self.words.nbytes + self.scale.nbytes + self.offset.nbytes + self.count.nbytes + bias
+
+
+def exact_scaling(scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """bf16 scales and offsets for the FAST path's subnormal nibbles: scale x 2^p and offset x
+    2^(p-133), so nibble x 2^-133 x scale' + offset' = (nibble x scale + offset) x 2^(p-133), rounded
+    once like HQQ's bf16 weight: the same bits, shifted by a power of two that the kernel takes off
+    its sums (`unscale`). p is as large as the largest scale allows (below 2^127), so a weight turns
+    subnormal only under 2^(7-p), far below any real one. In float64: 2^p alone overflows float32."""
+    largest = scale.abs().max().double().clamp_min(2.0**-100)
+    p = 126 - int(torch.floor(torch.log2(largest)).item())
+    scaled = (scale.double() * 2.0**p).to(scale.dtype), (offset.double() * 2.0 ** (p - 133)).to(offset.dtype)
+    return *scaled, 2.0 ** (133 - p)
 
 
 def _by_group(values: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:

@@ -1,10 +1,12 @@
 """The substitute's Triton int4 kernel, run by Triton's CPU interpreter: it computes what HQQ's own
 layer computes (K split over programs, padded K, many rows, bias), deterministically, and drafts
-with it stay lossless. The interpreter runs the kernel's portable unpacking; the GPU's inline-PTX
-unpacking is checked against the dequantized weights by benchmarks/offload_gpu.py on the device."""
+with it stay lossless. The interpreter runs the kernel's portable unpacking (the same words, the
+same pairs of rows); the GPU's inline-PTX unpacking is checked bit for bit against HQQ's bf16 weights
+by benchmarks/int4_tiles.py on the device, and its scaling by powers of two here."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -14,7 +16,7 @@ import pytest
 import torch
 
 from engine import EngineError
-from engine.int4_kernel import MAX_SPLIT, choose_tiles, pack_int4
+from engine.int4_kernel import MAX_SPLIT, choose_tiles, exact_scaling, pack_int4
 from engine.substitute import resolve_kernel
 from tests.random_models import save_random_model
 
@@ -33,15 +35,32 @@ def test_triton_kernel_under_the_interpreter(tmp_path, bundled_folder):
     assert run.stdout.count("= vanilla on") == 1
 
 
-def test_packing_puts_input_16j_plus_r_in_nibble_j_of_word_r():
+def test_packing_pairs_two_rows_of_a_slice_in_one_word():
     q = torch.randint(0, 16, (3, 256), dtype=torch.uint8)
     words = pack_int4(q)
     assert words.shape == (32, 3) and words.dtype == torch.int32
     for block in range(2):
-        for r in range(16):
-            for j in range(8):
-                nibble = (words[block * 16 + r] >> (4 * j)) & 0xF
-                assert torch.equal(nibble, q[:, block * 128 + 16 * j + r].to(torch.int32))
+        for j in range(8):  # slice j: inputs 16 j .. 16 j + 15
+            for t in range(8):
+                for u in range(2):  # rows 2 t and 2 t + 1 of the slice: the halves of one word
+                    word = words[block * 16 + 2 * t + j // 4]
+                    nibble = (word >> (16 * u + 4 * (j % 4))) & 0xF
+                    assert torch.equal(nibble, q[:, block * 128 + 16 * j + 2 * t + u].to(torch.int32))
+
+
+def test_exact_scaling_shifts_scales_and_offsets_by_powers_of_two():
+    # bf16 numbers as a model's quantizer leaves them; float32 could not even hold the factor 2^p here.
+    for largest in (2.0**-9, 0.011, 0.3, 40.0):
+        scale = (torch.rand(64, 8) * largest).to(torch.bfloat16)
+        scale[0, 0] = largest
+        offset = (torch.randn(64, 8) * largest * 8).to(torch.bfloat16)
+        scaled, shifted, unscale = exact_scaling(scale, offset)
+        p = 133 - round(math.log2(unscale))
+        assert 2.0 ** (133 - p) == unscale
+        assert scaled.dtype == shifted.dtype == torch.bfloat16
+        assert torch.equal(scaled.double(), scale.double() * 2.0**p)  # exact: nothing rounded
+        assert torch.equal(shifted.double(), offset.double() * 2.0 ** (p - 133))
+        assert 2.0**126 <= scaled.double().abs().max() < 2.0**127  # as large as fits: no overflow
 
 
 def test_tiles_split_k_by_a_divisor_of_its_blocks():
