@@ -47,7 +47,9 @@ class Tree:
         self.depths[idx] = self.depths[parents] + 1
         self.scores[idx] = scores
         self.ancestors[idx] = self.ancestors[parents]
-        self.ancestors[idx, idx] = True
+        # Values as device tensors: a Python scalar here is copied from pageable host memory, which
+        # makes the host wait for the GPU to drain at every draft step (torch's sync debug mode).
+        self.ancestors[idx, idx] = torch.ones_like(idx, dtype=torch.bool)
         self.size = start + count
         return idx
 
@@ -126,7 +128,7 @@ def grow_best_first(tree: Tree, step: DraftStep, shape: TreeShape, batch: int, c
         # A placeholder hangs off the root: depth 1 keeps its rotary position inside the context.
         hang_from = torch.where(torch.isfinite(scores), parents, 0)
         frontier = tree.add(hang_from, candidate_tokens[parents, picks], scores)
-        candidate_scores[parents, picks] = float("-inf")
+        candidate_scores[parents, picks] = torch.full_like(scores, float("-inf"))  # a device tensor: see Tree.add
 
 
 def _full_tree_nodes(children: int, depth: int) -> int:
