@@ -32,11 +32,13 @@ class Tree:
     def reset(self, root_token: int, prefix_len: int) -> None:
         self.prefix_len = prefix_len
         self.size = 1
-        self.tokens[0] = root_token
-        self.depths[0] = 0
-        self.scores[0] = 0.0
+        # fill_, not `= value`: an assigned Python number is copied from pageable host memory, which
+        # waits for the GPU (torch.cuda.set_sync_debug_mode flags it); fill_ passes it as an argument.
+        self.tokens[0].fill_(root_token)
+        self.depths[0].fill_(0)
+        self.scores[0].fill_(0.0)
         self.ancestors[0].zero_()
-        self.ancestors[0, 0] = True
+        self.ancestors[0, 0].fill_(True)
 
     def add(self, parents: torch.Tensor, tokens: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Append len(parents) nodes; returns their indices."""
@@ -47,8 +49,7 @@ class Tree:
         self.depths[idx] = self.depths[parents] + 1
         self.scores[idx] = scores
         self.ancestors[idx] = self.ancestors[parents]
-        # Values as device tensors: a Python scalar here is copied from pageable host memory, which
-        # makes the host wait for the GPU to drain at every draft step (torch's sync debug mode).
+        # Values as device tensors: an assigned Python number would wait for the GPU (see reset).
         self.ancestors[idx, idx] = torch.ones_like(idx, dtype=torch.bool)
         self.size = start + count
         return idx
