@@ -8,7 +8,8 @@ For each case (Qwen2.5-7B at 8 GB, Llama-3.1-8B at 8 GB, Qwen2.5-14B at 12 GB, Q
   6 tokens) eager and replayed from a CUDA graph, against the HBM floor of the bytes it reads;
   the iteration split of real generations (draft, verify, transfer, KV compaction, host work) for
   the reference tree (depth 48 x top-6) and for the tree the profile rule picks from the verify
-  timings; peak GPU memory against the cap;
+  timings, with where the host waited for the GPU in those iterations (torch's sync debug mode:
+  one wait, the tree's transfer to the host, is the design); peak GPU memory against the cap;
 - tok/s of SubSpec = tau / iteration time, for stated taus (random weights say nothing about tau);
   a tau measured for one tree (`name=value@tree`, tree = reference, profile, wide16, wide32) is
   applied to that tree only.
@@ -24,12 +25,16 @@ On a CPU it runs a tiny shape end to end (no figure means anything), so CI keeps
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import os
 import statistics
 import threading
 import time
-from typing import Callable
+import traceback
+import warnings
+from typing import Callable, Iterator
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
@@ -252,14 +257,18 @@ def _iterations(engine: Engine, prompt: list[int], policy: str, depth: int, budg
     engine.config.tree_policy, engine.config.max_depth, engine.config.node_budget = policy, depth, budget
     engine.config.draft_batch = batch
     cancel, seen = threading.Event(), []
+    watch = engine.target.transformer.device.type == "cuda"
 
     def record(it) -> None:
         seen.append(it)
+        if len(seen) == 2 and watch:  # the steady iterations run under torch's sync debug mode
+            torch.cuda.set_sync_debug_mode("warn")
         if len(seen) >= 2 + args.iterations:
             cancel.set()
 
     retries = _alloc_retries()
-    engine.generate(prompt, SamplingConfig(max_new_tokens=4096), on_iteration=record, cancel=cancel)
+    with _host_waits() as waits:
+        engine.generate(prompt, SamplingConfig(max_new_tokens=4096), on_iteration=record, cancel=cancel)
     retries = _alloc_retries() - retries
     steady = seen[2:]
     forwards_per_iteration = statistics.mean(it.draft_forwards for it in steady)
@@ -275,7 +284,33 @@ def _iterations(engine: Engine, prompt: list[int], policy: str, depth: int, budg
             "iteration_ms": total, "host_ms": total - draft - verify,
             "tau_random_weights": statistics.mean(it.emitted for it in steady),
             "host_ms_each": [round((it.iteration_ms or 0) - (it.draft_ms or 0) - (it.verify_ms or 0), 1) for it in seen],
-            "allocator_retries": retries}
+            "allocator_retries": retries,
+            "host_waits_per_iteration": {site: n / len(steady) for site, n in waits.items()} if watch else None}
+
+
+@contextlib.contextmanager
+def _host_waits() -> Iterator[dict[str, int]]:
+    """Where the host waits for the GPU: the engine line of every synchronizing call that torch's
+    sync debug mode reports while it is on (record() turns it on). The steady state should show one
+    per iteration, the tree's transfer to the host (Tree.host_view); a Python number assigned into a
+    device tensor also waits (it is copied from pageable memory), which no explicit sync shows."""
+    sites: dict[str, int] = {}
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchronizing CUDA operation" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1] if f"{os.sep}engine{os.sep}" in f.filename]
+        site = f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else "outside the engine"
+        sites[site] = sites.get(site, 0) + 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show  # catch_warnings puts the original back
+        try:
+            yield sites
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.set_sync_debug_mode(0)
 
 
 def _alloc_retries() -> int:
@@ -437,6 +472,9 @@ def report_subspec(case: dict, taus: dict[str, tuple[float, str | None]]) -> Non
               f"= {it['iteration_ms'] / bound:.2f}x bound [draft {it['draft_ms']:.1f} ({it['draft_forwards']:.0f} forwards, {it['draft_ms_per_forward']:.2f} ms each), "
               f"verify {it['verify_ms']:.1f}, transfer {it['transfer_ms']:.1f}, host {it['host_ms']:.1f}]; "
               f"allocator retries {it['allocator_retries']}")
+        if it["host_waits_per_iteration"] is not None:
+            print("    host waits per iteration: " + (", ".join(
+                f"{site} x{n:.1f}" for site, n in it["host_waits_per_iteration"].items()) or "none"))
         for tau_name, (tau, tree) in taus.items():
             if tree not in (None, tree_name):  # a tau measured for another tree says nothing here
                 continue

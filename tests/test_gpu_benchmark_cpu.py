@@ -9,9 +9,11 @@ import importlib
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,3 +62,30 @@ def test_int4_tile_sweep_says_it_needs_a_gpu_and_sweeps_divisors_of_k(monkeypatc
     tiles = int4_tiles._sweep(4608, 28, 132)  # 7B q/k/v: 28 blocks of 128 inputs
     assert {split for _, split, _, _ in tiles} <= {1, 2, 4, 7, 14, 28}
     assert {block_n for block_n, _, _, _ in tiles} == {64, 128, 256}
+
+
+def test_reference_weights_round_once_where_torch_would_round_twice():
+    # The kernel's weights are compared bit for bit with these. 3 x 87 x 2^-10 lies halfway between
+    # two bf16 numbers and the tiny offset breaks the tie upwards; float64 -> bf16 in torch goes
+    # through float32, which drops the offset, and then rounds the tie to even: one step lower.
+    int4_tiles = _benchmark("int4_tiles")
+    q = torch.full((1, int4_tiles.GROUP), 3, dtype=torch.uint8)
+    scale = torch.full((1, 1), 87 * 2.0**-10)
+    zero = torch.full((1, 1), -(2.0**-40) / (87 * 2.0**-10))  # offset = -zero * scale: about 2^-40
+    weights = int4_tiles._bf16_weights(q, scale, zero)
+    assert weights.shape == (int4_tiles.GROUP, 1) and weights.dtype == torch.bfloat16
+    assert torch.all(weights.double() == 262 * 2.0**-10)
+    exact = 3 * 87 * 2.0**-10 + (-zero * scale).to(torch.bfloat16).double()
+    assert exact.to(torch.bfloat16).double().item() == 260 * 2.0**-10  # torch's own cast: twice
+
+
+def test_host_waits_counts_torchs_sync_warnings_by_engine_line():
+    offload_gpu = _benchmark("offload_gpu")
+    in_engine = compile("import warnings\nwarnings.warn('called a synchronizing CUDA operation')",
+                        str(ROOT / "engine" / "tree.py"), "exec")  # as if tree.py line 2 synchronized
+    with offload_gpu._host_waits() as sites:
+        exec(in_engine)
+        exec(in_engine)
+        warnings.warn("called a synchronizing CUDA operation")  # from here: outside the engine
+        warnings.warn("something else entirely")  # not a sync: not counted
+    assert sites == {"tree.py:2": 2, "outside the engine": 1}
