@@ -9,7 +9,8 @@ For each case (Qwen2.5-7B at 8 GB, Llama-3.1-8B at 8 GB, Qwen2.5-14B at 12 GB, Q
   the iteration split of real generations (draft, verify, transfer, KV compaction, host work) for
   the reference tree (depth 48 x top-6) and for the tree the profile rule picks from the verify
   timings, with where the host waited for the GPU in those iterations (torch's sync debug mode:
-  one wait, the tree's transfer to the host, is the design); peak GPU memory against the cap;
+  one wait, the tree's transfer to the host, is the design); that tree's draft alone (GPU time,
+  host issue time, its kernels); peak GPU memory against the cap;
 - tok/s of SubSpec = tau / iteration time, for stated taus (random weights say nothing about tau);
   a tau measured for one tree (`name=value@tree`, tree = reference, profile, wide16, wide32) is
   applied to that tree only.
@@ -46,7 +47,7 @@ from engine.loading import LoadedModel
 from engine.offload import linear_tensors
 from engine.substitute import FUSED, build_substitute
 from engine.stats import Timer
-from engine.tree import Tree
+from engine.tree import Tree, TreeShape
 from profiles import estimate_plan
 from profiles.fit import choose_node_budget
 
@@ -223,8 +224,35 @@ def bench_subspec(model, config, args, device, vram_gb: float, prompt: list[int]
     for batch, wide_out in out["wide"].items():  # the same budget, `batch` nodes per draft forward
         wide_out["iteration"] = _iterations(engine, prompt, "best_first", profile_depth,
                                             out["profile_nodes"] - 1, args, batch)
+    target.transformer.prefill(target.stack, target.cache, ids, 512)
+    out["draft_alone"] = {batch: _draft_alone(engine, prompt[-1], profile_depth, out["profile_nodes"] - 1, batch, args)
+                          for batch in (WIDTH, *out["wide"])}
     out["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
     close(engine)
+    return out
+
+
+def _draft_alone(engine: Engine, root: int, depth: int, budget: int, batch: int, args) -> dict:
+    """The profile's best-first draft with no verification around it: its GPU time, how long the
+    host took to issue it, and its kernels (the graph replays plus the tree's bookkeeping)."""
+    engine.config.tree_policy, engine.config.draft_batch = "best_first", batch
+    tree, shape = Tree(budget + 1, engine.target.transformer.device), TreeShape(depth, budget)
+
+    def draft() -> None:
+        tree.reset(root, engine.target.cache.length)
+        engine.drafter.draft(tree, shape)
+
+    draft()  # graphs of new widths are captured here
+    timer, gpu_ms, issue_ms = Timer(engine.target.transformer.device), [], []
+    for _ in range(args.repeats):
+        with timer.span("draft"):
+            started = time.perf_counter()
+            draft()
+            issue_ms.append((time.perf_counter() - started) * 1e3)
+        gpu_ms.append(timer.collect()["draft"])
+    out = {"draft_ms": statistics.median(gpu_ms), "host_issue_ms": statistics.median(issue_ms)}
+    if engine.target.transformer.device.type == "cuda":
+        out["kernels"] = kernel_breakdown(draft, steps=1)
     return out
 
 
@@ -480,6 +508,12 @@ def report_subspec(case: dict, taus: dict[str, tuple[float, str | None]]) -> Non
                 continue
             print(f"    with tau {tau} ({tau_name}): {tau / it['iteration_ms'] * 1e3:.2f} tok/s "
                   f"vs vanilla {v['tok_per_s']:.2f} tok/s measured in this run")
+    for batch, alone in s["draft_alone"].items():
+        kernels = alone.get("kernels") or {}
+        busy = (f" (GPU busy {kernels['busy_ms_per_step']:.1f} ms, {kernels['kernels_per_step']:.0f} kernels)"
+                if "busy_ms_per_step" in kernels else "")
+        print(f"  the profile tree's draft alone, {batch} per forward: {alone['draft_ms']:.1f} ms{busy}, "
+              f"issued by the host in {alone['host_issue_ms']:.1f} ms")
     print("  " + _peak_line(s, case))
 
 

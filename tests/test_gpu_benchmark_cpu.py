@@ -36,6 +36,9 @@ def test_offload_benchmark_runs_on_cpu(tmp_path):
         assert split["iteration_ms"] >= split["draft_ms"] + split["verify_ms"] - 1e-6
     for batch in ("16", "32"):  # best-first with wider draft forwards, same budget
         assert subspec["wide"][batch]["iteration"]["draft_batch"] == int(batch)
+    assert set(subspec["draft_alone"]) == {"6", "16", "32"}  # the profile tree drafted alone, per width
+    assert all(alone["draft_ms"] > 0 and alone["host_issue_ms"] > 0 for alone in subspec["draft_alone"].values())
+    assert run.stdout.count("draft alone") == 3
 
 
 def _benchmark(name: str):
