@@ -9,9 +9,10 @@ Layout (`pack_int4`): the integers of 128 consecutive inputs sit in 16 int32 wor
 program loads [16, BLOCK_N] words in one coalesced read and peels them into 8 slices of [16, BLOCK_N]
 weights (`_weights`), slice j covering inputs 16 j .. 16 j + 15. The two rows of a tensor-core pair
 (inputs 16 j + 2 t and + 1) share a word, in its low and high 16 bits (word 2 t + j // 4, bits
-4 (j % 4) .. + 3 of each half), so one shift and one mask give both as a pair of bf16 numbers, and
-one fused multiply-add dequantizes them in registers with HQQ's own numbers: w = (q - zero) * scale =
-q * scale + offset, rounded once to bf16. They meet 16 columns of x in one fp32 accumulator.
+4 (j % 4) .. + 3 of each half), so a mask (and one shift per word for nibbles 2 and 3) gives both as
+a pair of bf16 numbers, and one fused multiply-add dequantizes them in registers with HQQ's own
+numbers: w = (q - zero) * scale = q * scale + offset, rounded once to bf16. They meet 16 columns of x
+in one fp32 accumulator.
 
 Small outputs (q/k/v, o, down) give too few column tiles to keep the GPU's memory busy, so K is split
 over SPLIT programs; each writes its partial sums, and the last of them (an atomic count per tile)
@@ -36,10 +37,13 @@ _SLICE = tl.constexpr(SLICE)
 
 
 def _dequantize_asm(j: int) -> str:
-    """PTX for slice j of a word pair ($1, $2) with its scale and offset pairs ($3, $4): two weights."""
-    word, shift = ("$1" if j < 4 else "$2"), 4 * (j % 4)
-    return (f"{{ .reg .b32 t; shr.u32 t, {word}, {shift}; and.b32 t, t, 0x000F000F; "
-            "fma.rn.bf16x2 $0, t, $3, $4; }")
+    """PTX for slice j of a word pair ($1, $2) with its scale and offset pairs ($3, $4): two weights.
+    The caller passes words shifted by 8 for nibbles 2 and 3, and scale / 16 for nibbles 1 and 3:
+    those stay in bits 4-7 of each half, where a bf16 read as an integer is still linear (bits 0-6
+    a subnormal's fraction, bit 7 the first normal exponent), 16 x nibble x 2^-133. A mask is all
+    that is left per pair."""
+    word, mask = ("$1" if j < 4 else "$2"), ("0x000F000F" if j % 2 == 0 else "0x00F000F0")
+    return f"{{ .reg .b32 t; and.b32 t, {word}, {mask}; fma.rn.bf16x2 $0, t, $3, $4; }}"
 
 
 _DEQUANTIZE = tl.constexpr(tuple(_dequantize_asm(j) for j in range(8)))
@@ -51,10 +55,11 @@ def _weights(packed, j: tl.constexpr, scale, offset, FAST: tl.constexpr):
     is nibble 4 (j % 4) of half u of word 2t + j // 4 (`pack_int4`); w = nibble x scale + offset
     (offset = -zero x scale), rounded once.
 
-    FAST (bf16 on a GPU): a word pair's two halves are one bf16 pair already, so a shift, a mask
-    and one fused multiply-add give two weights, no integer-to-float conversion (16 per cycle per
+    FAST (bf16 on a GPU): a word pair's two halves are one bf16 pair already, so a mask and one
+    fused multiply-add give two weights, no integer-to-float conversion (16 per cycle per
     multiprocessor, too slow to keep up with memory): the four bits are a bf16 subnormal,
-    nibble x 2^-133, and the scales carry 2^p (`exact_scaling`)."""
+    nibble x 2^-133, and the scales carry 2^p (`exact_scaling`); `packed` and `scale` are what
+    `_dequantize_asm` expects for slice j."""
     if FAST:
         return tl.inline_asm_elementwise(_DEQUANTIZE[j], "=r,r,r,r,r", [packed, scale, offset],
                                          dtype=tl.bfloat16, is_pure=True, pack=2)
@@ -88,15 +93,21 @@ def _int4_matmul(
         block = pid_k * BLOCKS_PER_SPLIT + i
         at_words = (block * _SLICE + words)[:, None] * N + cols[None, :]
         packed = tl.load(words_ptr + at_words, mask=col_ok[None, :], other=0)
+        shifted = packed >> 8  # nibbles 2 and 3 of each half in bits 0-7: one shift per word, not per slice
         for g in tl.static_range(_BLOCK_K // GROUP):
             group = block * (_BLOCK_K // GROUP) + g
             scale = tl.load(scale_ptr + group * N + cols, mask=col_ok, other=0.0)
             offset = tl.load(offset_ptr + group * N + cols, mask=col_ok, other=0.0)
+            scale16 = scale * 0.0625  # exact: a power of two
             for s in tl.static_range(g * (GROUP // _SLICE), (g + 1) * (GROUP // _SLICE)):
                 k = block * _BLOCK_K + s * _SLICE + inputs
                 x_ok = row_ok[:, None] if EVEN_K else row_ok[:, None] & (k[None, :] < K)
                 x = tl.load(x_ptr + rows[:, None] * K + k[None, :], mask=x_ok, other=0.0)
-                w = _weights(packed, s, tl.broadcast_to(scale[None, :], (_SLICE, BLOCK_N)),
+                if FAST:
+                    words_s, scale_s = packed if s % 4 < 2 else shifted, scale if s % 2 == 0 else scale16
+                else:
+                    words_s, scale_s = packed, scale
+                w = _weights(words_s, s, tl.broadcast_to(scale_s[None, :], (_SLICE, BLOCK_N)),
                              tl.broadcast_to(offset[None, :], (_SLICE, BLOCK_N)), FAST)
                 acc = tl.dot(x, w, acc)
     acc *= unscale  # a power of two: exact
@@ -233,7 +244,8 @@ def exact_scaling(scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tens
     2^(p-133), so nibble x 2^-133 x scale' + offset' = (nibble x scale + offset) x 2^(p-133), rounded
     once like HQQ's bf16 weight: the same bits, shifted by a power of two that the kernel takes off
     its sums (`unscale`). p is as large as the largest scale allows (below 2^127), so a weight turns
-    subnormal only under 2^(7-p), far below any real one. In float64: 2^p alone overflows float32."""
+    subnormal only under 2^(7-p), and a scale / 16 (the kernel's, for nibbles left in bits 4-7) only
+    2^-248 below the largest: far below any real one. In float64: 2^p alone overflows float32."""
     largest = scale.abs().max().double().clamp_min(2.0**-100)
     p = 126 - int(torch.floor(torch.log2(largest)).item())
     scaled = (scale.double() * 2.0**p).to(scale.dtype), (offset.double() * 2.0 ** (p - 133)).to(offset.dtype)

@@ -2,12 +2,13 @@
 layer computes (K split over programs, padded K, many rows, bias), deterministically, and drafts
 with it stay lossless. The interpreter runs the kernel's portable unpacking (the same words, the
 same pairs of rows); the GPU's inline-PTX unpacking is checked bit for bit against HQQ's bf16 weights
-by benchmarks/int4_tiles.py on the device, and its scaling by powers of two here."""
+by benchmarks/int4_tiles.py on the device, and replayed here step by step with torch's integer ops."""
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from engine import EngineError
-from engine.int4_kernel import MAX_SPLIT, choose_tiles, exact_scaling, pack_int4
+from engine.int4_kernel import MAX_SPLIT, _dequantize_asm, choose_tiles, exact_scaling, pack_int4
 from engine.substitute import resolve_kernel
 from tests.random_models import save_random_model
 
@@ -61,6 +62,43 @@ def test_exact_scaling_shifts_scales_and_offsets_by_powers_of_two():
         assert torch.equal(scaled.double(), scale.double() * 2.0**p)  # exact: nothing rounded
         assert torch.equal(shifted.double(), offset.double() * 2.0 ** (p - 133))
         assert 2.0**126 <= scaled.double().abs().max() < 2.0**127  # as large as fits: no overflow
+
+
+def _bf16_rounded_once(exact: torch.Tensor) -> torch.Tensor:
+    """float64 -> bf16 with one rounding (8 significant bits, ties to even), as fma.rn.bf16x2 does."""
+    mantissa, exponent = torch.frexp(exact)
+    return torch.ldexp(torch.round(mantissa * 256) / 256, exponent).to(torch.bfloat16)
+
+
+def test_gpu_unpacking_emulated_gives_hqqs_weights_bit_for_bit():
+    # The inline PTX cannot run on a CPU, so its steps are replayed with torch's integer ops: the
+    # masks read from the PTX itself, words shifted by 8 for nibbles 2 and 3 and scale / 16 for the
+    # nibbles left in bits 4-7 (as the kernel passes them), each half read as a bf16 number, one
+    # multiply-add rounded once. What comes out, times unscale, must be HQQ's bf16 weights.
+    torch.manual_seed(0)
+    n, k, group = 24, 256, 64
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    q[0, :16] = torch.arange(16)  # every nibble in every slot of one word pair
+    scale = torch.rand(n, k // group) * 0.02 + 1e-4
+    zero = torch.rand(n, k // group) * 15
+    scale_b, offset_b = scale.t().to(torch.bfloat16), (-zero * scale).t().to(torch.bfloat16)  # [groups, N]
+    scaled, shifted, unscale = exact_scaling(scale_b, offset_b)
+    words = pack_int4(q)
+    expected = _bf16_rounded_once(q.double() * scale_b.double().t().repeat_interleave(group, 1)
+                                  + offset_b.double().t().repeat_interleave(group, 1))
+    for block in range(k // 128):
+        for j in range(8):
+            inputs = block * 128 + 16 * j + torch.arange(16)
+            word = words[block * 16 + 2 * torch.arange(8) + j // 4]  # [8, N]: one word per pair t
+            word = word if j % 4 < 2 else word >> 8
+            mask = int(re.search(r"0x[0-9A-Fa-f]{8}", _dequantize_asm(j)).group(), 16)
+            bits = word & mask
+            halves = torch.stack([bits & 0xFFFF, bits >> 16], dim=1).reshape(16, n)  # row 2 t + u
+            nibbles = halves.to(torch.int16).view(torch.bfloat16).double()
+            g = (block * 128 + 16 * j) // group
+            slice_scale = scaled[g] if j % 2 == 0 else scaled[g] * 0.0625
+            weights = _bf16_rounded_once(nibbles * slice_scale.double() + shifted[g].double())
+            assert torch.equal(weights.double() * unscale, expected[:, inputs].t().double()), f"slice {j}"
 
 
 def test_tiles_split_k_by_a_divisor_of_its_blocks():
