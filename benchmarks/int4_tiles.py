@@ -125,7 +125,6 @@ def _retile(linear, tiles: tuple[int, int, int, int]) -> None:
     from engine.int4_kernel import MAX_ROWS
 
     linear.block_n, linear.split, linear.warps, linear.stages = tiles
-    linear.count = torch.zeros(-(-linear.out_features // linear.block_n), dtype=torch.int32, device=linear.words.device)
     linear.partial = torch.empty(max(1, linear.split * MAX_ROWS * linear.out_features),
                                  dtype=torch.float32, device=linear.words.device)
 

@@ -15,9 +15,10 @@ numbers: w = (q - zero) * scale = q * scale + offset, rounded once to bf16. They
 in one fp32 accumulator.
 
 Small outputs (q/k/v, o, down) give too few column tiles to keep the GPU's memory busy, so K is split
-over SPLIT programs; each writes its partial sums, and the last of them (an atomic count per tile)
-adds them in a fixed order and writes the output: one launch, deterministic, nothing to zero
-between calls (the last program resets the count), so CUDA graphs replay it.
+over SPLIT programs; each writes its partial sums and a second, small kernel (`_sum_partials`) adds
+them in a fixed order: deterministic, and nothing to reset between calls, so CUDA graphs replay it.
+On the H200 the second launch costs less than the last program of a tile adding the others' sums
+alone (down_proj at 6 rows: 21.7 us split 37 ways with it, 27.1 split 4 ways without).
 
 Triton runs on CUDA GPUs; with TRITON_INTERPRET=1 it runs on a CPU too (how the tests check it).
 """
@@ -73,13 +74,14 @@ def _weights(packed, j: tl.constexpr, scale, offset, FAST: tl.constexpr):
 
 @triton.jit
 def _int4_matmul(
-    x_ptr, words_ptr, scale_ptr, offset_ptr, bias_ptr, out_ptr, partial_ptr, count_ptr,
+    x_ptr, words_ptr, scale_ptr, offset_ptr, bias_ptr, out_ptr, partial_ptr,
     M, N, K, unscale,
     BLOCKS_PER_SPLIT: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FAST: tl.constexpr,
 ):
     """out[M, N] = x[M, K] W^T (+ bias) for M <= BLOCK_M; program (pid_n, pid_k) owns BLOCK_N outputs
-    and the pid_k-th of SPLIT equal runs of 128-input blocks."""
+    and the pid_k-th of SPLIT equal runs of 128-input blocks. Split, it writes its partial sums
+    instead (`_sum_partials` finishes)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
@@ -115,15 +117,27 @@ def _int4_matmul(
     ok = row_ok[:, None] & col_ok[None, :]
     if SPLIT > 1:
         tl.store(partial_ptr + pid_k * BLOCK_M * N + at, acc, mask=ok)
-        tl.debug_barrier()  # every thread's partial is written before the count says so
-        if tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel") != SPLIT - 1:
-            return
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for split in range(SPLIT):  # a fixed order: the same sums whichever program came last
-            acc += tl.load(partial_ptr + split * BLOCK_M * N + at, mask=ok, other=0.0, cache_modifier=".cg")
-        tl.atomic_xchg(count_ptr + pid_n, 0)  # ready for the next call
+        return
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _sum_partials(
+    partial_ptr, bias_ptr, out_ptr, M, N,
+    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out[M, N] = the SPLIT partial sums [SPLIT, BLOCK_M, N] added in a fixed order (+ bias)."""
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    at = rows[:, None] * N + cols[None, :]
+    ok = (rows < M)[:, None] & (cols < N)[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for split in tl.static_range(SPLIT):  # unrolled: every partial's load in flight at once
+        acc += tl.load(partial_ptr + split * BLOCK_M * N + at, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -146,23 +160,25 @@ def pack_int4(q: torch.Tensor, rows_at_once: int = 4096) -> torch.Tensor:
     return words
 
 
-# More split programs re-read x and add more partial sums than they gain (H200: down_proj split 37
-# ways ran 31-41 us against 28 at 4).
-MAX_SPLIT = 8
+MIN_BLOCKS_PER_PROGRAM = 4  # fewer 128-input blocks per program: its start and its partial sums cost more than they gain
+SUM_COLUMNS = 128  # outputs per program of _sum_partials
 
 
 def choose_tiles(n: int, k: int, multiprocessors: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, SPLIT, warps, stages), the rule fitted to H200 sweeps of the 7B linears (6 and 16
     rows; README "GPU performance"): 4 warps and 3 stages won everywhere (8 warps lost by up to
-    2x, 2 or 4 stages were slower or within noise); 64 columns per program for outputs under 8192
-    and 256 above; K split by the smallest divisor of its 128-input blocks, up to MAX_SPLIT, that
-    gives 3 programs per multiprocessor (fewer starve the memory system), else by the largest one."""
-    block_n = 64 if n < 8192 else 256
-    tiles = triton.cdiv(n, block_n)
+    2x; 2, 4 or 6 stages were slower or within noise). 256 columns per program, else 64, with K
+    split by the smallest divisor of its 128-input blocks that gives 2.5 programs per multiprocessor
+    (fewer starve the memory system) and leaves each program MIN_BLOCKS_PER_PROGRAM blocks; where
+    neither width can, 64 columns and the largest split that keeps those blocks."""
+    tiles_of = {block_n: triton.cdiv(n, block_n) for block_n in (256, 64)}
     blocks = triton.cdiv(k, BLOCK_K)
-    divisors = [s for s in range(1, min(blocks, MAX_SPLIT) + 1) if blocks % s == 0]
-    split = next((s for s in divisors if tiles * s >= 3 * multiprocessors), divisors[-1])
-    return block_n, split, 4, 3
+    splits = [s for s in range(1, blocks + 1) if blocks % s == 0 and blocks // s >= min(MIN_BLOCKS_PER_PROGRAM, blocks)]
+    for block_n, tiles in tiles_of.items():
+        split = next((s for s in splits if tiles * s >= 2.5 * multiprocessors), None)
+        if split is not None:
+            return block_n, split, 4, 3
+    return 64, splits[-1], 4, 3
 
 
 def _workspace(device: torch.device, numel: int) -> torch.Tensor:
@@ -210,7 +226,6 @@ class TritonInt4Linear(torch.nn.Module):
         self.blocks = triton.cdiv(self.in_features, BLOCK_K)
         if self.blocks % self.split:
             raise ValueError(f"SPLIT {self.split} does not divide {self.blocks} blocks of {BLOCK_K} inputs")
-        self.count = torch.zeros(triton.cdiv(self.out_features, self.block_n), dtype=torch.int32, device=q.device)
         self.partial = _workspace(q.device, self.split * MAX_ROWS * self.out_features if self.split > 1 else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -223,20 +238,25 @@ class TritonInt4Linear(torch.nn.Module):
     def _matmul(self, x: torch.Tensor, out: torch.Tensor) -> None:
         grid = (triton.cdiv(self.out_features, self.block_n), self.split)
         bias = self.bias if self.bias is not None else self.scale  # any pointer: not read
+        block_m = 16 if x.shape[0] <= 16 else 32
         _int4_matmul[grid](
-            x, self.words, self.scale, self.offset, bias, out, self.partial, self.count,
+            x, self.words, self.scale, self.offset, bias, out, self.partial,
             x.shape[0], self.out_features, self.in_features, self.unscale, BLOCKS_PER_SPLIT=self.blocks // self.split,
             GROUP=self.group_size, SPLIT=self.split, HAS_BIAS=self.bias is not None,
-            EVEN_K=self.in_features % BLOCK_K == 0, BLOCK_M=16 if x.shape[0] <= 16 else 32, BLOCK_N=self.block_n,
-            FAST=self.fast,
+            EVEN_K=self.in_features % BLOCK_K == 0, BLOCK_M=block_m, BLOCK_N=self.block_n, FAST=self.fast,
             num_warps=self.warps, num_stages=self.stages,
         )
+        if self.split > 1:
+            _sum_partials[(triton.cdiv(self.out_features, SUM_COLUMNS),)](
+                self.partial, bias, out, x.shape[0], self.out_features,
+                SPLIT=self.split, HAS_BIAS=self.bias is not None, BLOCK_M=block_m, BLOCK_N=SUM_COLUMNS,
+            )
 
     @property
     def nbytes(self) -> int:
         """Its own bytes (the partial-sum buffer is shared: a few MB for a whole model)."""
         bias = self.bias.nbytes if self.bias is not None else 0
-        return self.words.nbytes + self.scale.nbytes + self.offset.nbytes + self.count.nbytes + bias
+        return self.words.nbytes + self.scale.nbytes + self.offset.nbytes + bias
 
 
 def exact_scaling(scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -35,8 +35,7 @@ def kernel_equals_hqq() -> None:
         x = torch.randn(m, k)
         first, second = kernel(x), kernel(x)
         torch.testing.assert_close(first, hqq(x), rtol=1e-5, atol=1e-5)
-        assert torch.equal(first, second), "a second call differs: the split count was not reset"
-        assert not kernel.count.any()
+        assert torch.equal(first, second), "a second call differs: the partial sums are not added in a fixed order"
         print(f"kernel = hqq for N {n}, K {k}, group {group}, bias {bias}, {m} rows, split {kernel.split}")
 
 

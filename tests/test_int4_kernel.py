@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from engine import EngineError
-from engine.int4_kernel import MAX_SPLIT, _dequantize_asm, choose_tiles, exact_scaling, pack_int4
+from engine.int4_kernel import MIN_BLOCKS_PER_PROGRAM, _dequantize_asm, choose_tiles, exact_scaling, pack_int4
 from engine.substitute import resolve_kernel
 from tests.random_models import save_random_model
 
@@ -102,15 +102,18 @@ def test_gpu_unpacking_emulated_gives_hqqs_weights_bit_for_bit():
 
 
 def test_tiles_split_k_by_a_divisor_of_its_blocks():
-    for n, k in ((4608, 3584), (37888, 3584), (3584, 18944), (576, 1536), (960, 576)):
+    for n, k in ((4608, 3584), (37888, 3584), (3584, 18944), (576, 1536), (960, 576), (5120, 27648)):
         block_n, split, _, _ = choose_tiles(n, k, 132)
         blocks = -(-k // 128)
-        assert blocks % split == 0 and split <= MAX_SPLIT
+        assert blocks % split == 0 and blocks // split >= min(MIN_BLOCKS_PER_PROGRAM, blocks)
+        programs = -(-n // block_n) * split
         smaller = [s for s in range(1, split) if blocks % s == 0]
-        assert all(-(-n // block_n) * s < 3 * 132 for s in smaller)  # the smallest split that fills the GPU
+        if programs >= 2.5 * 132:  # the smallest split that fills the GPU
+            assert all(-(-n // block_n) * s < 2.5 * 132 for s in smaller)
     # The 7B linears as swept on the H200 (q/k/v, o, gate/up, down): the fastest tiles there.
     assert [choose_tiles(n, k, 132)[:2] for n, k in ((4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944))] == [
-        (64, 7), (64, 7), (256, 4), (64, 4)]
+        (64, 7), (64, 7), (256, 4), (256, 37)]
+    assert choose_tiles(960, 576, 132)[:2] == (64, 1)  # 5 blocks: too few to split and keep 4 per program
 
 
 def test_triton_kernel_needs_a_gpu_outside_the_interpreter(monkeypatch):
