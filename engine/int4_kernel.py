@@ -160,7 +160,8 @@ def pack_int4(q: torch.Tensor, rows_at_once: int = 4096) -> torch.Tensor:
     return words
 
 
-MIN_BLOCKS_PER_PROGRAM = 4  # fewer 128-input blocks per program: its start and its partial sums cost more than they gain
+# Fewer 128-input blocks per program: its start and its partial sums cost more than its blocks gain.
+MIN_BLOCKS_PER_PROGRAM = 4
 SUM_COLUMNS = 128  # outputs per program of _sum_partials
 
 
