@@ -95,7 +95,7 @@ def _assemble(config: EngineConfig, loaded: LoadedModel, device: torch.device, d
     if isinstance(drafter, TreeDrafter):
         drafter.graphs = _draft_graphs(config, drafter, max_length, device)
         if config.compile_mode == "auto" and device.type == "cuda":
-            drafter.pointwise = compiled_pointwise(dtype=dtype)
+            drafter.pointwise = compiled_pointwise()
         details["draft_pointwise"] = "compiled" if drafter.pointwise is not EAGER else "eager"
         details["draft_graphs"] = "off" if drafter.graphs is None else (
             "cuda-graphs" if drafter.graphs.capture else "fixed-shape, eager")

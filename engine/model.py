@@ -96,8 +96,7 @@ class Transformer:
                 _, post_norm, q_norm, k_norm = self.norms[i]
                 attended = self._attention(weights, cache, i, h, cos, sin, slots, attn_mask, kv_end, q_norm, k_norm, ops)
                 x, h = ops.add_rms_norm(x, attended, *post_norm)
-                gate, up = _projections(weights, "gate_up_proj", ("gate_proj", "up_proj"), self.gate_up_sizes, h,
-                                        ops.partial_sums)
+                gate, up = _projections(weights, "gate_up_proj", ("gate_proj", "up_proj"), self.gate_up_sizes, h)
                 mlp = _linear(weights, "down_proj", ops.gated(self.act, gate, up))
                 stack.done(i)
                 next_norm = self.norms[i + 1][0] if i + 1 < stack.num_layers else self.final_norm
@@ -118,8 +117,8 @@ class Transformer:
 
     def _attention(self, weights, cache, layer, h, cos, sin, slots, attn_mask, kv_end, q_norm, k_norm, ops):
         T = h.shape[0]
-        qkv = _concatenated(weights, "qkv_proj", ("q_proj", "k_proj", "v_proj"), h, ops.partial_sums)
-        heads = ops.attention_inputs(qkv.unflatten(-1, (-1, self.head_dim)), cos, sin, self.num_heads, q_norm, k_norm)
+        qkv = _concatenated(weights, "qkv_proj", ("q_proj", "k_proj", "v_proj"), h)
+        heads = ops.attention_inputs(qkv.view(T, -1, self.head_dim), cos, sin, self.num_heads, q_norm, k_norm)
         # Views, no copies: q [H, T, D] and the cache's [2, KVH, T, D] out of the [T, heads, D] rows.
         q = heads[:, : self.num_heads].transpose(0, 1)
         cache.write(layer, slots, heads[:, self.num_heads :].unflatten(1, (2, -1)).permute(1, 2, 0, 3))
@@ -141,39 +140,29 @@ def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bias[None, None, :, :end]
 
 
-def _linear(weights: dict, name: str, x: torch.Tensor, partial_sums: bool = False) -> torch.Tensor:
-    """x W^T + b; with `partial_sums`, as [S, ...] partial sums for a reader that adds them
-    (Pointwise.partial_sums): a split-K int4 linear's own, else the output as the only one."""
+def _linear(weights: dict, name: str, x: torch.Tensor) -> torch.Tensor:
     w = weights[name]
-    if partial_sums and hasattr(w, "partial_sums"):
-        return w.partial_sums(x)
     if isinstance(w, torch.Tensor):
-        y = F.linear(x, w, weights.get(f"{name}.bias"))
-    else:
-        y = w(x)  # a quantized module (the substitute) carries its own bias
-    return y[None] if partial_sums else y
+        return F.linear(x, w, weights.get(f"{name}.bias"))
+    return w(x)  # a quantized module (the substitute) carries its own bias
 
 
 def _projections(
-    weights: dict, fused: str, names: tuple[str, ...], sizes: tuple[int, ...], x: torch.Tensor,
-    partial_sums: bool = False,
+    weights: dict, fused: str, names: tuple[str, ...], sizes: tuple[int, ...], x: torch.Tensor
 ) -> tuple[torch.Tensor, ...]:
     """The linears `names` (output widths `sizes`) of x: one matmul when the stack holds them
     stacked as `fused` (the substitute's kernels), else one each (the target's streamed weights)."""
     if fused not in weights:
-        return tuple(_linear(weights, name, x, partial_sums) for name in names)
-    return _linear(weights, fused, x, partial_sums).split(sizes, dim=-1)
+        return tuple(_linear(weights, name, x) for name in names)
+    return _linear(weights, fused, x).split(sizes, dim=-1)
 
 
-def _concatenated(
-    weights: dict, fused: str, names: tuple[str, ...], x: torch.Tensor, partial_sums: bool = False
-) -> torch.Tensor:
+def _concatenated(weights: dict, fused: str, names: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
     """The linears `names` of x side by side: one matmul when the stack holds them stacked as
     `fused`, else one each, concatenated."""
     if fused in weights:
-        return _linear(weights, fused, x, partial_sums)
-    out = torch.cat([_linear(weights, name, x) for name in names], dim=-1)
-    return out[None] if partial_sums else out
+        return _linear(weights, fused, x)
+    return torch.cat([_linear(weights, name, x) for name in names], dim=-1)
 
 
 def _norm(module: torch.nn.Module | None, device: torch.device) -> tuple[torch.Tensor, float] | None:

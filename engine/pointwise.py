@@ -4,12 +4,9 @@ embeddings (with Qwen3's per-head norms) and the gated activation.
 Eager, each of these is a handful of small kernels; at the draft's 6 tokens they cost more than
 their bytes (profiled on an H200: ~40 element-wise kernels per layer, 1204 kernels per 7B draft
 step). `compiled_pointwise` hands the same functions to torch.compile, which fuses each into one
-kernel; drafts use it on a GPU. Given the compute dtype, its rotary and gated-activation kernels
-also take the q/k/v and gate/up projections as split-K partial sums
-(engine.int4_kernel.TritonInt4Linear.partial_sums) and add them as they read them, where the linear
-would otherwise launch a kernel of its own to add them. The target always runs the eager
-functions: they are exactly the transformers modules' math, so plain decoding and verification
-compute the same numbers as `generate` does.
+kernel; drafts use it on a GPU. The target always runs the eager functions: they are exactly the
+transformers modules' math, so plain decoding and verification compute the same numbers as
+`generate` does.
 """
 
 from __future__ import annotations
@@ -66,44 +63,23 @@ def gated(act: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tensor, up: t
 
 @dataclass(frozen=True)
 class Pointwise:
-    """The functions a forward pass calls for its element-wise math. With `partial_sums`, the
-    forward hands attention_inputs and gated [S, ...] partial sums of their projections (S = 1
-    for a linear that does not split; engine.model._linear)."""
+    """The functions a forward pass calls for its element-wise math."""
 
     add_rms_norm: Callable = add_rms_norm
     attention_inputs: Callable = attention_inputs
     gated: Callable = gated
-    partial_sums: bool = False
 
 
 EAGER = Pointwise()
 
 
-def compiled_pointwise(backend: str | Callable = "inductor", dtype: torch.dtype | None = None) -> Pointwise:
+def compiled_pointwise(backend: str | Callable = "inductor") -> Pointwise:
     """torch.compile'd versions. Shapes start static and turn dynamic once a second shape shows up
     (torch.compile's default): draft widths, bucketed lengths and other models in the same process
     then share a few compilations instead of exhausting dynamo's recompile limit (8 per function,
     reached by the third model of one benchmark run). A function that fails to compile warns once
-    and runs eagerly from then on. With `dtype` (the compute dtype), attention_inputs and gated
-    take partial sums and round their totals to it, as the linear would have."""
-    if dtype is None:
-        return Pointwise(*(_compiled(fn, backend) for fn in (add_rms_norm, attention_inputs, gated)))
-    return Pointwise(_compiled(add_rms_norm, backend), _compiled(_attention_inputs_of_sums(dtype), backend),
-                     _compiled(_gated_of_sums(dtype), backend), partial_sums=True)
-
-
-def _attention_inputs_of_sums(dtype: torch.dtype) -> Callable:
-    def attention_inputs_of_sums(partial_heads: torch.Tensor, *args) -> torch.Tensor:
-        return attention_inputs(partial_heads.sum(0).to(dtype), *args)
-
-    return attention_inputs_of_sums
-
-
-def _gated_of_sums(dtype: torch.dtype) -> Callable:
-    def gated_of_sums(act: Callable, partial_gate: torch.Tensor, partial_up: torch.Tensor) -> torch.Tensor:
-        return gated(act, partial_gate.sum(0).to(dtype), partial_up.sum(0).to(dtype))
-
-    return gated_of_sums
+    and runs eagerly from then on."""
+    return Pointwise(*(_compiled(fn, backend) for fn in (add_rms_norm, attention_inputs, gated)))
 
 
 def _compiled(fn: Callable, backend: str | Callable) -> Callable:

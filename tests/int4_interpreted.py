@@ -10,12 +10,11 @@ import torch
 from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
 from engine import EngineConfig, SamplingConfig, load_engine
-from engine.int4_kernel import MAX_ROWS, TritonInt4Linear
-from engine.pointwise import compiled_pointwise
+from engine.int4_kernel import TritonInt4Linear
 from engine.substitute import _quantized_rows
 
 # (outputs N, inputs K, group, bias, rows M, tiles): K not a multiple of the 128-input block (padded),
-# N not a multiple of the column tile, K split over programs (a second kernel adds the partial sums),
+# N not a multiple of the column tile, K split over programs (the last one adds the partial sums),
 # 17 rows (a 32-row tile), 40 rows (two calls), one row.
 SHAPES = [
     (48, 576, 64, True, 6, None),
@@ -37,27 +36,14 @@ def kernel_equals_hqq() -> None:
         first, second = kernel(x), kernel(x)
         torch.testing.assert_close(first, hqq(x), rtol=1e-5, atol=1e-5)
         assert torch.equal(first, second), "a second call differs: the partial sums are not added in a fixed order"
-        partials = kernel.partial_sums(x)  # what a reader adds itself: split K's sums, the bias in the first
-        assert partials.shape == (kernel.split if m <= MAX_ROWS else 1, m, n)
-        torch.testing.assert_close(partials.sum(0), first, rtol=1e-6, atol=1e-6)
         print(f"kernel = hqq for N {n}, K {k}, group {group}, bias {bias}, {m} rows, split {kernel.split}")
 
 
-def subspec_equals_vanilla(folder: str, partial_sums: bool) -> None:
-    """Greedy subspec_sd with the triton kernel gives vanilla's tokens. With `partial_sums`, every
-    linear splits K to one block per program and the draft's rotary and gated activation add the
-    q/k/v and gate/up partial sums themselves (the GPU's compiled path, run here without a compiler)."""
+def subspec_equals_vanilla(folder: str) -> None:
     vanilla = load_engine(EngineConfig(llm_path=folder))
     subspec = load_engine(EngineConfig(method="subspec_sd", llm_path=folder, substitute_kernel="triton",
                                        max_depth=3, topk_len=2))
     assert subspec.describe()["substitute_kernel"] == "triton"
-    if partial_sums:
-        for layer in subspec.drafter.stack.layers:
-            for linear in layer.values():
-                linear.split = linear.blocks
-                linear.partial = torch.empty(linear.split * MAX_ROWS * linear.out_features)
-        assert min(linear.split for linear in subspec.drafter.stack.layers[0].values()) > 1
-        subspec.drafter.pointwise = compiled_pointwise("aot_eager", torch.float32)
     accepted = 0
     for prompt in ([5, 9, 13, 200, 7],):  # the interpreter runs every linear in Python: one short reply
         expected = vanilla.generate(prompt, SamplingConfig(max_new_tokens=8)).token_ids
@@ -65,12 +51,10 @@ def subspec_equals_vanilla(folder: str, partial_sums: bool) -> None:
         assert gen.token_ids == expected, (prompt, gen.token_ids, expected)
         accepted += sum(it.accepted_depth for it in gen.stats.iterations)
     assert accepted > 0
-    print(f"subspec_sd with the triton kernel{' and partial sums' if partial_sums else ''} = vanilla on {Path(folder).name}")
+    print(f"subspec_sd with the triton kernel = vanilla on {Path(folder).name}")
 
 
-if __name__ == "__main__":  # int4_interpreted.py FOLDER [--partial-sums FOLDER]
+if __name__ == "__main__":
     kernel_equals_hqq()
-    folder, *rest = sys.argv[1:]
-    subspec_equals_vanilla(folder, partial_sums=False)
-    if rest:
-        subspec_equals_vanilla(rest[1], partial_sums=True)
+    for folder in sys.argv[1:]:
+        subspec_equals_vanilla(folder)

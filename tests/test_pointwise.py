@@ -64,23 +64,6 @@ def test_compiled_functions_equal_the_eager_ones():
     assert torch.equal(ops.gated(torch.nn.SiLU(), x, delta), EAGER.gated(torch.nn.SiLU(), x, delta))
 
 
-def test_compiled_functions_add_partial_sums_as_they_read_them():
-    # Split-K partial sums (float32) of q/k/v and gate/up: the total, rounded to the compute dtype,
-    # is what the linear would have returned; the same function of it is what must come out.
-    torch.manual_seed(0)
-    ops = compiled_pointwise("aot_eager", torch.bfloat16)
-    assert ops.partial_sums and not EAGER.partial_sums
-    partial_heads = torch.randn(3, 6, 4 + 2 * 2, 16)  # 3 partial sums, 6 tokens, 4 query + 2 x 2 key/value heads
-    cos, sin = torch.randn(6, 16, dtype=torch.bfloat16), torch.randn(6, 16, dtype=torch.bfloat16)
-    for norms in (None, (torch.randn(16, dtype=torch.bfloat16), 1e-6)):
-        got = ops.attention_inputs(partial_heads, cos, sin, 4, norms, norms)
-        want = EAGER.attention_inputs(partial_heads.sum(0).to(torch.bfloat16), cos, sin, 4, norms, norms)
-        assert got.dtype == torch.bfloat16 and torch.equal(got, want)
-    gate, up = torch.randn(2, 5, 6, 32).unbind(0)  # 5 partial sums each
-    want = EAGER.gated(torch.nn.SiLU(), gate.sum(0).to(torch.bfloat16), up.sum(0).to(torch.bfloat16))
-    assert torch.equal(ops.gated(torch.nn.SiLU(), gate, up), want)
-
-
 def test_a_function_that_fails_to_compile_runs_eagerly_with_a_warning():
     def no_compiler(graph, inputs):
         raise RuntimeError("no triton here")
@@ -92,10 +75,8 @@ def test_a_function_that_fails_to_compile_runs_eagerly_with_a_warning():
     assert all(torch.equal(a, b) for a, b in zip(got, EAGER.add_rms_norm(x, delta, weight, 1e-6)))
 
 
-@pytest.mark.parametrize("partial_sums", [False, True])
-def test_drafts_with_compiled_pointwise_equal_vanilla(random_folder, partial_sums):
-    # With partial sums the CPU's dense linears hand their outputs over as the only partial sum.
+def test_drafts_with_compiled_pointwise_equal_vanilla(random_folder):
     vanilla = load_engine(EngineConfig(llm_path=str(random_folder)))
     subspec = load_engine(EngineConfig(method="subspec_sd", llm_path=str(random_folder), max_depth=6, topk_len=3))
-    subspec.drafter.pointwise = compiled_pointwise("aot_eager", torch.float32 if partial_sums else None)
+    subspec.drafter.pointwise = compiled_pointwise("aot_eager")
     assert_drafts_lossless(subspec, vanilla, random_prompts(6, 512, seed=12), 16)
