@@ -14,7 +14,7 @@ from engine.int4_kernel import TritonInt4Linear
 from engine.substitute import _quantized_rows
 
 # (outputs N, inputs K, group, bias, rows M, tiles): K not a multiple of the 128-input block (padded),
-# N not a multiple of the column tile, K split over programs (the last one adds the partial sums),
+# N not a multiple of the column tile, K split over programs (a second kernel adds the partial sums),
 # 17 rows (a 32-row tile), 40 rows (two calls), one row.
 SHAPES = [
     (48, 576, 64, True, 6, None),
