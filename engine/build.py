@@ -8,16 +8,17 @@ from typing import Callable
 
 import torch
 
+from engine import rotary_kernel
 from engine.config import COMPILE_MODES, METHODS, EngineConfig
 from engine.drafters import Drafter, TreeDrafter, VanillaDrafter
 from engine.engine import Engine
 from engine.errors import EngineError
 from engine.generate import Target
 from engine.graphs import DraftGraphs
-from engine.pointwise import EAGER, compiled_pointwise
 from engine.loading import LoadedModel, load_model, substitute_cache_file
 from engine.model import Transformer
 from engine.offload import LayerStack, linear_tensors, measure_h2d_gbps
+from engine.pointwise import EAGER, compiled_pointwise
 from engine.substitute import build_substitute
 
 Progress = Callable[[str], None]
@@ -95,7 +96,8 @@ def _assemble(config: EngineConfig, loaded: LoadedModel, device: torch.device, d
     if isinstance(drafter, TreeDrafter):
         drafter.graphs = _draft_graphs(config, drafter, max_length, device)
         if config.compile_mode == "auto" and device.type == "cuda":
-            drafter.pointwise = compiled_pointwise()
+            rotary = rotary_kernel.store_attention_inputs if rotary_kernel.supported(transformer.head_dim) else None
+            drafter.pointwise = compiled_pointwise(dtype=dtype, rotary_kernel=rotary)
         details["draft_pointwise"] = "compiled" if drafter.pointwise is not EAGER else "eager"
         details["draft_graphs"] = "off" if drafter.graphs is None else (
             "cuda-graphs" if drafter.graphs.capture else "fixed-shape, eager")

@@ -31,10 +31,10 @@ class KVCache:
     def nbytes(self) -> int:
         return self.kv.nbytes
 
-    def write(self, layer: int, slots: torch.Tensor, kv: torch.Tensor) -> None:
-        """Store the keys and values kv ([2, kv_heads, T, head_dim], any strides) of T tokens at
-        `slots` (T,) of `layer`."""
-        self.kv[layer].index_copy_(2, slots, kv)
+    def layer(self, layer: int) -> torch.Tensor:
+        """Keys and values of `layer`, [2, kv_heads, slots, head_dim]: where a forward writes its
+        tokens' (engine.pointwise.Pointwise.store_attention_inputs)."""
+        return self.kv[layer]
 
     def view(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of slots [0, end) of `layer`: what attention reads."""

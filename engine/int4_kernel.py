@@ -15,10 +15,12 @@ numbers: w = (q - zero) * scale = q * scale + offset, rounded once to bf16. They
 in one fp32 accumulator.
 
 Small outputs (q/k/v, o, down) give too few column tiles to keep the GPU's memory busy, so K is split
-over SPLIT programs; each writes its partial sums and a second, small kernel (`_sum_partials`) adds
-them in a fixed order: deterministic, and nothing to reset between calls, so CUDA graphs replay it.
-On the H200 the second launch costs less than the last program of a tile adding the others' sums
-alone (down_proj at 6 rows: 21.7 us split 37 ways with it, 27.1 split 4 ways without).
+over SPLIT programs; each writes its partial sums (the bias goes into the first's) and a second,
+small kernel (`_sum_partials`) adds them in a fixed order: deterministic, and nothing to reset
+between calls, so CUDA graphs replay it. On the H200 the second launch costs less than the last
+program of a tile adding the others' sums alone (down_proj at 6 rows: 21.7 us split 37 ways with
+it, 27.1 split 4 ways without). A caller that reads the output element-wise can take the partial
+sums themselves (`partial_sums`) and add them as it reads them: one kernel fewer.
 
 Triton runs on CUDA GPUs; with TRITON_INTERPRET=1 it runs on a CPU too (how the tests check it).
 """
@@ -115,20 +117,18 @@ def _int4_matmul(
     acc *= unscale  # a power of two: exact
     at = rows[:, None] * N + cols[None, :]
     ok = row_ok[:, None] & col_ok[None, :]
+    if HAS_BIAS:
+        if pid_k == 0:  # once: into the first run's partial sums when K is split
+            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if SPLIT > 1:
         tl.store(partial_ptr + pid_k * BLOCK_M * N + at, acc, mask=ok)
-        return
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _sum_partials(
-    partial_ptr, bias_ptr, out_ptr, M, N,
-    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """out[M, N] = the SPLIT partial sums [SPLIT, BLOCK_M, N] added in a fixed order (+ bias)."""
+def _sum_partials(partial_ptr, out_ptr, M, N, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[M, N] = the SPLIT partial sums [SPLIT, BLOCK_M, N] added in a fixed order."""
     rows = tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     at = rows[:, None] * N + cols[None, :]
@@ -136,8 +136,6 @@ def _sum_partials(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for split in tl.static_range(SPLIT):  # unrolled: every partial's load in flight at once
         acc += tl.load(partial_ptr + split * BLOCK_M * N + at, mask=ok, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -163,6 +161,9 @@ def pack_int4(q: torch.Tensor, rows_at_once: int = 4096) -> torch.Tensor:
 # Fewer 128-input blocks per program: its start and its partial sums cost more than its blocks gain.
 MIN_BLOCKS_PER_PROGRAM = 4
 SUM_COLUMNS = 128  # outputs per program of _sum_partials
+# The most partial sums handed to a reader (`partial_sums`): a reader adds a row's sums in one program,
+# where _sum_partials spreads them over many.
+MAX_SPLIT_READ = 8
 
 
 def choose_tiles(n: int, k: int, multiprocessors: int) -> tuple[int, int, int, int]:
@@ -233,31 +234,50 @@ class TritonInt4Linear(torch.nn.Module):
         rows = x.reshape(-1, self.in_features).contiguous()
         out = torch.empty(rows.shape[0], self.out_features, dtype=x.dtype, device=x.device)
         for start in range(0, rows.shape[0], MAX_ROWS):
-            self._matmul(rows[start : start + MAX_ROWS], out[start : start + MAX_ROWS])
+            chunk, chunk_out = rows[start : start + MAX_ROWS], out[start : start + MAX_ROWS]
+            self._launch(chunk, chunk_out)
+            if self.split > 1:
+                _sum_partials[(triton.cdiv(self.out_features, SUM_COLUMNS),)](
+                    self.partial, chunk_out, chunk.shape[0], self.out_features,
+                    SPLIT=self.split, BLOCK_M=_block_m(chunk), BLOCK_N=SUM_COLUMNS,
+                )
         return out.view(*x.shape[:-1], self.out_features)
 
-    def _matmul(self, x: torch.Tensor, out: torch.Tensor) -> None:
+    def partial_sums(self, x: torch.Tensor) -> torch.Tensor:
+        """[S, *x.shape[:-1], N]: S float32 partial sums whose total is x W^T + b (the bias is in the
+        first), added in the reader's own kernel instead of a separate one. S = 1, the output
+        itself, where K is not split, or split more than MAX_SPLIT_READ ways, or x has more rows
+        than one call takes. They live in the
+        workspace the linears share: read them before the next linear runs."""
+        rows = x.reshape(-1, self.in_features).contiguous()
+        if not 1 < self.split <= MAX_SPLIT_READ or rows.shape[0] > MAX_ROWS:
+            return self(x)[None]
+        self._launch(rows, self.partial)  # the output pointer is not written when K is split
+        sums = self.partial[: self.split * _block_m(rows) * self.out_features]
+        return sums.view(self.split, -1, self.out_features)[:, : rows.shape[0]].unflatten(1, x.shape[:-1])
+
+    def _launch(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """The matmul kernel for x's <= MAX_ROWS rows: out, or the partial sums when K is split."""
         grid = (triton.cdiv(self.out_features, self.block_n), self.split)
         bias = self.bias if self.bias is not None else self.scale  # any pointer: not read
-        block_m = 16 if x.shape[0] <= 16 else 32
         _int4_matmul[grid](
             x, self.words, self.scale, self.offset, bias, out, self.partial,
             x.shape[0], self.out_features, self.in_features, self.unscale, BLOCKS_PER_SPLIT=self.blocks // self.split,
             GROUP=self.group_size, SPLIT=self.split, HAS_BIAS=self.bias is not None,
-            EVEN_K=self.in_features % BLOCK_K == 0, BLOCK_M=block_m, BLOCK_N=self.block_n, FAST=self.fast,
+            EVEN_K=self.in_features % BLOCK_K == 0, BLOCK_M=_block_m(x), BLOCK_N=self.block_n, FAST=self.fast,
             num_warps=self.warps, num_stages=self.stages,
         )
-        if self.split > 1:
-            _sum_partials[(triton.cdiv(self.out_features, SUM_COLUMNS),)](
-                self.partial, bias, out, x.shape[0], self.out_features,
-                SPLIT=self.split, HAS_BIAS=self.bias is not None, BLOCK_M=block_m, BLOCK_N=SUM_COLUMNS,
-            )
 
     @property
     def nbytes(self) -> int:
         """Its own bytes (the partial-sum buffer is shared: a few MB for a whole model)."""
         bias = self.bias.nbytes if self.bias is not None else 0
         return self.words.nbytes + self.scale.nbytes + self.offset.nbytes + bias
+
+
+def _block_m(x: torch.Tensor) -> int:
+    """Rows of the kernel's tile for x: 16, or 32 (MAX_ROWS)."""
+    return 16 if x.shape[0] <= 16 else 32
 
 
 def exact_scaling(scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -96,8 +96,9 @@ class Transformer:
                 _, post_norm, q_norm, k_norm = self.norms[i]
                 attended = self._attention(weights, cache, i, h, cos, sin, slots, attn_mask, kv_end, q_norm, k_norm, ops)
                 x, h = ops.add_rms_norm(x, attended, *post_norm)
-                gate, up = _projections(weights, "gate_up_proj", ("gate_proj", "up_proj"), self.gate_up_sizes, h)
-                mlp = _linear(weights, "down_proj", ops.gated(self.act, gate, up))
+                gate, up = _projections(weights, "gate_up_proj", ("gate_proj", "up_proj"), self.gate_up_sizes, h,
+                                        ops.partial_sums)
+                mlp = _linear(weights, "down_proj", ops.gated(self.act, gate, up), ops.partial_sums)
                 stack.done(i)
                 next_norm = self.norms[i + 1][0] if i + 1 < stack.num_layers else self.final_norm
                 x, h = ops.add_rms_norm(x, mlp, *next_norm)
@@ -117,17 +118,15 @@ class Transformer:
 
     def _attention(self, weights, cache, layer, h, cos, sin, slots, attn_mask, kv_end, q_norm, k_norm, ops):
         T = h.shape[0]
-        qkv = _concatenated(weights, "qkv_proj", ("q_proj", "k_proj", "v_proj"), h)
-        heads = ops.attention_inputs(qkv.view(T, -1, self.head_dim), cos, sin, self.num_heads, q_norm, k_norm)
-        # Views, no copies: q [H, T, D] and the cache's [2, KVH, T, D] out of the [T, heads, D] rows.
-        q = heads[:, : self.num_heads].transpose(0, 1)
-        cache.write(layer, slots, heads[:, self.num_heads :].unflatten(1, (2, -1)).permute(1, 2, 0, 3))
+        qkv = _concatenated(weights, "qkv_proj", ("q_proj", "k_proj", "v_proj"), h, ops.partial_sums)
+        q = ops.store_attention_inputs(qkv.unflatten(-1, (-1, self.head_dim)), cos, sin, self.num_heads, q_norm,
+                                       k_norm, cache.layer(layer), slots).transpose(0, 1)  # [H, T, D], a view
         keys, values = cache.view(layer, kv_end)
         out = F.scaled_dot_product_attention(
             q[None], keys[None], values[None], attn_mask=attn_mask, enable_gqa=True
         )
         # The GPU's attention kernels write q's layout, tokens outermost: this reshape is a view there.
-        return _linear(weights, "o_proj", out[0].transpose(0, 1).reshape(T, -1))
+        return _linear(weights, "o_proj", out[0].transpose(0, 1).reshape(T, -1), ops.partial_sums)
 
 
 def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -140,29 +139,39 @@ def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bias[None, None, :, :end]
 
 
-def _linear(weights: dict, name: str, x: torch.Tensor) -> torch.Tensor:
+def _linear(weights: dict, name: str, x: torch.Tensor, partial_sums: bool = False) -> torch.Tensor:
+    """x W^T + b; with `partial_sums`, as [S, ...] partial sums for a reader that adds them
+    (Pointwise.partial_sums): a split-K int4 linear's own, else the output as the only one."""
     w = weights[name]
+    if partial_sums and hasattr(w, "partial_sums"):
+        return w.partial_sums(x)
     if isinstance(w, torch.Tensor):
-        return F.linear(x, w, weights.get(f"{name}.bias"))
-    return w(x)  # a quantized module (the substitute) carries its own bias
+        y = F.linear(x, w, weights.get(f"{name}.bias"))
+    else:
+        y = w(x)  # a quantized module (the substitute) carries its own bias
+    return y[None] if partial_sums else y
 
 
 def _projections(
-    weights: dict, fused: str, names: tuple[str, ...], sizes: tuple[int, ...], x: torch.Tensor
+    weights: dict, fused: str, names: tuple[str, ...], sizes: tuple[int, ...], x: torch.Tensor,
+    partial_sums: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """The linears `names` (output widths `sizes`) of x: one matmul when the stack holds them
     stacked as `fused` (the substitute's kernels), else one each (the target's streamed weights)."""
     if fused not in weights:
-        return tuple(_linear(weights, name, x) for name in names)
-    return _linear(weights, fused, x).split(sizes, dim=-1)
+        return tuple(_linear(weights, name, x, partial_sums) for name in names)
+    return _linear(weights, fused, x, partial_sums).split(sizes, dim=-1)
 
 
-def _concatenated(weights: dict, fused: str, names: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
+def _concatenated(
+    weights: dict, fused: str, names: tuple[str, ...], x: torch.Tensor, partial_sums: bool = False
+) -> torch.Tensor:
     """The linears `names` of x side by side: one matmul when the stack holds them stacked as
     `fused`, else one each, concatenated."""
     if fused in weights:
-        return _linear(weights, fused, x)
-    return torch.cat([_linear(weights, name, x) for name in names], dim=-1)
+        return _linear(weights, fused, x, partial_sums)
+    out = torch.cat([_linear(weights, name, x) for name in names], dim=-1)
+    return out[None] if partial_sums else out
 
 
 def _norm(module: torch.nn.Module | None, device: torch.device) -> tuple[torch.Tensor, float] | None:

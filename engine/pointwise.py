@@ -1,10 +1,14 @@
 """The element-wise math of a decoder layer: RMSNorm (with the residual add before it), rotary
-embeddings (with Qwen3's per-head norms) and the gated activation.
+embeddings (with Qwen3's per-head norms, and the cache write after them) and the gated activation.
 
 Eager, each of these is a handful of small kernels; at the draft's 6 tokens they cost more than
 their bytes (profiled on an H200: ~40 element-wise kernels per layer, 1204 kernels per 7B draft
 step). `compiled_pointwise` hands the same functions to torch.compile, which fuses each into one
-kernel; drafts use it on a GPU. The target always runs the eager functions: they are exactly the
+kernel; drafts use it on a GPU. Given the compute dtype, they also take the projections before them
+as split-K partial sums (engine.int4_kernel.TritonInt4Linear.partial_sums) and add them as they
+read them, where the linear would otherwise launch a kernel of its own to add them; the rotary
+embedding then comes from engine.rotary_kernel, which also writes the cache (inductor gave it a
+summing kernel of its own). The target always runs the eager functions: they are exactly the
 transformers modules' math, so plain decoding and verification compute the same numbers as
 `generate` does.
 """
@@ -61,25 +65,77 @@ def gated(act: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tensor, up: t
     return act(gate) * up
 
 
+def stored(heads_of: Callable) -> Callable:
+    """`heads_of` (attention_inputs or a compiled copy), then the cache write: the function returns
+    q [T, H, D] for attention after storing k and v at `slots` of the layer's cache kv [2, KVH, slots, D]."""
+
+    def store_attention_inputs(qkv, cos, sin, num_q_heads, q_norm, k_norm, kv, slots) -> torch.Tensor:
+        heads = heads_of(qkv, cos, sin, num_q_heads, q_norm, k_norm)
+        # Views, no copies: the cache's [2, KVH, T, D] out of the [T, heads, D] rows.
+        kv.index_copy_(2, slots, heads[:, num_q_heads:].unflatten(1, (2, -1)).permute(1, 2, 0, 3))
+        return heads[:, :num_q_heads]
+
+    return store_attention_inputs
+
+
 @dataclass(frozen=True)
 class Pointwise:
-    """The functions a forward pass calls for its element-wise math."""
+    """The functions a forward pass calls for its element-wise math. With `partial_sums`, the
+    forward hands each of them [S, ...] partial sums of the projection before it (S = 1 for a
+    linear that does not split; engine.model._linear)."""
 
     add_rms_norm: Callable = add_rms_norm
-    attention_inputs: Callable = attention_inputs
+    store_attention_inputs: Callable = stored(attention_inputs)
     gated: Callable = gated
+    partial_sums: bool = False
 
 
 EAGER = Pointwise()
 
 
-def compiled_pointwise(backend: str | Callable = "inductor") -> Pointwise:
+def compiled_pointwise(
+    backend: str | Callable = "inductor", dtype: torch.dtype | None = None, rotary_kernel: Callable | None = None
+) -> Pointwise:
     """torch.compile'd versions. Shapes start static and turn dynamic once a second shape shows up
     (torch.compile's default): draft widths, bucketed lengths and other models in the same process
     then share a few compilations instead of exhausting dynamo's recompile limit (8 per function,
     reached by the third model of one benchmark run). A function that fails to compile warns once
-    and runs eagerly from then on."""
-    return Pointwise(*(_compiled(fn, backend) for fn in (add_rms_norm, attention_inputs, gated)))
+    and runs eagerly from then on. With `dtype` (the compute dtype), the functions take partial
+    sums and round their totals to it, as the linear would have; `rotary_kernel`
+    (engine.rotary_kernel.store_attention_inputs), where given, stores the attention inputs."""
+    if dtype is None:
+        return Pointwise(_compiled(add_rms_norm, backend), stored(_compiled(attention_inputs, backend)),
+                         _compiled(gated, backend))
+    return Pointwise(
+        _compiled(_add_rms_norm_of_sums(dtype), backend),
+        rotary_kernel or stored(_compiled(_attention_inputs_of_sums(dtype), backend)),
+        _compiled(_gated_of_sums(dtype), backend),
+        partial_sums=True,
+    )
+
+
+# Partial sums [S, ...] in, their totals rounded to dtype used: what the linear would have returned.
+# One function each (not one generic wrapper): dynamo caches compilations per code object, and
+# three functions sharing one would share its recompile limit.
+def _add_rms_norm_of_sums(dtype: torch.dtype) -> Callable:
+    def add_rms_norm_of_sums(x, partial_delta, weight, eps):
+        return add_rms_norm(x, partial_delta.sum(0).to(dtype), weight, eps)
+
+    return add_rms_norm_of_sums
+
+
+def _attention_inputs_of_sums(dtype: torch.dtype) -> Callable:
+    def attention_inputs_of_sums(partial_heads, *args):
+        return attention_inputs(partial_heads.sum(0).to(dtype), *args)
+
+    return attention_inputs_of_sums
+
+
+def _gated_of_sums(dtype: torch.dtype) -> Callable:
+    def gated_of_sums(act, partial_gate, partial_up):
+        return gated(act, partial_gate.sum(0).to(dtype), partial_up.sum(0).to(dtype))
+
+    return gated_of_sums
 
 
 def _compiled(fn: Callable, backend: str | Callable) -> Callable:

@@ -26,14 +26,18 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def test_triton_kernel_under_the_interpreter(tmp_path, bundled_folder):
-    # One architecture: q/k/v biases (Qwen2) are the kernel's bias path, covered by its shapes.
-    folders = [save_random_model(tmp_path / "llama", "llama", bundled_folder)]
+    # One architecture: q/k/v biases (Qwen2) are the kernel's bias path, covered by its shapes. The
+    # wider model has 2-4 blocks of 128 inputs per linear, so its K can split (partial sums).
+    small = save_random_model(tmp_path / "llama", "llama", bundled_folder)
+    wide = save_random_model(tmp_path / "wide", "qwen2", bundled_folder, hidden_size=256, intermediate_size=512)
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, str(ROOT / "tests" / "int4_interpreted.py"), *map(str, folders)],
+    run = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_interpreted.py"), str(small), "--partial-sums", str(wide)],
                          env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("kernel = hqq") == 5
-    assert run.stdout.count("= vanilla on") == 1
+    assert run.stdout.count("rotary kernel = eager") == 2
+    assert run.stdout.count("triton kernel = vanilla on") == 1
+    assert run.stdout.count("triton kernel and partial sums = vanilla on") == 1
 
 
 def test_packing_pairs_two_rows_of_a_slice_in_one_word():

@@ -13,7 +13,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 from engine import EngineConfig, load_engine
-from engine.pointwise import EAGER, compiled_pointwise, rms_norm
+from engine.pointwise import EAGER, attention_inputs, compiled_pointwise, rms_norm
 from tests.test_lossless import assert_drafts_lossless, random_prompts
 
 
@@ -44,10 +44,31 @@ def test_attention_inputs_are_the_transformers_rotary_bit_for_bit(qk_norm):
         q, k = q_norm(q), k_norm(k)
     want_q, want_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
     norms = ((q_norm.weight, 1e-6), (k_norm.weight, 1e-6)) if qk_norm else (None, None)
-    got = EAGER.attention_inputs(heads, cos, sin, H, *norms)
+    got = attention_inputs(heads, cos, sin, H, *norms)
     assert torch.equal(got[:, :H].transpose(0, 1), want_q[0])
     assert torch.equal(got[:, H : H + KVH].transpose(0, 1), want_k[0])
     assert torch.equal(got[:, H + KVH :], v)
+
+
+def test_storing_attention_inputs_writes_k_and_v_at_the_slots_and_returns_q():
+    torch.manual_seed(0)
+    heads = torch.randn(3, 4 + 2 * 2, 16)  # 3 tokens, 4 query heads, 2 key/value heads
+    cos, sin = torch.randn(3, 16), torch.randn(3, 16)
+    kv = torch.zeros(2, 2, 10, 16)
+    q = EAGER.store_attention_inputs(heads, cos, sin, 4, None, None, kv, torch.tensor([7, 2, 5]))
+    want = attention_inputs(heads, cos, sin, 4, None, None)
+    assert torch.equal(q, want[:, :4])
+    assert torch.equal(kv[0][:, [7, 2, 5]], want[:, 4:6].transpose(0, 1))  # keys, rotated
+    assert torch.equal(kv[1][:, [7, 2, 5]], heads[:, 6:].transpose(0, 1))  # values as they were
+    assert kv[:, :, [0, 1, 3, 4, 6, 8, 9]].eq(0).all()
+
+
+def _stored_twice(ops, eager, qkv, *args):
+    """q and the cache from ops and from eager, each given its own empty cache."""
+    slots = torch.tensor([4, 0, 2, 6, 1, 3])[: args[0].shape[0]]
+    kv_ops, kv_eager = torch.zeros(2, 2, 8, 16, dtype=args[0].dtype), torch.zeros(2, 2, 8, 16, dtype=args[0].dtype)
+    return (ops.store_attention_inputs(qkv[0], *args, kv_ops, slots), kv_ops), (
+        eager.store_attention_inputs(qkv[1], *args, kv_eager, slots), kv_eager)
 
 
 def test_compiled_functions_equal_the_eager_ones():
@@ -59,9 +80,30 @@ def test_compiled_functions_equal_the_eager_ones():
     heads = torch.randn(6, 4 + 2 * 2, 16)  # 4 query heads, 2 key/value heads
     cos, sin = torch.randn(6, 16), torch.randn(6, 16)
     for norms in (None, (torch.randn(16), 1e-6)):
-        got = ops.attention_inputs(heads, cos, sin, 4, norms, norms)
-        assert torch.equal(got, EAGER.attention_inputs(heads, cos, sin, 4, norms, norms))
+        (q, kv), (want_q, want_kv) = _stored_twice(ops, EAGER, (heads, heads), cos, sin, 4, norms, norms)
+        assert torch.equal(q, want_q) and torch.equal(kv, want_kv)
     assert torch.equal(ops.gated(torch.nn.SiLU(), x, delta), EAGER.gated(torch.nn.SiLU(), x, delta))
+
+
+def test_compiled_functions_add_partial_sums_as_they_read_them():
+    # Split-K partial sums (float32) of the projections: the total, rounded to the compute dtype,
+    # is what the linear would have returned; the same function of it is what must come out.
+    torch.manual_seed(0)
+    bf16 = torch.bfloat16
+    ops = compiled_pointwise("aot_eager", bf16)
+    assert ops.partial_sums and not EAGER.partial_sums
+    partial_heads = torch.randn(3, 6, 4 + 2 * 2, 16)  # 3 partial sums, 6 tokens, 4 query + 2 x 2 key/value heads
+    cos, sin = torch.randn(6, 16, dtype=bf16), torch.randn(6, 16, dtype=bf16)
+    for norms in (None, (torch.randn(16, dtype=bf16), 1e-6)):
+        (q, kv), (want_q, want_kv) = _stored_twice(ops, EAGER, (partial_heads, partial_heads.sum(0).to(bf16)),
+                                                   cos, sin, 4, norms, norms)
+        assert q.dtype == bf16 and torch.equal(q, want_q) and torch.equal(kv, want_kv)
+    gate, up = torch.randn(2, 5, 6, 32).unbind(0)  # 5 partial sums each
+    want = EAGER.gated(torch.nn.SiLU(), gate.sum(0).to(bf16), up.sum(0).to(bf16))
+    assert torch.equal(ops.gated(torch.nn.SiLU(), gate, up), want)
+    x, partial_delta, weight = torch.randn(6, 32, dtype=bf16), torch.randn(7, 6, 32), torch.randn(32, dtype=bf16)
+    want = EAGER.add_rms_norm(x, partial_delta.sum(0).to(bf16), weight, 1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(ops.add_rms_norm(x, partial_delta, weight, 1e-6), want))
 
 
 def test_a_function_that_fails_to_compile_runs_eagerly_with_a_warning():
@@ -75,8 +117,10 @@ def test_a_function_that_fails_to_compile_runs_eagerly_with_a_warning():
     assert all(torch.equal(a, b) for a, b in zip(got, EAGER.add_rms_norm(x, delta, weight, 1e-6)))
 
 
-def test_drafts_with_compiled_pointwise_equal_vanilla(random_folder):
+@pytest.mark.parametrize("partial_sums", [False, True])
+def test_drafts_with_compiled_pointwise_equal_vanilla(random_folder, partial_sums):
+    # With partial sums the CPU's dense linears hand their outputs over as the only partial sum.
     vanilla = load_engine(EngineConfig(llm_path=str(random_folder)))
     subspec = load_engine(EngineConfig(method="subspec_sd", llm_path=str(random_folder), max_depth=6, topk_len=3))
-    subspec.drafter.pointwise = compiled_pointwise("aot_eager")
+    subspec.drafter.pointwise = compiled_pointwise("aot_eager", torch.float32 if partial_sums else None)
     assert_drafts_lossless(subspec, vanilla, random_prompts(6, 512, seed=12), 16)

@@ -514,7 +514,7 @@ def filled_cache(prefix_len: int, written: int) -> KVCache:
     for layer in range(LAYERS):
         k = (layer * 1000 + torch.arange(HEADS)[:, None, None] * 100 + slots[None, :, None]
              + torch.arange(DIM)[None, None, :] / 10).float()
-        cache.write(layer, slots, torch.stack((k, -k)))
+        cache.layer(layer).index_copy_(2, slots, torch.stack((k, -k)))
     cache.commit(list(range(prefix_len)))  # contiguous from 0: counts them, moves nothing
     return cache
 

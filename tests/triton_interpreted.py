@@ -1,0 +1,107 @@
+"""Checks of the Triton kernels (int4 matmul, rotary) under Triton's CPU interpreter (run by
+test_int4_kernel.py in a process with TRITON_INTERPRET=1, which Triton reads when a kernel module is
+imported)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+from engine import EngineConfig, SamplingConfig, load_engine
+from engine.int4_kernel import MAX_ROWS, TritonInt4Linear
+from engine.pointwise import EAGER, compiled_pointwise
+from engine.rotary_kernel import store_attention_inputs
+from engine.substitute import _quantized_rows
+
+# (outputs N, inputs K, group, bias, rows M, tiles): K not a multiple of the 128-input block (padded),
+# N not a multiple of the column tile, K split over programs (a second kernel adds the partial sums),
+# 17 rows (a 32-row tile), 40 rows (two calls), one row.
+SHAPES = [
+    (48, 576, 64, True, 6, None),
+    (32, 256, 32, False, 1, (64, 2, 4, 3)),
+    (40, 384, 128, True, 17, (64, 3, 4, 3)),
+    (200, 1024, 64, False, 16, (64, 8, 4, 3)),
+    (64, 256, 64, True, 40, (64, 2, 4, 3)),
+]
+
+
+def kernel_equals_hqq() -> None:
+    torch.manual_seed(0)
+    for n, k, group, bias, m, tiles in SHAPES:
+        hqq = HQQLinear(torch.nn.Linear(k, n, bias=bias), BaseQuantizeConfig(nbits=4, group_size=group, axis=1),
+                        compute_dtype=torch.float32, device="cpu")
+        q, scale, zero = _quantized_rows(hqq)
+        kernel = TritonInt4Linear(q, scale, zero, group, hqq.bias, torch.float32, tiles)
+        x = torch.randn(m, k)
+        first, second = kernel(x), kernel(x)
+        torch.testing.assert_close(first, hqq(x), rtol=1e-5, atol=1e-5)
+        assert torch.equal(first, second), "a second call differs: the partial sums are not added in a fixed order"
+        partials = kernel.partial_sums(x)  # what a reader adds itself: split K's sums, the bias in the first
+        assert partials.shape == (kernel.split if m <= MAX_ROWS else 1, m, n)
+        torch.testing.assert_close(partials.sum(0), first, rtol=1e-6, atol=1e-6)
+        print(f"kernel = hqq for N {n}, K {k}, group {group}, bias {bias}, {m} rows, split {kernel.split}")
+
+
+def rotary_kernel_equals_eager() -> None:
+    """The rotary kernel from split partial sums (float32: the interpreter truncates where a GPU
+    rounds to bf16) gives the eager path's q and cache from their total: bit for bit without
+    per-head norms, to float32's last bits with them (their squares add in another order). Tokens
+    go to scattered slots; the other slots stay untouched."""
+    torch.manual_seed(0)
+    tokens, heads, kv_heads, dim = 5, 4, 2, 16
+    parts = torch.randn(3, 16, (heads + 2 * kv_heads) * dim)[:, :tokens].unflatten(-1, (-1, dim))  # [S, T, heads, D]
+    total = parts[0] + parts[1] + parts[2]  # the kernel's order
+    angles = torch.randn(tokens, dim // 2)
+    cos, sin = torch.cat((angles.cos(), angles.cos()), -1), torch.cat((angles.sin(), angles.sin()), -1)
+    slots = torch.tensor([7, 1, 3, 9, 10])
+    norms = ((torch.randn(dim), 1e-6), (torch.randn(dim), 1e-5))
+    for qk_norm in (False, True):
+        caches = [torch.zeros(2, kv_heads, 12, dim) for _ in range(2)]
+        args = (cos, sin, heads, *(norms if qk_norm else (None, None)))
+        got = store_attention_inputs(parts, *args, caches[0], slots)
+        want = EAGER.store_attention_inputs(total, *args, caches[1], slots)
+        if qk_norm:
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(caches[0], caches[1], rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(got, want) and torch.equal(caches[0], caches[1])
+        assert caches[0][:, :, [0, 2, 4, 5, 6, 8, 11]].eq(0).all()
+        print(f"rotary kernel = eager, per-head norms {qk_norm}")
+
+
+def subspec_equals_vanilla(folder: str, partial_sums: bool) -> None:
+    """Greedy subspec_sd with the triton kernel gives vanilla's tokens. With `partial_sums`, every
+    linear splits K to one block per program and the draft's norms, rotary kernel and gated
+    activation add the partial sums themselves (the GPU's path; the compiled functions run here
+    without a compiler)."""
+    vanilla = load_engine(EngineConfig(llm_path=folder))
+    subspec = load_engine(EngineConfig(method="subspec_sd", llm_path=folder, substitute_kernel="triton",
+                                       max_depth=3, topk_len=2))
+    assert subspec.describe()["substitute_kernel"] == "triton"
+    if partial_sums:
+        for layer in subspec.drafter.stack.layers:
+            for linear in layer.values():
+                linear.split = linear.blocks
+                linear.partial = torch.empty(linear.split * MAX_ROWS * linear.out_features)
+        assert min(linear.split for linear in subspec.drafter.stack.layers[0].values()) > 1
+        subspec.drafter.pointwise = compiled_pointwise("aot_eager", torch.float32, store_attention_inputs)
+    accepted = 0
+    for prompt in ([5, 9, 13, 200, 7],):  # the interpreter runs every linear in Python: one short reply
+        expected = vanilla.generate(prompt, SamplingConfig(max_new_tokens=8)).token_ids
+        gen = subspec.generate(prompt, SamplingConfig(max_new_tokens=8))
+        assert gen.token_ids == expected, (prompt, gen.token_ids, expected)
+        accepted += sum(it.accepted_depth for it in gen.stats.iterations)
+    assert accepted > 0
+    print(f"subspec_sd with the triton kernel{' and partial sums' if partial_sums else ''} = vanilla on {Path(folder).name}")
+
+
+if __name__ == "__main__":  # triton_interpreted.py FOLDER [--partial-sums FOLDER]
+    kernel_equals_hqq()
+    rotary_kernel_equals_eager()
+    folder, *rest = sys.argv[1:]
+    subspec_equals_vanilla(folder, partial_sums=False)
+    if rest:
+        subspec_equals_vanilla(rest[1], partial_sums=True)
