@@ -203,6 +203,11 @@ def bench_subspec(model, config, args, device, vram_gb: float, prompt: list[int]
         out["draft_depth_graph_ms"] = median_ms(lambda: drafter.draft_step(tree, frontier), timer, 20)
     if device.type == "cuda":
         out["draft_step_kernels"] = kernel_breakdown(lambda: drafter.draft_step(tree, frontier))
+    if graphs is not None:  # the same step deep into the context: attention reads every cached slot
+        out["long_context"] = args.max_length - tree.size - 8
+        deep = _reference_tree(tree.size, config.vocab_size, out["long_context"], device)
+        drafter.draft_step(deep, frontier)  # capture
+        out["draft_depth_long_ms"] = median_ms(lambda: drafter.draft_step(deep, frontier), timer, 20)
     out["wide"] = {batch: {} for batch in args.draft_batches if batch != WIDTH}
     for batch, wide_out in out["wide"].items():  # wider draft forwards: what does each cost?
         if graphs is None:
@@ -485,8 +490,10 @@ def report_subspec(case: dict, taus: dict[str, tuple[float, str | None]]) -> Non
           f"draft steps: {s['draft_graphs']}")
     print("  verify: " + ", ".join(f"{n} nodes {ms:.1f} ms ({ms / bound:.3f}x)" for n, ms in s["verify_ms"].items()))
     graph = s.get("draft_depth_graph_ms")
+    long = (f", {s['draft_depth_long_ms']:.2f} ms {s['long_context']} slots into the context"
+            if "draft_depth_long_ms" in s else "")
     print(f"  one draft depth (6 tokens): eager {s['draft_depth_eager_ms']:.2f} ms"
-          + (f", CUDA graph {graph:.2f} ms" if graph else "") + f"; HBM floor {s['draft_hbm_floor_ms']:.2f} ms")
+          + (f", CUDA graph {graph:.2f} ms" if graph else "") + long + f"; HBM floor {s['draft_hbm_floor_ms']:.2f} ms")
     _print_kernels("draft step on the GPU", s.get("draft_step_kernels"))
     print(f"  KV compaction (8-node path): {s['compaction_ms']:.3f} ms; greedy tokens equal to vanilla: {s['greedy_match']}")
     for batch, wide in s["wide"].items():

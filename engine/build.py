@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 from typing import Callable
 
 import torch
 
-from engine import rotary_kernel
+from engine import attention_kernel, rotary_kernel
 from engine.config import COMPILE_MODES, METHODS, EngineConfig
 from engine.drafters import Drafter, TreeDrafter, VanillaDrafter
 from engine.engine import Engine
@@ -18,7 +19,7 @@ from engine.graphs import DraftGraphs
 from engine.loading import LoadedModel, load_model, substitute_cache_file
 from engine.model import Transformer
 from engine.offload import LayerStack, linear_tensors, measure_h2d_gbps
-from engine.pointwise import EAGER, compiled_pointwise
+from engine.pointwise import EAGER, Pointwise, compiled_pointwise
 from engine.substitute import build_substitute
 
 Progress = Callable[[str], None]
@@ -96,8 +97,7 @@ def _assemble(config: EngineConfig, loaded: LoadedModel, device: torch.device, d
     if isinstance(drafter, TreeDrafter):
         drafter.graphs = _draft_graphs(config, drafter, max_length, device)
         if config.compile_mode == "auto" and device.type == "cuda":
-            rotary = rotary_kernel.store_attention_inputs if rotary_kernel.supported(transformer.head_dim) else None
-            drafter.pointwise = compiled_pointwise(dtype=dtype, rotary_kernel=rotary)
+            drafter.pointwise = draft_pointwise(dtype, transformer.head_dim)
         details["draft_pointwise"] = "compiled" if drafter.pointwise is not EAGER else "eager"
         details["draft_graphs"] = "off" if drafter.graphs is None else (
             "cuda-graphs" if drafter.graphs.capture else "fixed-shape, eager")
@@ -114,6 +114,18 @@ def _classic_drafter(config: EngineConfig, device: torch.device, dtype: torch.dt
     transformer = Transformer(draft.model, device, max_length)
     stack = LayerStack(layers, device, keep_on_gpu=len(layers))
     return TreeDrafter(transformer, stack, transformer.new_cache(max_length), owns_cache=True, config=config)
+
+
+def draft_pointwise(dtype: torch.dtype, head_dim: int, backend: str = "inductor") -> Pointwise:
+    """A GPU draft step's functions between matmuls: compiled element-wise math that adds the
+    projections' partial sums, and the Triton kernels for the rotary embedding (with the cache
+    write) and attention where the head size suits them."""
+    kernels = {}
+    if rotary_kernel.supported(head_dim):
+        kernels["store_attention_inputs"] = rotary_kernel.store_attention_inputs
+    if attention_kernel.supported(head_dim):
+        kernels["attend"] = attention_kernel.draft_attention
+    return dataclasses.replace(compiled_pointwise(backend, dtype), **kernels)
 
 
 def _draft_graphs(config: EngineConfig, drafter: TreeDrafter, max_length: int, device: torch.device) -> DraftGraphs | None:

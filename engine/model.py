@@ -122,11 +122,8 @@ class Transformer:
         q = ops.store_attention_inputs(qkv.unflatten(-1, (-1, self.head_dim)), cos, sin, self.num_heads, q_norm,
                                        k_norm, cache.layer(layer), slots).transpose(0, 1)  # [H, T, D], a view
         keys, values = cache.view(layer, kv_end)
-        out = F.scaled_dot_product_attention(
-            q[None], keys[None], values[None], attn_mask=attn_mask, enable_gqa=True
-        )
-        # The GPU's attention kernels write q's layout, tokens outermost: this reshape is a view there.
-        return _linear(weights, "o_proj", out[0].transpose(0, 1).reshape(T, -1), ops.partial_sums)
+        attended = ops.attend(q, keys, values, attn_mask)  # [T, H, D]
+        return _linear(weights, "o_proj", attended.reshape(T, -1), ops.partial_sums)
 
 
 def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -78,37 +79,44 @@ def stored(heads_of: Callable) -> Callable:
     return store_attention_inputs
 
 
+def sdpa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """q [H, T, D] attending keys and values [KVH, slots, D] (grouped-query) with an additive bias
+    [1, 1, T, slots]: torch's attention, with the backends the caller put in force, as [T, H, D]."""
+    out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=bias, enable_gqa=True)
+    # The GPU's attention kernels write q's layout, tokens outermost: this transpose is a view there.
+    return out[0].transpose(0, 1)
+
+
 @dataclass(frozen=True)
 class Pointwise:
-    """The functions a forward pass calls for its element-wise math. With `partial_sums`, the
-    forward hands each of them [S, ...] partial sums of the projection before it (S = 1 for a
-    linear that does not split; engine.model._linear)."""
+    """The functions a forward pass calls between its matmuls: the element-wise math and attention.
+    With `partial_sums`, the forward hands the element-wise ones [S, ...] partial sums of the
+    projection before them (S = 1 for a linear that does not split; engine.model._linear)."""
 
     add_rms_norm: Callable = add_rms_norm
     store_attention_inputs: Callable = stored(attention_inputs)
     gated: Callable = gated
+    attend: Callable = sdpa_attention
     partial_sums: bool = False
 
 
 EAGER = Pointwise()
 
 
-def compiled_pointwise(
-    backend: str | Callable = "inductor", dtype: torch.dtype | None = None, rotary_kernel: Callable | None = None
-) -> Pointwise:
+def compiled_pointwise(backend: str | Callable = "inductor", dtype: torch.dtype | None = None) -> Pointwise:
     """torch.compile'd versions. Shapes start static and turn dynamic once a second shape shows up
     (torch.compile's default): draft widths, bucketed lengths and other models in the same process
     then share a few compilations instead of exhausting dynamo's recompile limit (8 per function,
     reached by the third model of one benchmark run). A function that fails to compile warns once
     and runs eagerly from then on. With `dtype` (the compute dtype), the functions take partial
-    sums and round their totals to it, as the linear would have; `rotary_kernel`
-    (engine.rotary_kernel.store_attention_inputs), where given, stores the attention inputs."""
+    sums and round their totals to it, as the linear would have. Attention stays torch's (engine.build
+    swaps in the Triton kernels where they run)."""
     if dtype is None:
         return Pointwise(_compiled(add_rms_norm, backend), stored(_compiled(attention_inputs, backend)),
                          _compiled(gated, backend))
     return Pointwise(
         _compiled(_add_rms_norm_of_sums(dtype), backend),
-        rotary_kernel or stored(_compiled(_attention_inputs_of_sums(dtype), backend)),
+        stored(_compiled(_attention_inputs_of_sums(dtype), backend)),
         _compiled(_gated_of_sums(dtype), backend),
         partial_sums=True,
     )

@@ -36,6 +36,7 @@ def test_triton_kernel_under_the_interpreter(tmp_path, bundled_folder):
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("kernel = hqq") == 5
     assert run.stdout.count("rotary kernel = eager") == 2
+    assert run.stdout.count("attention kernel = torch") == 5
     assert run.stdout.count("triton kernel = vanilla on") == 1
     assert run.stdout.count("triton kernel and partial sums = vanilla on") == 1
 

@@ -124,3 +124,15 @@ def test_drafts_with_compiled_pointwise_equal_vanilla(random_folder, partial_sum
     subspec = load_engine(EngineConfig(method="subspec_sd", llm_path=str(random_folder), max_depth=6, topk_len=3))
     subspec.drafter.pointwise = compiled_pointwise("aot_eager", torch.float32 if partial_sums else None)
     assert_drafts_lossless(subspec, vanilla, random_prompts(6, 512, seed=12), 16)
+
+
+def test_gpu_drafts_take_the_triton_kernels_where_the_head_size_suits_them():
+    from engine.attention_kernel import draft_attention
+    from engine.build import draft_pointwise
+    from engine.pointwise import sdpa_attention
+    from engine.rotary_kernel import store_attention_inputs
+
+    ops = draft_pointwise(torch.bfloat16, 128, "aot_eager")
+    assert ops.partial_sums and ops.attend is draft_attention and ops.store_attention_inputs is store_attention_inputs
+    odd = draft_pointwise(torch.bfloat16, 96, "aot_eager")  # not a power of two: torch's attention, compiled rotary
+    assert odd.partial_sums and odd.attend is sdpa_attention and odd.store_attention_inputs is not store_attention_inputs

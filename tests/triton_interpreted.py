@@ -11,8 +11,11 @@ import torch
 from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
 from engine import EngineConfig, SamplingConfig, load_engine
+from engine.attention_kernel import draft_attention
+from engine.build import draft_pointwise
 from engine.int4_kernel import MAX_ROWS, TritonInt4Linear
-from engine.pointwise import EAGER, compiled_pointwise
+from engine.model import attention_bias
+from engine.pointwise import EAGER, sdpa_attention
 from engine.rotary_kernel import store_attention_inputs
 from engine.substitute import _quantized_rows
 
@@ -72,11 +75,30 @@ def rotary_kernel_equals_eager() -> None:
         print(f"rotary kernel = eager, per-head norms {qk_norm}")
 
 
+def attention_kernel_equals_torch() -> None:
+    """The draft attention kernel against torch's: grouped-query heads, a tree-like mask, the cache
+    in one piece and in several (merged by the second kernel), one token, a 32-row tile, no mask;
+    the same output twice (the pieces merge in a fixed order). 40 tokens go to torch's kernel."""
+    torch.manual_seed(0)
+    for heads, kv_heads, dim, tokens, slots in ((4, 2, 16, 5, 100), (4, 2, 16, 17, 600), (6, 3, 32, 1, 256),
+                                                  (4, 4, 16, 3, 257), (2, 1, 16, 40, 90)):
+        cache = torch.randn(2, kv_heads, 1024, dim)
+        q = torch.randn(tokens, heads, dim).transpose(0, 1)  # [H, T, D] as the rotary kernel leaves it
+        mask = torch.rand(tokens, slots) < 0.6
+        mask[:, 0] = True  # every token sees the first slot, as every tree node sees the prompt
+        for bias in (attention_bias(mask, torch.float32), None):
+            args = (q, cache[0, :, :slots], cache[1, :, :slots], bias)
+            got = draft_attention(*args)
+            torch.testing.assert_close(got, sdpa_attention(*args), rtol=1e-5, atol=1e-5)
+            assert torch.equal(got, draft_attention(*args)), "a second call differs"
+        print(f"attention kernel = torch for {heads} heads ({kv_heads} key/value), {tokens} tokens, {slots} slots")
+
+
 def subspec_equals_vanilla(folder: str, partial_sums: bool) -> None:
     """Greedy subspec_sd with the triton kernel gives vanilla's tokens. With `partial_sums`, every
-    linear splits K to one block per program and the draft's norms, rotary kernel and gated
-    activation add the partial sums themselves (the GPU's path; the compiled functions run here
-    without a compiler)."""
+    linear splits K to one block per program and the draft runs the GPU's functions between
+    matmuls: norms and gated activation that add the partial sums themselves (compiled, here
+    without a compiler), the rotary and attention kernels."""
     vanilla = load_engine(EngineConfig(llm_path=folder))
     subspec = load_engine(EngineConfig(method="subspec_sd", llm_path=folder, substitute_kernel="triton",
                                        max_depth=3, topk_len=2))
@@ -87,7 +109,8 @@ def subspec_equals_vanilla(folder: str, partial_sums: bool) -> None:
                 linear.split = linear.blocks
                 linear.partial = torch.empty(linear.split * MAX_ROWS * linear.out_features)
         assert min(linear.split for linear in subspec.drafter.stack.layers[0].values()) > 1
-        subspec.drafter.pointwise = compiled_pointwise("aot_eager", torch.float32, store_attention_inputs)
+        subspec.drafter.pointwise = draft_pointwise(torch.float32, subspec.drafter.transformer.head_dim, "aot_eager")
+        assert subspec.drafter.pointwise.attend is draft_attention
     accepted = 0
     for prompt in ([5, 9, 13, 200, 7],):  # the interpreter runs every linear in Python: one short reply
         expected = vanilla.generate(prompt, SamplingConfig(max_new_tokens=8)).token_ids
@@ -101,6 +124,7 @@ def subspec_equals_vanilla(folder: str, partial_sums: bool) -> None:
 if __name__ == "__main__":  # triton_interpreted.py FOLDER [--partial-sums FOLDER]
     kernel_equals_hqq()
     rotary_kernel_equals_eager()
+    attention_kernel_equals_torch()
     folder, *rest = sys.argv[1:]
     subspec_equals_vanilla(folder, partial_sums=False)
     if rest:
