@@ -71,6 +71,8 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--llm-path", help="target model: folder, hub id or .gguf (default: bundled SmolLM2-135M-Instruct)")
     g.add_argument("--draft-model-path", help="draft model for classic_sd")
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"),
+                   help="compute dtype (auto: bfloat16 on a GPU, float32 on a CPU; README: greedy output and bf16)")
     g.add_argument("--vram-limit-gb", type=_checked("vram_limit_gb", float), help="emulate a smaller GPU")
     g.add_argument("--keep-first-n-layers-on-gpu", type=_checked("keep_first_n_layers_on_gpu", int))
     g.add_argument("--max-length", type=_checked("max_length", int), help="KV cache length (prompt + output)")
@@ -100,7 +102,7 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
 
 # Destinations of the options above (and of --max-new-tokens) that are settings keys.
 SETTING_KEYS = (
-    "method", "llm_path", "draft_model_path", "device", "vram_limit_gb", "keep_first_n_layers_on_gpu",
+    "method", "llm_path", "draft_model_path", "device", "dtype", "vram_limit_gb", "keep_first_n_layers_on_gpu",
     "max_length", "temperature", "do_sample", "seed", "warmup_iter", "compile_mode", "max_depth",
     "topk_len", "tree_policy", "node_budget", "draft_batch", "verify_method", "threshold_method", "threshold",
     "window_size", "substitute_kernel", "nvtx_profiling", "nsys_output", "detailed_analysis", "max_new_tokens",
