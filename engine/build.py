@@ -19,7 +19,7 @@ from engine.graphs import DraftGraphs
 from engine.loading import LoadedModel, load_model, substitute_cache_file
 from engine.model import Transformer
 from engine.offload import LayerStack, linear_tensors, measure_h2d_gbps
-from engine.pointwise import EAGER, Pointwise, compiled_pointwise
+from engine.pointwise import EAGER, ROW_INVARIANT, Pointwise, compiled_pointwise
 from engine.substitute import build_substitute
 
 Progress = Callable[[str], None]
@@ -75,7 +75,7 @@ def _assemble(config: EngineConfig, loaded: LoadedModel, device: torch.device, d
     del layers, hf
     gc.collect()
     cache = transformer.new_cache(max_length)
-    target = Target(transformer, stack, cache, stack.take_transfer_ms)
+    target = Target(transformer, stack, cache, stack.take_transfer_ms, ROW_INVARIANT if config.row_invariant else EAGER)
     drafter: Drafter = VanillaDrafter()
     details = {
         "method": config.method,

@@ -46,6 +46,11 @@ class EngineConfig:
     substitute_kernel: str = "auto"
     # verification
     verify_method: Literal["exact", "lossy"] = "exact"
+    # The target computes every token's row as a one-token forward would (engine.pointwise's
+    # ROW_INVARIANT): greedy output token-identical to plain decoding in bfloat16 too, where a
+    # verification's many-row kernels otherwise round differently and flip near-ties (README:
+    # "Greedy output and bfloat16"). Off by default: its attention waits on the device per row.
+    row_invariant: bool = False
     threshold_method: Literal["entropy", "prob"] = "entropy"
     threshold: float = 0.3
     window_size: int = 4

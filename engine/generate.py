@@ -23,6 +23,7 @@ from engine.config import EngineConfig, SamplingConfig
 from engine.drafters import Drafter
 from engine.emit import Emitter
 from engine.model import Stack, Transformer
+from engine.pointwise import EAGER, Pointwise
 from engine.stats import GenerationStats, IterationStats, Timer, nvtx_range
 from engine.tree import Tree, TreeShape
 from engine.verify import choose, lenient_nodes, walk, walk_lossy
@@ -34,6 +35,7 @@ class Target:
     stack: Stack
     cache: KVCache
     transfer_ms: Callable[[], float | None]  # copy-stream time since the last call
+    ops: Pointwise = EAGER  # ROW_INVARIANT: every row as plain decoding computes it (EngineConfig.row_invariant)
 
 
 def run(
@@ -128,6 +130,7 @@ def _verify(
         tree.slots(nodes),
         tree.mask(nodes) if tree.size > 1 else None,
         kv_end=cache.length + tree.size,
+        ops=target.ops,
     )
     with nvtx_range("sample", config.nvtx_profiling):
         chosen = choose(logits, sampling, generator)

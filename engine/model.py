@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.activations import ACT2FN
 
 from engine.cache import KVCache
-from engine.pointwise import EAGER, Pointwise, rms_norm
+from engine.pointwise import EAGER, Pointwise, rows_of
 
 # Eager forwards attend over key lengths never seen before (the length grows by one token or one
 # accepted path per step). cuDNN's attention builds and caches an execution plan per shape: on an
@@ -89,20 +89,19 @@ class Transformer:
         x = self.embed(tokens)
         cos, sin = self.cos[positions], self.sin[positions]
         attn_mask = None if mask is None else attention_bias(mask, self.dtype)
-        h = rms_norm(x, *self.norms[0][0])
+        h = ops.rms_norm(x, *self.norms[0][0])
         with sdpa_kernel(FIXED_SHAPE_ATTENTION if fixed_shape else ANY_LENGTH_ATTENTION, set_priority=True):
             for i in range(stack.num_layers):
                 weights = stack.weights(i)
                 _, post_norm, q_norm, k_norm = self.norms[i]
                 attended = self._attention(weights, cache, i, h, cos, sin, slots, attn_mask, kv_end, q_norm, k_norm, ops)
                 x, h = ops.add_rms_norm(x, attended, *post_norm)
-                gate, up = _projections(weights, "gate_up_proj", ("gate_proj", "up_proj"), self.gate_up_sizes, h,
-                                        ops.partial_sums)
-                mlp = _linear(weights, "down_proj", ops.gated(self.act, gate, up), ops.partial_sums)
+                gate, up = _projections(weights, "gate_up_proj", ("gate_proj", "up_proj"), self.gate_up_sizes, h, ops)
+                mlp = _linear(weights, "down_proj", ops.gated(self.act, gate, up), ops)
                 stack.done(i)
                 next_norm = self.norms[i + 1][0] if i + 1 < stack.num_layers else self.final_norm
                 x, h = ops.add_rms_norm(x, mlp, *next_norm)
-        return self.lm_head(h[logits_rows]).float()
+        return _dense(h[logits_rows], self.lm_head.weight, self.lm_head.bias, ops.matmul_rows).float()
 
     def prefill(self, stack: Stack, cache: KVCache, prompt: torch.Tensor, chunk: int) -> torch.Tensor:
         """Run the prompt in causal chunks from slot 0; returns the last token's logits [V]."""
@@ -118,12 +117,12 @@ class Transformer:
 
     def _attention(self, weights, cache, layer, h, cos, sin, slots, attn_mask, kv_end, q_norm, k_norm, ops):
         T = h.shape[0]
-        qkv = _concatenated(weights, "qkv_proj", ("q_proj", "k_proj", "v_proj"), h, ops.partial_sums)
+        qkv = _concatenated(weights, "qkv_proj", ("q_proj", "k_proj", "v_proj"), h, ops)
         q = ops.store_attention_inputs(qkv.unflatten(-1, (-1, self.head_dim)), cos, sin, self.num_heads, q_norm,
                                        k_norm, cache.layer(layer), slots).transpose(0, 1)  # [H, T, D], a view
         keys, values = cache.view(layer, kv_end)
         attended = ops.attend(q, keys, values, attn_mask)  # [T, H, D]
-        return _linear(weights, "o_proj", attended.reshape(T, -1), ops.partial_sums)
+        return _linear(weights, "o_proj", attended.reshape(T, -1), ops)
 
 
 def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -136,39 +135,43 @@ def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bias[None, None, :, :end]
 
 
-def _linear(weights: dict, name: str, x: torch.Tensor, partial_sums: bool = False) -> torch.Tensor:
-    """x W^T + b; with `partial_sums`, as [S, ...] partial sums for a reader that adds them
-    (Pointwise.partial_sums): a split-K int4 linear's own, else the output as the only one."""
+def _linear(weights: dict, name: str, x: torch.Tensor, ops: Pointwise, partial_sums: bool | None = None) -> torch.Tensor:
+    """x W^T + b; with partial sums (ops.partial_sums unless told), as [S, ...] partial sums for a
+    reader that adds them: a split-K int4 linear's own, else the output as the only one."""
+    partial_sums = ops.partial_sums if partial_sums is None else partial_sums
     w = weights[name]
     if partial_sums and hasattr(w, "partial_sums"):
         return w.partial_sums(x)
     if isinstance(w, torch.Tensor):
-        y = F.linear(x, w, weights.get(f"{name}.bias"))
+        y = _dense(x, w, weights.get(f"{name}.bias"), ops.matmul_rows)
     else:
         y = w(x)  # a quantized module (the substitute) carries its own bias
     return y[None] if partial_sums else y
 
 
+def _dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int | None) -> torch.Tensor:
+    if rows is None:
+        return F.linear(x, weight, bias)
+    return rows_of(F.linear, rows)(x, weight, bias)
+
+
 def _projections(
-    weights: dict, fused: str, names: tuple[str, ...], sizes: tuple[int, ...], x: torch.Tensor,
-    partial_sums: bool = False,
+    weights: dict, fused: str, names: tuple[str, ...], sizes: tuple[int, ...], x: torch.Tensor, ops: Pointwise
 ) -> tuple[torch.Tensor, ...]:
     """The linears `names` (output widths `sizes`) of x: one matmul when the stack holds them
     stacked as `fused` (the substitute's kernels), else one each (the target's streamed weights)."""
     if fused not in weights:
-        return tuple(_linear(weights, name, x, partial_sums) for name in names)
-    return _linear(weights, fused, x, partial_sums).split(sizes, dim=-1)
+        return tuple(_linear(weights, name, x, ops) for name in names)
+    return _linear(weights, fused, x, ops).split(sizes, dim=-1)
 
 
-def _concatenated(
-    weights: dict, fused: str, names: tuple[str, ...], x: torch.Tensor, partial_sums: bool = False
-) -> torch.Tensor:
+def _concatenated(weights: dict, fused: str, names: tuple[str, ...], x: torch.Tensor, ops: Pointwise) -> torch.Tensor:
     """The linears `names` of x side by side: one matmul when the stack holds them stacked as
     `fused`, else one each, concatenated."""
     if fused in weights:
-        return _linear(weights, fused, x, partial_sums)
-    out = torch.cat([_linear(weights, name, x) for name in names], dim=-1)
-    return out[None] if partial_sums else out
+        return _linear(weights, fused, x, ops)
+    out = torch.cat([_linear(weights, name, x, ops, partial_sums=False) for name in names], dim=-1)
+    return out[None] if ops.partial_sums else out
 
 
 def _norm(module: torch.nn.Module | None, device: torch.device) -> tuple[torch.Tensor, float] | None:

@@ -87,6 +87,36 @@ def sdpa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bi
     return out[0].transpose(0, 1)
 
 
+def row_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """sdpa_attention computed row by row, each token over only the keys it sees, gathered in slot
+    order: a tree node's prefix and ancestors are exactly the keys its token sees in plain decoding,
+    in the same order, so its row is the one a one-token forward computes (same shapes, same
+    kernel). Waits on the device for every row's key list: meant for the CPU."""
+    rows = []
+    for r in range(q.shape[1]):
+        # A gathered copy either way: plain decoding's rows read the same contiguous layout.
+        seen = torch.arange(keys.shape[1]) if bias is None else (bias[0, 0, r] == 0).nonzero().squeeze(1)
+        rows.append(sdpa_attention(q[:, r : r + 1], keys[:, seen], values[:, seen], None)[0])
+    return torch.stack(rows)
+
+
+def rows_of(fn: Callable, rows: int, row_args: int = 1) -> Callable:
+    """fn of `row_args` [T, ...] tensors (then other arguments) computed on fixed chunks of `rows`
+    rows, the last zero-padded: every call runs the same shapes, so a row's result does not depend
+    on the number of rows around it (kernels sum in other orders for other shapes)."""
+
+    def on_chunks(*args):
+        count = args[0].shape[0]
+        padded = [F.pad(a, (0, 0) * (a.dim() - 1) + (0, -count % rows)) for a in args[:row_args]]
+        chunks = [fn(*(a[i : i + rows] for a in padded), *args[row_args:]) for i in range(0, padded[0].shape[0], rows)]
+        if isinstance(chunks[0], tuple):
+            return tuple(torch.cat(parts)[:count] for parts in zip(*chunks))
+        return torch.cat(chunks)[:count]
+
+    on_chunks.__name__ = f"{fn.__name__}_on_chunks"
+    return on_chunks
+
+
 @dataclass(frozen=True)
 class Pointwise:
     """The functions a forward pass calls between its matmuls: the element-wise math and attention.
@@ -98,16 +128,26 @@ class Pointwise:
     gated: Callable = gated
     attend: Callable = sdpa_attention
     partial_sums: bool = False
+    rms_norm: Callable = rms_norm
+    matmul_rows: int | None = None  # dense matmuls on fixed chunks of this many rows (rows_of)
 
 
 EAGER = Pointwise()
+# Rows per matmul and norm of the row-invariant target: a GPU reads the weights once per chunk. (The
+# CPU's norms gave every row the same result at any row count; GPU reductions pick their launch shape
+# by the number of rows, so the norms are chunked too.)
+ROW_CHUNK = 32
+# The target computing every token's row as plain decoding would, whatever the rows verified with it
+# (EngineConfig.row_invariant): greedy output token-identical to plain decoding in bfloat16 too.
+ROW_INVARIANT = Pointwise(add_rms_norm=rows_of(add_rms_norm, ROW_CHUNK, row_args=2), attend=row_attention,
+                          rms_norm=rows_of(rms_norm, ROW_CHUNK), matmul_rows=ROW_CHUNK)
 
 
 def compiled_pointwise(backend: str | Callable = "inductor", dtype: torch.dtype | None = None) -> Pointwise:
     """torch.compile'd versions. Shapes start static and turn dynamic once a second shape shows up
     (torch.compile's default): draft widths, bucketed lengths and other models in the same process
-    then share a few compilations instead of exhausting dynamo's recompile limit (8 per function,
-    reached by the third model of one benchmark run). A function that fails to compile warns once
+    then share a few compilations per function (up to RECOMPILE_LIMIT). A function that fails to
+    compile warns once
     and runs eagerly from then on. With `dtype` (the compute dtype), the functions take partial
     sums and round their totals to it, as the linear would have. Attention stays torch's (engine.build
     swaps in the Triton kernels where they run)."""
@@ -149,7 +189,7 @@ def _gated_of_sums(dtype: torch.dtype) -> Callable:
 # Compilations one function may keep (dynamo's default: 8, then a fullgraph function fails). Each
 # model in a process adds some: norms take float32 partial sums from one projection and a bfloat16
 # total from another, epsilons differ between models. An H200 run (Llama-3.1-8B, then Qwen2.5-32B)
-# ran out of 8 on the second model and drafted with eager norms, 12.7 ms a step instead of ~10.
+# ran out of 8 on the second model and drafted with eager norms, 12.7 ms a step instead of 9.6.
 RECOMPILE_LIMIT = 64
 
 

@@ -90,6 +90,8 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-batch", type=_checked("draft_batch", int),
                    help="best_first: nodes drafted per draft forward (default 16)")
     g.add_argument("--verify-method", choices=("exact", "lossy"))
+    g.add_argument("--row-invariant", action=argparse.BooleanOptionalAction, default=None,
+                   help="the target computes each token as plain decoding would: greedy output identical in bfloat16 too (slower)")
     g.add_argument("--threshold-method", choices=("entropy", "prob"))
     g.add_argument("--threshold", type=_checked("threshold", float), help="lossy verification threshold")
     g.add_argument("--window-size", type=_checked("window_size", int), help="lossy: exact matches needed after")
@@ -104,7 +106,7 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
 SETTING_KEYS = (
     "method", "llm_path", "draft_model_path", "device", "dtype", "vram_limit_gb", "keep_first_n_layers_on_gpu",
     "max_length", "temperature", "do_sample", "seed", "warmup_iter", "compile_mode", "max_depth",
-    "topk_len", "tree_policy", "node_budget", "draft_batch", "verify_method", "threshold_method", "threshold",
+    "topk_len", "tree_policy", "node_budget", "draft_batch", "verify_method", "row_invariant", "threshold_method", "threshold",
     "window_size", "substitute_kernel", "nvtx_profiling", "nsys_output", "detailed_analysis", "max_new_tokens",
 )
 

@@ -1,0 +1,78 @@
+"""Greedy output and bfloat16 (README): a verification computes many rows at once and plain decoding
+one, so in bfloat16 their kernels round differently and near-ties between the top two tokens flip.
+The row-invariant target (EngineConfig.row_invariant) computes every row the way a one-token
+forward does; with it, drafting methods give plain decoding's tokens in bfloat16 too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import EngineConfig, SamplingConfig, load_engine
+from engine.model import attention_bias
+from engine.pointwise import row_attention, rows_of, sdpa_attention
+from tests.random_models import save_random_model
+from tests.test_lossless import random_prompts
+
+BF16 = torch.bfloat16
+
+
+def test_a_row_on_fixed_chunks_is_the_same_alone_or_among_others():
+    # SmolLM2's gate projection, a 289-node tree's rows: one row alone and among 288 others go
+    # through different CPU kernels, which round some rows differently (the control).
+    torch.manual_seed(0)
+    weight, x = torch.randn(1536, 576, dtype=BF16), torch.randn(289, 576, dtype=BF16)
+    plain = F.linear(x, weight)
+    differing = [r for r in range(289) if not torch.equal(F.linear(x[r : r + 1], weight)[0], plain[r])]
+    assert differing
+    linear = rows_of(F.linear, 32)
+    together = linear(x, weight, None)
+    assert together.shape == (289, 1536)
+    for r in (*differing, 0, 31, 32, 288):  # and the first and last of a full chunk and of the padded one
+        assert torch.equal(linear(x[r : r + 1], weight, None)[0], together[r]), r
+    torch.testing.assert_close(together, plain, rtol=0.02, atol=0.1)
+
+
+def test_row_attention_gives_a_tree_node_the_row_of_its_own_one_token_forward():
+    """A 7-node tree after 20 prefix slots: node r sees the prefix, its ancestors and itself. Its row
+    equals attention over exactly those keys laid out contiguously, as plain decoding has them."""
+    torch.manual_seed(0)
+    heads, kv_heads, dim, prefix = 4, 2, 16, 20
+    parents = [-1, 0, 0, 1, 1, 2, 3]
+    mask = torch.zeros(len(parents), prefix + len(parents), dtype=torch.bool)
+    mask[:, :prefix] = True
+    for node, parent in enumerate(parents):
+        mask[node, prefix + node] = True
+        if parent >= 0:
+            mask[node] |= mask[parent]
+    q = torch.randn(len(parents), heads, dim, dtype=BF16).transpose(0, 1)
+    keys, values = torch.randn(2, kv_heads, prefix + len(parents), dim, dtype=BF16).unbind(0)
+    bias = attention_bias(mask, BF16)
+    got = row_attention(q, keys, values, bias)
+    for node in range(len(parents)):
+        seen = mask[node].nonzero().squeeze(1)
+        alone = row_attention(q[:, node : node + 1], keys[:, seen].contiguous(), values[:, seen].contiguous(), None)
+        assert torch.equal(got[node], alone[0]), node
+    torch.testing.assert_close(got, sdpa_attention(q, keys, values, bias), rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_bfloat16_greedy_drafts_equal_plain_decoding_with_the_row_invariant_target(tmp_path, bundled_folder, arch):
+    folder = str(save_random_model(tmp_path / arch, arch, bundled_folder))
+    prompts = random_prompts(8, 512, seed=3)
+
+    def replies(row_invariant: bool) -> tuple[list[list[int]], list[list[int]], int]:
+        common = dict(llm_path=folder, dtype="bfloat16", row_invariant=row_invariant)
+        vanilla = load_engine(EngineConfig(**common))
+        subspec = load_engine(EngineConfig(method="subspec_sd", max_depth=6, topk_len=3, **common))
+        plain = [vanilla.generate(p, SamplingConfig(max_new_tokens=24)).token_ids for p in prompts]
+        drafted = [subspec.generate(p, SamplingConfig(max_new_tokens=24)) for p in prompts]
+        accepted = sum(it.accepted_depth for gen in drafted for it in gen.stats.iterations)
+        return plain, [gen.token_ids for gen in drafted], accepted
+
+    plain, drafted, accepted = replies(row_invariant=True)
+    assert drafted == plain and accepted > 0
+    # The control: without it, these prompts hit near-ties that the verification resolves otherwise.
+    plain, drafted, _ = replies(row_invariant=False)
+    assert drafted != plain
