@@ -247,8 +247,8 @@ class TritonInt4Linear(torch.nn.Module):
         """[S, *x.shape[:-1], N]: S float32 partial sums whose total is x W^T + b (the bias is in the
         first), added in the reader's own kernel instead of a separate one. S = 1, the output
         itself, where K is not split, or split more than MAX_SPLIT_READ ways, or x has more rows
-        than one call takes. They live in the
-        workspace the linears share: read them before the next linear runs."""
+        than one call takes. They live in the workspace the linears share: read them before the
+        next linear runs."""
         rows = x.reshape(-1, self.in_features).contiguous()
         if not 1 < self.split <= MAX_SPLIT_READ or rows.shape[0] > MAX_ROWS:
             return self(x)[None]

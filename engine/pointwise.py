@@ -8,9 +8,10 @@ kernel; drafts use it on a GPU. Given the compute dtype, they also take the proj
 as split-K partial sums (engine.int4_kernel.TritonInt4Linear.partial_sums) and add them as they
 read them, where the linear would otherwise launch a kernel of its own to add them; the rotary
 embedding then comes from engine.rotary_kernel, which also writes the cache (inductor gave it a
-summing kernel of its own). The target always runs the eager functions: they are exactly the
+summing kernel of its own). The target runs the eager functions: they are exactly the
 transformers modules' math, so plain decoding and verification compute the same numbers as
-`generate` does.
+`generate` does, up to the rounding of kernels that see more rows; `ROW_INVARIANT` (opt-in)
+removes that too (README: "Greedy output and bfloat16").
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def row_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bia
     rows = []
     for r in range(q.shape[1]):
         # A gathered copy either way: plain decoding's rows read the same contiguous layout.
-        seen = torch.arange(keys.shape[1]) if bias is None else (bias[0, 0, r] == 0).nonzero().squeeze(1)
+        seen = torch.arange(keys.shape[1], device=keys.device) if bias is None else (bias[0, 0, r] == 0).nonzero()[:, 0]
         rows.append(sdpa_attention(q[:, r : r + 1], keys[:, seen], values[:, seen], None)[0])
     return torch.stack(rows)
 
@@ -147,8 +148,7 @@ def compiled_pointwise(backend: str | Callable = "inductor", dtype: torch.dtype 
     """torch.compile'd versions. Shapes start static and turn dynamic once a second shape shows up
     (torch.compile's default): draft widths, bucketed lengths and other models in the same process
     then share a few compilations per function (up to RECOMPILE_LIMIT). A function that fails to
-    compile warns once
-    and runs eagerly from then on. With `dtype` (the compute dtype), the functions take partial
+    compile warns once and runs eagerly from then on. With `dtype` (the compute dtype), the functions take partial
     sums and round their totals to it, as the linear would have. Attention stays torch's (engine.build
     swaps in the Triton kernels where they run)."""
     if dtype is None:
