@@ -5,6 +5,10 @@ are printed and saved after each prompt); each policy's tokens are compared with
 (the lossless promise, reported per prompt). tau = emitted tokens / verifications over all prompts.
 
     python benchmarks/tau_bundled.py [--prompts 20] [--new-tokens 128] [--device cuda] [--dtype float32]
+                                     [--row-invariant]
+
+In bfloat16 a policy can differ from vanilla at near-ties unless --row-invariant (README: "Greedy
+output and bfloat16"); this counts the identical replies either way.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--row-invariant", action="store_true", help="EngineConfig.row_invariant for every engine")
     parser.add_argument("--json")
     parser.add_argument("--policies", help="comma-separated names' first words to run, e.g. best-first (default: all)")
     args = parser.parse_args()
@@ -49,13 +54,14 @@ def main() -> None:
                 if not args.policies or any(name.startswith(p) for p in args.policies.split(","))}
     questions = [json.loads(line)["turns"][0] for line in DATA.read_text().splitlines()[: args.prompts]]
     sampling = SamplingConfig(max_new_tokens=args.new_tokens)
-    common = dict(device=args.device, dtype=args.dtype)
+    common = dict(device=args.device, dtype=args.dtype, row_invariant=args.row_invariant)
 
     vanilla = load_engine(EngineConfig(method="vanilla", **common))
     engines = {name: load_engine(EngineConfig(method="subspec_sd", **common, **tree)) for name, tree in policies.items()}
     rows = {name: {"iterations": 0, "emitted": 0, "identical_to_vanilla": 0, "seconds": 0.0, "draft_forwards": 0}
             for name in policies}
-    results = {"device": args.device, "dtype": args.dtype, "new_tokens": args.new_tokens, "prompts": 0,
+    results = {"device": args.device, "dtype": args.dtype, "row_invariant": args.row_invariant,
+               "new_tokens": args.new_tokens, "prompts": 0,
                "policies": rows}
     # Prompt by prompt, every policy on the same prompt: a run cut short still compares them fairly.
     for done, question in enumerate(questions, 1):

@@ -92,3 +92,16 @@ def test_host_waits_counts_torchs_sync_warnings_by_engine_line():
         warnings.warn("called a synchronizing CUDA operation")  # from here: outside the engine
         warnings.warn("something else entirely")  # not a sync: not counted
     assert sites == {"tree.py:2": 2, "outside the engine": 1}
+
+
+def test_tau_benchmark_runs_on_cpu_and_counts_identical_replies(tmp_path):
+    # One MT-Bench prompt, the chain policy, bfloat16 with the row-invariant target: the reply must
+    # be vanilla's (README "Greedy output and bfloat16").
+    out = tmp_path / "tau.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tau_bundled.py"), "--prompts", "1", "--new-tokens", "8",
+                    "--policies", "chain", "--dtype", "bfloat16", "--row-invariant", "--json", str(out)],
+                   cwd=ROOT, check=True, timeout=600, capture_output=True, text=True)
+    result = json.loads(out.read_text())
+    assert (result["prompts"], result["row_invariant"], result["dtype"]) == (1, True, "bfloat16")
+    (row,) = result["policies"].values()
+    assert row["identical_to_vanilla"] == 1 and row["tau"] > 1
