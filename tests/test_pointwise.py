@@ -13,7 +13,10 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 from engine import EngineConfig, load_engine
-from engine.pointwise import EAGER, attention_inputs, compiled_pointwise, rms_norm
+from engine.attention_kernel import draft_attention
+from engine.build import draft_pointwise
+from engine.pointwise import EAGER, attention_inputs, compiled_pointwise, rms_norm, sdpa_attention
+from engine.rotary_kernel import store_attention_inputs
 from tests.test_lossless import assert_drafts_lossless, random_prompts
 
 
@@ -127,11 +130,6 @@ def test_drafts_with_compiled_pointwise_equal_vanilla(random_folder, partial_sum
 
 
 def test_gpu_drafts_take_the_triton_kernels_where_the_head_size_suits_them():
-    from engine.attention_kernel import draft_attention
-    from engine.build import draft_pointwise
-    from engine.pointwise import sdpa_attention
-    from engine.rotary_kernel import store_attention_inputs
-
     ops = draft_pointwise(torch.bfloat16, 128, "aot_eager")
     assert ops.partial_sums and ops.attend is draft_attention and ops.store_attention_inputs is store_attention_inputs
     odd = draft_pointwise(torch.bfloat16, 96, "aot_eager")  # not a power of two: torch's attention, compiled rotary
