@@ -57,15 +57,20 @@ def test_row_attention_gives_a_tree_node_the_row_of_its_own_one_token_forward():
     torch.testing.assert_close(got, sdpa_attention(q, keys, values, bias), rtol=0.02, atol=0.02)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_bfloat16_greedy_drafts_equal_plain_decoding_with_the_row_invariant_target(tmp_path, bundled_folder, arch):
+STREAMED = {"emulate_offload": True, "keep_first_n_layers_on_gpu": 1, "offload_slots": 2}
+
+
+@pytest.mark.parametrize(("arch", "offload"), [("llama", {}), ("qwen3", {}), ("llama", STREAMED)],
+                         ids=["llama", "qwen3", "llama-streamed"])
+def test_bfloat16_greedy_drafts_equal_plain_decoding_with_the_row_invariant_target(tmp_path, bundled_folder, arch, offload):
+    # Plain decoding keeps every layer resident; the drafting engine may stream them (other buffers, same shapes).
     folder = str(save_random_model(tmp_path / arch, arch, bundled_folder))
     prompts = random_prompts(8, 512, seed=3)
 
     def replies(row_invariant: bool) -> tuple[list[list[int]], list[list[int]], int]:
         common = dict(llm_path=folder, dtype="bfloat16", row_invariant=row_invariant)
         vanilla = load_engine(EngineConfig(**common))
-        subspec = load_engine(EngineConfig(method="subspec_sd", max_depth=6, topk_len=3, **common))
+        subspec = load_engine(EngineConfig(method="subspec_sd", max_depth=6, topk_len=3, **common, **offload))
         plain = [vanilla.generate(p, SamplingConfig(max_new_tokens=24)).token_ids for p in prompts]
         drafted = [subspec.generate(p, SamplingConfig(max_new_tokens=24)) for p in prompts]
         accepted = sum(it.accepted_depth for gen in drafted for it in gen.stats.iterations)
