@@ -13,12 +13,11 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.activations import ACT2FN
 
 from engine.cache import KVCache
-from engine.pointwise import EAGER, Pointwise, rows_of
+from engine.pointwise import EAGER, Pointwise
 
 # Eager forwards attend over key lengths never seen before (the length grows by one token or one
 # accepted path per step). cuDNN's attention builds and caches an execution plan per shape: on an
@@ -101,7 +100,7 @@ class Transformer:
                 stack.done(i)
                 next_norm = self.norms[i + 1][0] if i + 1 < stack.num_layers else self.final_norm
                 x, h = ops.add_rms_norm(x, mlp, *next_norm)
-        return _dense(h[logits_rows], self.lm_head.weight, self.lm_head.bias, ops.matmul_rows).float()
+        return ops.linear(h[logits_rows], self.lm_head.weight, self.lm_head.bias).float()
 
     def prefill(self, stack: Stack, cache: KVCache, prompt: torch.Tensor, chunk: int) -> torch.Tensor:
         """Run the prompt in causal chunks from slot 0; returns the last token's logits [V]."""
@@ -143,16 +142,10 @@ def _linear(weights: dict, name: str, x: torch.Tensor, ops: Pointwise, partial_s
     if partial_sums and hasattr(w, "partial_sums"):
         return w.partial_sums(x)
     if isinstance(w, torch.Tensor):
-        y = _dense(x, w, weights.get(f"{name}.bias"), ops.matmul_rows)
+        y = ops.linear(x, w, weights.get(f"{name}.bias"))
     else:
         y = w(x)  # a quantized module (the substitute) carries its own bias
     return y[None] if partial_sums else y
-
-
-def _dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int | None) -> torch.Tensor:
-    if rows is None:
-        return F.linear(x, weight, bias)
-    return rows_of(F.linear, rows)(x, weight, bias)
 
 
 def _projections(

@@ -130,7 +130,7 @@ class Pointwise:
     attend: Callable = sdpa_attention
     partial_sums: bool = False
     rms_norm: Callable = rms_norm
-    matmul_rows: int | None = None  # dense matmuls on fixed chunks of this many rows (rows_of)
+    linear: Callable = F.linear  # the dense matmuls (the target's, lm_head)
 
 
 EAGER = Pointwise()
@@ -141,7 +141,7 @@ ROW_CHUNK = 32
 # The target computing every token's row as plain decoding would, whatever the rows verified with it
 # (EngineConfig.row_invariant): greedy output token-identical to plain decoding in bfloat16 too.
 ROW_INVARIANT = Pointwise(add_rms_norm=rows_of(add_rms_norm, ROW_CHUNK, row_args=2), attend=row_attention,
-                          rms_norm=rows_of(rms_norm, ROW_CHUNK), matmul_rows=ROW_CHUNK)
+                          rms_norm=rows_of(rms_norm, ROW_CHUNK), linear=rows_of(F.linear, ROW_CHUNK))
 
 
 def compiled_pointwise(backend: str | Callable = "inductor", dtype: torch.dtype | None = None) -> Pointwise:

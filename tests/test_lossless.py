@@ -84,16 +84,16 @@ def test_cudnn_attention_only_in_fixed_shape_draft_steps(random_folder, monkeypa
     """cuDNN attention plans each new key length (a 20-50 ms host stall per decoding step on an
     H200): forwards of growing lengths (prefill, verification, eager catch-up) run without it; the
     fixed-shape draft steps that CUDA graphs replay (padded to a 256-slot bucket here) may use it."""
-    import engine.model
+    import engine.pointwise
 
     seen: list[tuple[int, bool]] = []  # (attended key length, cuDNN allowed)
-    sdpa = engine.model.F.scaled_dot_product_attention
+    sdpa = engine.pointwise.F.scaled_dot_product_attention
 
     def recording(query, key, *args, **kwargs):
         seen.append((key.shape[-2], torch.backends.cuda.cudnn_sdp_enabled()))
         return sdpa(query, key, *args, **kwargs)
 
-    monkeypatch.setattr(engine.model.F, "scaled_dot_product_attention", recording)
+    monkeypatch.setattr(engine.pointwise.F, "scaled_dot_product_attention", recording)
     subspec = load_engine(EngineConfig(llm_path=str(random_folder), method="subspec_sd", max_depth=3,
                                        compile_mode="cuda-graphs"))  # fixed-shape steps, eager on a CPU
     subspec.generate([5, 6, 7], SamplingConfig(max_new_tokens=6))
