@@ -130,7 +130,7 @@ def build(model, config, args, device, method: str, vram_gb: float, **extra) -> 
     engine = engine_from_model(
         EngineConfig(method=method, device=str(device), vram_limit_gb=vram_gb if device.type == "cuda" else None,
                      keep_first_n_layers_on_gpu=keep, offload_slots=buffers, max_length=args.max_length,
-                     emulate_offload=device.type == "cpu", **extra),
+                     emulate_offload=device.type == "cpu", row_invariant=args.row_invariant, **extra),
         LoadedModel(model, _NoText(), args.shape, None),
     )
     # Where the memory model is off: what stays allocated (weights, caches, buffers) against its
@@ -317,6 +317,7 @@ def _iterations(engine: Engine, prompt: list[int], policy: str, depth: int, budg
             "iteration_ms": total, "host_ms": total - draft - verify,
             "tau_random_weights": statistics.mean(it.emitted for it in steady),
             "host_ms_each": [round((it.iteration_ms or 0) - (it.draft_ms or 0) - (it.verify_ms or 0), 1) for it in seen],
+            "draft_ms_each": [round(it.draft_ms or 0, 1) for it in seen],
             "allocator_retries": retries,
             "host_waits_per_iteration": {site: n / len(steady) for site, n in waits.items()} if watch else None}
 
@@ -545,6 +546,8 @@ def main() -> None:
     parser.add_argument("--skip-kernels", action="store_true")
     parser.add_argument("--kernels-only", action="store_true", help="only the per-layer kernel comparison")
     parser.add_argument("--substitute-kernel", default="auto", help="auto, triton, tinygemm, gemlite, hqq, dense")
+    parser.add_argument("--row-invariant", action=argparse.BooleanOptionalAction, default=None,
+                        help="EngineConfig.row_invariant for every engine (default: the engine's, on in 16-bit dtypes)")
     parser.add_argument("--json")
     args = parser.parse_args()
     args.draft_batches = [int(b) for b in args.draft_batch.split(",")]
@@ -558,7 +561,8 @@ def main() -> None:
     if device.type == "cpu":
         cases, args.repeats, args.iterations, args.skip_kernels = [("tiny", 0.0)], 1, 1, True
         args.depth, args.tokens = 4, 8
-    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "cases": []}
+    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "row_invariant": args.row_invariant, "cases": []}
     for shape, vram_gb in cases:
         args.shape = shape
         config = SHAPES[shape]()

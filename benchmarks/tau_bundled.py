@@ -46,7 +46,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--row-invariant", action="store_true", help="EngineConfig.row_invariant for every engine")
+    parser.add_argument("--row-invariant", action=argparse.BooleanOptionalAction, default=None,
+                        help="EngineConfig.row_invariant for every engine (default: the engine's, on in 16-bit dtypes)")
     parser.add_argument("--json")
     parser.add_argument("--policies", help="comma-separated names' first words to run, e.g. best-first (default: all)")
     args = parser.parse_args()
@@ -60,13 +61,16 @@ def main() -> None:
     engines = {name: load_engine(EngineConfig(method="subspec_sd", **common, **tree)) for name, tree in policies.items()}
     rows = {name: {"iterations": 0, "emitted": 0, "identical_to_vanilla": 0, "seconds": 0.0, "draft_forwards": 0}
             for name in policies}
-    results = {"device": args.device, "dtype": args.dtype, "row_invariant": args.row_invariant,
-               "new_tokens": args.new_tokens, "prompts": 0,
+    described = vanilla.describe()
+    results = {"device": described["device"], "dtype": described["dtype"], "row_invariant": described["row_invariant"],
+               "new_tokens": args.new_tokens, "prompts": 0, "vanilla_seconds": 0.0,
                "policies": rows}
     # Prompt by prompt, every policy on the same prompt: a run cut short still compares them fairly.
     for done, question in enumerate(questions, 1):
         prompt = vanilla.chat_ids([{"role": "user", "content": question}])
+        started = time.perf_counter()
         want = vanilla.generate(prompt, sampling).token_ids
+        results["vanilla_seconds"] += time.perf_counter() - started
         for name, engine in engines.items():
             started = time.perf_counter()
             gen = engine.generate(prompt, sampling)

@@ -26,6 +26,19 @@ BLOCK_SLOTS = 128  # slots per step of a program's loop
 
 
 @triton.jit
+def softmax_step(scores, values, best, total, acc):
+    """Flash attention's step: a block of scores [rows, block] and values [block, D] into each row's
+    running maximum, sum of exponentials and unnormalised output."""
+    new_best = tl.maximum(best, tl.max(scores, 1))
+    shift = tl.where(new_best == float("-inf"), 0.0, new_best)  # a row that may attend nothing yet
+    weights = tl.exp(scores - shift[:, None])
+    rescale = tl.exp(best - shift)
+    total = total * rescale + tl.sum(weights, 1)
+    acc = acc * rescale[:, None] + tl.dot(weights.to(values.dtype), values)
+    return new_best, total, acc
+
+
+@triton.jit
 def _attend_piece(
     q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, partial_ptr, stats_ptr,
     T, SLOTS, q_head_stride, q_token_stride, kv_head_stride, kv_slot_stride, bias_row_stride, scale,
@@ -56,13 +69,7 @@ def _attend_piece(
         if HAS_BIAS:
             scores += tl.load(bias_ptr + rows[:, None] * bias_row_stride + slots[None, :],
                               mask=row_ok[:, None] & slot_ok[None, :], other=0.0).to(tl.float32)
-        new_best = tl.maximum(best, tl.max(scores, 1))
-        shift = tl.where(new_best == float("-inf"), 0.0, new_best)  # a row that may attend nothing yet
-        weights = tl.exp(scores - shift[:, None])
-        rescale = tl.exp(best - shift)
-        total = total * rescale + tl.sum(weights, 1)
-        acc = acc * rescale[:, None] + tl.dot(weights.to(values.dtype), values)
-        best = new_best
+        best, total, acc = softmax_step(scores, values, best, total, acc)
     if PIECES == 1:
         out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
         at = (rows[:, None] * heads + head) * D + dims[None, :]
@@ -104,7 +111,7 @@ def draft_attention(
     q: torch.Tensor,  # [H, T, D], rows of D contiguous
     keys: torch.Tensor,  # [KVH, slots, D]
     values: torch.Tensor,
-    bias: torch.Tensor | None,  # [1, 1, T, slots] additive (engine.model.attention_bias); None = attend all
+    bias: torch.Tensor | None,  # [1, 1, T, slots] additive (engine.pointwise.attention_bias); None = attend all
 ) -> torch.Tensor:
     """softmax(q K^T / sqrt(D) + bias) V as [T, H, D] (what scaled_dot_product_attention computes
     with enable_gqa, tokens outermost)."""

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from engine import attention_kernel, rotary_kernel
+from engine import attention_kernel, rotary_kernel, row_attention_kernel
 from engine.config import COMPILE_MODES, METHODS, EngineConfig
 from engine.drafters import Drafter, TreeDrafter, VanillaDrafter
 from engine.engine import Engine
@@ -19,7 +19,7 @@ from engine.graphs import DraftGraphs
 from engine.loading import LoadedModel, load_model, substitute_cache_file
 from engine.model import Transformer
 from engine.offload import LayerStack, linear_tensors, measure_h2d_gbps
-from engine.pointwise import EAGER, ROW_INVARIANT, Pointwise, compiled_pointwise
+from engine.pointwise import EAGER, Pointwise, compiled_pointwise, row_invariant
 from engine.substitute import build_substitute
 
 Progress = Callable[[str], None]
@@ -75,13 +75,16 @@ def _assemble(config: EngineConfig, loaded: LoadedModel, device: torch.device, d
     del layers, hf
     gc.collect()
     cache = transformer.new_cache(max_length)
-    target = Target(transformer, stack, cache, stack.take_transfer_ms, ROW_INVARIANT if config.row_invariant else EAGER)
+    row_invariant = config.row_invariant if config.row_invariant is not None else dtype != torch.float32
+    target = Target(transformer, stack, cache, stack.take_transfer_ms,
+                    target_pointwise(device, transformer.head_dim) if row_invariant else EAGER)
     drafter: Drafter = VanillaDrafter()
     details = {
         "method": config.method,
         "model": loaded.name,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
+        "row_invariant": row_invariant,
         "layers_total": stack.num_layers,
         "layers_on_gpu": stack.keep_on_gpu,
         "offloaded_bytes": stack.offloaded_bytes,
@@ -114,6 +117,18 @@ def _classic_drafter(config: EngineConfig, device: torch.device, dtype: torch.dt
     transformer = Transformer(draft.model, device, max_length)
     stack = LayerStack(layers, device, keep_on_gpu=len(layers))
     return TreeDrafter(transformer, stack, transformer.new_cache(max_length), owns_cache=True, config=config)
+
+
+def target_pointwise(device: torch.device, head_dim: int) -> Pointwise:
+    """The row-invariant target's functions. A GPU runs 128-row chunks (one row costs what it did
+    alone, a 289-node tree's matmuls twice what they did whole, hidden under the layer stream) and
+    the Triton attention kernel; the CPU, whose matmuls cost by the row, 32-row chunks and an
+    attention that walks the rows one by one, waiting on the device for each."""
+    if device.type != "cuda":
+        return row_invariant(32)
+    if row_attention_kernel.supported(head_dim):
+        return row_invariant(128, row_attention_kernel.row_invariant_attention)
+    return row_invariant(128)
 
 
 def draft_pointwise(dtype: torch.dtype, head_dim: int, backend: str = "inductor") -> Pointwise:

@@ -47,10 +47,11 @@ class EngineConfig:
     # verification
     verify_method: Literal["exact", "lossy"] = "exact"
     # The target computes every token's row as a one-token forward would (engine.pointwise's
-    # ROW_INVARIANT): greedy output token-identical to plain decoding in bfloat16 too, where a
+    # row_invariant): greedy output token-identical to plain decoding in 16-bit dtypes too, where a
     # verification's many-row kernels otherwise round differently and flip near-ties (README:
-    # "Greedy output and bfloat16"). Off by default: its attention waits on the device per row.
-    row_invariant: bool = False
+    # "Greedy output and bfloat16"). None = on in bfloat16/float16 (the GPU's default), off in
+    # float32, where the CPU's row-by-row attention would cost more than the ties it settles.
+    row_invariant: bool | None = None
     threshold_method: Literal["entropy", "prob"] = "entropy"
     threshold: float = 0.3
     window_size: int = 4

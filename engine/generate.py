@@ -35,7 +35,7 @@ class Target:
     stack: Stack
     cache: KVCache
     transfer_ms: Callable[[], float | None]  # copy-stream time since the last call
-    ops: Pointwise = EAGER  # ROW_INVARIANT: every row as plain decoding computes it (EngineConfig.row_invariant)
+    ops: Pointwise = EAGER  # or engine.pointwise.row_invariant: every row as plain decoding computes it
 
 
 def run(

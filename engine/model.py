@@ -87,7 +87,7 @@ class Transformer:
         """Logits (float32) of the selected rows, after writing the tokens' KV at `slots`."""
         x = self.embed(tokens)
         cos, sin = self.cos[positions], self.sin[positions]
-        attn_mask = None if mask is None else attention_bias(mask, self.dtype)
+        attn_mask = None if mask is None else ops.attention_mask(mask, self.dtype)
         h = ops.rms_norm(x, *self.norms[0][0])
         with sdpa_kernel(FIXED_SHAPE_ATTENTION if fixed_shape else ANY_LENGTH_ATTENTION, set_priority=True):
             for i in range(stack.num_layers):
@@ -122,16 +122,6 @@ class Transformer:
         keys, values = cache.view(layer, kv_end)
         attended = ops.attend(q, keys, values, attn_mask)  # [T, H, D]
         return _linear(weights, "o_proj", attended.reshape(T, -1), ops)
-
-
-def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The [T, kv_end] boolean mask as the additive 0 / -inf bias attention adds, [1, 1, T, kv_end],
-    made once per forward: given the boolean mask, attention converts it in every layer (and pads
-    its rows to an aligned stride, a copy more). Rows here are padded to 16 elements up front."""
-    rows, end = mask.shape
-    bias = torch.full((rows, -(-end // 16) * 16), float("-inf"), dtype=dtype, device=mask.device)
-    bias[:, :end].masked_fill_(mask, 0.0)
-    return bias[None, None, :, :end]
 
 
 def _linear(weights: dict, name: str, x: torch.Tensor, ops: Pointwise, partial_sums: bool | None = None) -> torch.Tensor:

@@ -10,15 +10,15 @@ read them, where the linear would otherwise launch a kernel of its own to add th
 embedding then comes from engine.rotary_kernel, which also writes the cache (inductor gave it a
 summing kernel of its own). The target runs the eager functions: they are exactly the
 transformers modules' math, so plain decoding and verification compute the same numbers as
-`generate` does, up to the rounding of kernels that see more rows; `ROW_INVARIANT` (opt-in)
-removes that too (README: "Greedy output and bfloat16").
+`generate` does, up to the rounding of kernels that see more rows; `row_invariant` (the default in
+16-bit dtypes) removes that too (README: "Greedy output and bfloat16").
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -88,15 +88,41 @@ def sdpa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bi
     return out[0].transpose(0, 1)
 
 
-def row_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The [T, kv_end] boolean mask as the additive 0 / -inf bias attention adds, [1, 1, T, kv_end],
+    made once per forward: given the boolean mask, attention converts it in every layer (and pads
+    its rows to an aligned stride, a copy more). Rows here are padded to 16 elements up front."""
+    rows, end = mask.shape
+    bias = torch.full((rows, -(-end // 16) * 16), float("-inf"), dtype=dtype, device=mask.device)
+    bias[:, :end].masked_fill_(mask, 0.0)
+    return bias[None, None, :, :end]
+
+
+class VisibleKeys(NamedTuple):
+    """Per row of a forward, the cache slots it attends: `order` [T, kv_end] lists them first, in
+    slot order (the others after), `counts` [T] says how many there are."""
+
+    order: torch.Tensor
+    counts: torch.Tensor
+
+
+def visible_keys(mask: torch.Tensor, dtype: torch.dtype) -> VisibleKeys:
+    """The [T, kv_end] boolean mask as each row's visible slots (the row-invariant target's form of
+    it, made once per forward; `dtype` is unused, as every attention_mask function takes it)."""
+    hidden = (~mask).to(torch.uint8)  # a stable sort puts a row's visible slots first, in order
+    return VisibleKeys(torch.argsort(hidden, dim=1, stable=True).to(torch.int32), mask.sum(1, dtype=torch.int32))
+
+
+def row_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: VisibleKeys | None) -> torch.Tensor:
     """sdpa_attention computed row by row, each token over only the keys it sees, gathered in slot
     order: a tree node's prefix and ancestors are exactly the keys its token sees in plain decoding,
     in the same order, so its row is the one a one-token forward computes (same shapes, same
-    kernel). Waits on the device for every row's key list: meant for the CPU."""
+    kernel). Waits on the device for every row's key count: meant for the CPU (a GPU runs
+    engine.row_attention_kernel)."""
     rows = []
     for r in range(q.shape[1]):
         # A gathered copy either way: plain decoding's rows read the same contiguous layout.
-        seen = torch.arange(keys.shape[1], device=keys.device) if bias is None else (bias[0, 0, r] == 0).nonzero()[:, 0]
+        seen = torch.arange(keys.shape[1], device=keys.device) if visible is None else visible.order[r, : int(visible.counts[r])]
         rows.append(sdpa_attention(q[:, r : r + 1], keys[:, seen], values[:, seen], None)[0])
     return torch.stack(rows)
 
@@ -110,11 +136,14 @@ def rows_of(fn: Callable, rows: int, row_args: int = 1) -> Callable:
         count = args[0].shape[0]
         padded = [F.pad(a, (0, 0) * (a.dim() - 1) + (0, -count % rows)) for a in args[:row_args]]
         chunks = [fn(*(a[i : i + rows] for a in padded), *args[row_args:]) for i in range(0, padded[0].shape[0], rows)]
+        if len(chunks) == 1:  # plain decoding's one row: no copy to join them
+            return tuple(c[:count] for c in chunks[0]) if isinstance(chunks[0], tuple) else chunks[0][:count]
         if isinstance(chunks[0], tuple):
             return tuple(torch.cat(parts)[:count] for parts in zip(*chunks))
         return torch.cat(chunks)[:count]
 
     on_chunks.__name__ = f"{fn.__name__}_on_chunks"
+    on_chunks.rows = rows
     return on_chunks
 
 
@@ -128,20 +157,29 @@ class Pointwise:
     store_attention_inputs: Callable = stored(attention_inputs)
     gated: Callable = gated
     attend: Callable = sdpa_attention
+    attention_mask: Callable = attention_bias  # what `attend` takes for the [T, kv_end] boolean mask
     partial_sums: bool = False
     rms_norm: Callable = rms_norm
     linear: Callable = F.linear  # the dense matmuls (the target's, lm_head)
 
 
 EAGER = Pointwise()
-# Rows per matmul and norm of the row-invariant target: a GPU reads the weights once per chunk. (The
-# CPU's norms gave every row the same result at any row count; GPU reductions pick their launch shape
-# by the number of rows, so the norms are chunked too.)
-ROW_CHUNK = 32
-# The target computing every token's row as plain decoding would, whatever the rows verified with it
-# (EngineConfig.row_invariant): greedy output token-identical to plain decoding in bfloat16 too.
-ROW_INVARIANT = Pointwise(add_rms_norm=rows_of(add_rms_norm, ROW_CHUNK, row_args=2), attend=row_attention,
-                          rms_norm=rows_of(rms_norm, ROW_CHUNK), linear=rows_of(F.linear, ROW_CHUNK))
+
+
+def row_invariant(rows: int, attend: Callable = row_attention) -> Pointwise:
+    """The target computing every token's row as plain decoding would, whatever the rows verified
+    with it (EngineConfig.row_invariant): greedy output token-identical to plain decoding in
+    bfloat16 too. Matmuls and norms run on chunks of `rows` rows (a GPU reads the weights once per
+    chunk; on an H200 a 289-row 7B down projection took 0.07 ms whole, 0.16 in 128-row chunks and
+    0.43 in 32-row ones, one row 0.04 plain and 0.06 in any); `attend` takes VisibleKeys."""
+    return Pointwise(
+        add_rms_norm=rows_of(add_rms_norm, rows, row_args=2),
+        store_attention_inputs=stored(rows_of(attention_inputs, rows, row_args=3)),  # Qwen3's per-head norms
+        attend=attend,
+        attention_mask=visible_keys,
+        rms_norm=rows_of(rms_norm, rows),
+        linear=rows_of(F.linear, rows),
+    )
 
 
 def compiled_pointwise(backend: str | Callable = "inductor", dtype: torch.dtype | None = None) -> Pointwise:

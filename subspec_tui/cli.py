@@ -91,7 +91,8 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
                    help="best_first: nodes drafted per draft forward (default 16)")
     g.add_argument("--verify-method", choices=("exact", "lossy"))
     g.add_argument("--row-invariant", action=argparse.BooleanOptionalAction, default=None,
-                   help="the target computes each token as plain decoding would: greedy output identical in bfloat16 too (slower)")
+                   help="the target computes each token as plain decoding would: greedy output identical in 16-bit dtypes too "
+                        "(default: on in bfloat16/float16, off in float32)")
     g.add_argument("--threshold-method", choices=("entropy", "prob"))
     g.add_argument("--threshold", type=_checked("threshold", float), help="lossy verification threshold")
     g.add_argument("--window-size", type=_checked("window_size", int), help="lossy: exact matches needed after")

@@ -14,9 +14,10 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 from engine import EngineConfig, load_engine
 from engine.attention_kernel import draft_attention
-from engine.build import draft_pointwise
-from engine.pointwise import EAGER, attention_inputs, compiled_pointwise, rms_norm, sdpa_attention
+from engine.build import draft_pointwise, target_pointwise
+from engine.pointwise import EAGER, attention_inputs, compiled_pointwise, rms_norm, row_attention, sdpa_attention, visible_keys
 from engine.rotary_kernel import store_attention_inputs
+from engine.row_attention_kernel import row_invariant_attention
 from tests.test_lossless import assert_drafts_lossless, random_prompts
 
 
@@ -134,3 +135,13 @@ def test_gpu_drafts_take_the_triton_kernels_where_the_head_size_suits_them():
     assert ops.partial_sums and ops.attend is draft_attention and ops.store_attention_inputs is store_attention_inputs
     odd = draft_pointwise(torch.bfloat16, 96, "aot_eager")  # not a power of two: torch's attention, compiled rotary
     assert odd.partial_sums and odd.attend is sdpa_attention and odd.store_attention_inputs is not store_attention_inputs
+
+
+def test_a_gpu_row_invariant_target_takes_its_attention_kernel_and_128_row_chunks():
+    gpu = target_pointwise(torch.device("cuda"), 128)
+    assert gpu.attend is row_invariant_attention and gpu.attention_mask is visible_keys
+    assert gpu.linear.__name__ == "linear_on_chunks" and gpu.linear.rows == 128
+    odd = target_pointwise(torch.device("cuda"), 96)  # the CPU's row-by-row attention, the GPU's chunks
+    assert odd.attend is row_attention and odd.linear.rows == 128
+    cpu = target_pointwise(torch.device("cpu"), 128)
+    assert cpu.attend is row_attention and cpu.linear.rows == 32

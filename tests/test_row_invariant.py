@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import EngineConfig, SamplingConfig, load_engine
-from engine.model import attention_bias
-from engine.pointwise import row_attention, rows_of, sdpa_attention
+from engine.pointwise import attention_bias, row_attention, rows_of, sdpa_attention, visible_keys
 from tests.random_models import save_random_model
 from tests.test_lossless import random_prompts
 
@@ -48,13 +47,22 @@ def test_row_attention_gives_a_tree_node_the_row_of_its_own_one_token_forward():
             mask[node] |= mask[parent]
     q = torch.randn(len(parents), heads, dim, dtype=BF16).transpose(0, 1)
     keys, values = torch.randn(2, kv_heads, prefix + len(parents), dim, dtype=BF16).unbind(0)
-    bias = attention_bias(mask, BF16)
-    got = row_attention(q, keys, values, bias)
+    got = row_attention(q, keys, values, visible_keys(mask, BF16))
     for node in range(len(parents)):
         seen = mask[node].nonzero().squeeze(1)
         alone = row_attention(q[:, node : node + 1], keys[:, seen].contiguous(), values[:, seen].contiguous(), None)
         assert torch.equal(got[node], alone[0]), node
-    torch.testing.assert_close(got, sdpa_attention(q, keys, values, bias), rtol=0.02, atol=0.02)
+    torch.testing.assert_close(got, sdpa_attention(q, keys, values, attention_bias(mask, BF16)), rtol=0.02, atol=0.02)
+
+
+def test_the_row_invariant_target_is_the_default_in_16_bit_dtypes(tmp_path, bundled_folder):
+    folder = str(save_random_model(tmp_path / "llama", "llama", bundled_folder))
+    for dtype, asked, used in (("bfloat16", None, True), ("float16", None, True), ("float32", None, False),
+                               ("bfloat16", False, False), ("float32", True, True)):
+        engine = load_engine(EngineConfig(llm_path=folder, dtype=dtype, row_invariant=asked))
+        assert engine.describe()["row_invariant"] is used, (dtype, asked)
+        assert (engine.target.ops.attention_mask is visible_keys) is used  # the CPU's: 32-row chunks, row_attention
+        assert (engine.target.ops.attend is row_attention) is used
 
 
 STREAMED = {"emulate_offload": True, "keep_first_n_layers_on_gpu": 1, "offload_slots": 2}

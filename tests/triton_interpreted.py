@@ -1,4 +1,4 @@
-"""Checks of the Triton kernels (int4 matmul, rotary) under Triton's CPU interpreter (run by
+"""Checks of the Triton kernels (int4 matmul, rotary, attention) under Triton's CPU interpreter (run by
 test_int4_kernel.py in a process with TRITON_INTERPRET=1, which Triton reads when a kernel module is
 imported)."""
 
@@ -14,9 +14,10 @@ from engine import EngineConfig, SamplingConfig, load_engine
 from engine.attention_kernel import draft_attention
 from engine.build import draft_pointwise
 from engine.int4_kernel import MAX_ROWS, TritonInt4Linear
-from engine.model import attention_bias
-from engine.pointwise import EAGER, sdpa_attention
+from engine.pointwise import attention_bias
+from engine.pointwise import EAGER, row_invariant, sdpa_attention, visible_keys
 from engine.rotary_kernel import store_attention_inputs
+from engine.row_attention_kernel import row_invariant_attention
 from engine.substitute import _quantized_rows
 
 # (outputs N, inputs K, group, bias, rows M, tiles): K not a multiple of the 128-input block (padded),
@@ -94,14 +95,47 @@ def attention_kernel_equals_torch() -> None:
         print(f"attention kernel = torch for {heads} heads ({kv_heads} key/value), {tokens} tokens, {slots} slots")
 
 
+def row_attention_kernel_is_row_invariant() -> None:
+    """The row-invariant attention kernel: a tree node's row (all the tree's rows in one call, each
+    program merging its row's pieces itself, keys gathered through the row's visible slots) is bit
+    for bit the row of a one-token call over exactly those keys laid out contiguously, as plain
+    decoding has them (its pieces spread over programs and merged by the second kernel); and both
+    are torch's attention to float32's last bits. 300 prompt slots: two 256-key pieces; grouped
+    heads of 3 (a 16-row tile), and of 1."""
+    torch.manual_seed(0)
+    for heads, kv_heads, dim, prefix in ((6, 2, 16, 300), (2, 2, 32, 40)):
+        parents = [-1, 0, 0, 1, 1, 2, 3]
+        mask = torch.zeros(len(parents), prefix + len(parents), dtype=torch.bool)
+        mask[:, :prefix] = True
+        for node, parent in enumerate(parents):
+            mask[node, prefix + node] = True
+            if parent >= 0:
+                mask[node] |= mask[parent]
+        cache = torch.randn(2, kv_heads, 1024, dim)
+        q = torch.randn(len(parents), heads, dim).transpose(0, 1)
+        keys, values = cache[0, :, : mask.shape[1]], cache[1, :, : mask.shape[1]]
+        got = row_invariant_attention(q, keys, values, visible_keys(mask, torch.float32))
+        torch.testing.assert_close(got, sdpa_attention(q, keys, values, attention_bias(mask, torch.float32)),
+                                   rtol=1e-5, atol=1e-5)
+        for node in range(len(parents)):
+            seen = mask[node].nonzero()[:, 0]
+            plain = torch.zeros_like(cache)
+            plain[:, :, : len(seen)] = cache[:, :, seen]
+            alone = row_invariant_attention(q[:, node : node + 1], plain[0, :, : len(seen)], plain[1, :, : len(seen)], None)
+            assert torch.equal(alone[0], got[node]), (heads, prefix, node)
+        print(f"row-invariant attention: {len(parents)} tree rows after {prefix} slots = their one-token rows")
+
+
+SUBSPEC_SMALL_TREE = dict(method="subspec_sd", max_depth=3, topk_len=2)
+
+
 def subspec_equals_vanilla(folder: str, partial_sums: bool) -> None:
     """Greedy subspec_sd with the triton kernel gives vanilla's tokens. With `partial_sums`, every
     linear splits K to one block per program and the draft runs the GPU's functions between
     matmuls: norms and gated activation that add the partial sums themselves (compiled, here
     without a compiler), the rotary and attention kernels."""
     vanilla = load_engine(EngineConfig(llm_path=folder))
-    subspec = load_engine(EngineConfig(method="subspec_sd", llm_path=folder, substitute_kernel="triton",
-                                       max_depth=3, topk_len=2))
+    subspec = load_engine(EngineConfig(llm_path=folder, substitute_kernel="triton", **SUBSPEC_SMALL_TREE))
     assert subspec.describe()["substitute_kernel"] == "triton"
     if partial_sums:
         for layer in subspec.drafter.stack.layers:
@@ -121,11 +155,27 @@ def subspec_equals_vanilla(folder: str, partial_sums: bool) -> None:
     print(f"subspec_sd with the triton kernel{' and partial sums' if partial_sums else ''} = vanilla on {Path(folder).name}")
 
 
+def row_invariant_subspec_equals_vanilla(folder: str) -> None:
+    """Greedy subspec_sd and vanilla with the GPU's row-invariant target (128-row chunks, the
+    attention kernel): the same tokens, and the target's attention is the kernel."""
+    ops = row_invariant(128, row_invariant_attention)
+    engines = [load_engine(EngineConfig(llm_path=folder, **extra)) for extra in ({}, SUBSPEC_SMALL_TREE)]
+    for engine in engines:
+        engine.target.ops = ops
+    prompt = [5, 9, 13, 200, 7]
+    expected, gen = (engine.generate(prompt, SamplingConfig(max_new_tokens=8)) for engine in engines)
+    assert gen.token_ids == expected.token_ids, (gen.token_ids, expected.token_ids)
+    assert sum(it.accepted_depth for it in gen.stats.iterations) > 0
+    print(f"row-invariant subspec_sd = vanilla on {Path(folder).name}")
+
+
 if __name__ == "__main__":  # triton_interpreted.py FOLDER [--partial-sums FOLDER]
     kernel_equals_hqq()
     rotary_kernel_equals_eager()
     attention_kernel_equals_torch()
+    row_attention_kernel_is_row_invariant()
     folder, *rest = sys.argv[1:]
     subspec_equals_vanilla(folder, partial_sums=False)
+    row_invariant_subspec_equals_vanilla(folder)
     if rest:
         subspec_equals_vanilla(rest[1], partial_sums=True)
