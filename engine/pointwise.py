@@ -135,12 +135,21 @@ def rows_of(fn: Callable, rows: int, row_args: int = 1) -> Callable:
     def on_chunks(*args):
         count = args[0].shape[0]
         padded = [F.pad(a, (0, 0) * (a.dim() - 1) + (0, -count % rows)) for a in args[:row_args]]
-        chunks = [fn(*(a[i : i + rows] for a in padded), *args[row_args:]) for i in range(0, padded[0].shape[0], rows)]
-        if len(chunks) == 1:  # plain decoding's one row: no copy to join them
-            return tuple(c[:count] for c in chunks[0]) if isinstance(chunks[0], tuple) else chunks[0][:count]
-        if isinstance(chunks[0], tuple):
-            return tuple(torch.cat(parts)[:count] for parts in zip(*chunks))
-        return torch.cat(chunks)[:count]
+        total = padded[0].shape[0]
+        outs: list[torch.Tensor] = []
+        for start in range(0, total, rows):
+            result = fn(*(a[start : start + rows] for a in padded), *args[row_args:])
+            parts = result if isinstance(result, tuple) else (result,)
+            if total == rows:  # plain decoding's one row: nothing to gather
+                outs = list(parts)
+                break
+            # Each chunk straight into the output (not all of them, then a joined copy: a 289-node
+            # tree's chunked logits would be held twice).
+            outs = outs or [p.new_empty((total, *p.shape[1:])) for p in parts]
+            for out, part in zip(outs, parts):
+                out[start : start + rows] = part
+        rows_out = tuple(out[:count] for out in outs)
+        return rows_out if isinstance(result, tuple) else rows_out[0]
 
     on_chunks.__name__ = f"{fn.__name__}_on_chunks"
     on_chunks.rows = rows
