@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.activations import ACT2FN
 
 from engine.cache import KVCache
-from engine.pointwise import EAGER, Pointwise
+from engine.pointwise import EAGER, Pointwise, pad_rows
 
 # Eager forwards attend over key lengths never seen before (the length grows by one token or one
 # accepted path per step). cuDNN's attention builds and caches an execution plan per shape: on an
@@ -87,6 +87,9 @@ class Transformer:
         """Logits (float32) of the selected rows, after writing the tokens' KV at `slots`."""
         x = self.embed(tokens)
         cos, sin = self.cos[positions], self.sin[positions]
+        # The row-invariant target's rows, padded once here (padding rows compute and store nothing
+        # anyone reads): its row-wise functions then run whole chunks.
+        x, cos, sin = (pad_rows(t, ops.rows) for t in (x, cos, sin))
         attn_mask = None if mask is None else ops.attention_mask(mask, self.dtype)
         h = ops.rms_norm(x, *self.norms[0][0])
         with sdpa_kernel(FIXED_SHAPE_ATTENTION if fixed_shape else ANY_LENGTH_ATTENTION, set_priority=True):
@@ -100,7 +103,7 @@ class Transformer:
                 stack.done(i)
                 next_norm = self.norms[i + 1][0] if i + 1 < stack.num_layers else self.final_norm
                 x, h = ops.add_rms_norm(x, mlp, *next_norm)
-        return ops.linear(h[logits_rows], self.lm_head.weight, self.lm_head.bias).float()
+        return ops.linear(h[: tokens.shape[0]][logits_rows], self.lm_head.weight, self.lm_head.bias).float()
 
     def prefill(self, stack: Stack, cache: KVCache, prompt: torch.Tensor, chunk: int) -> torch.Tensor:
         """Run the prompt in causal chunks from slot 0; returns the last token's logits [V]."""
@@ -115,13 +118,13 @@ class Transformer:
         return logits[0]
 
     def _attention(self, weights, cache, layer, h, cos, sin, slots, attn_mask, kv_end, q_norm, k_norm, ops):
-        T = h.shape[0]
+        T = slots.shape[0]  # h's rows may be padded (Pointwise.rows)
         qkv = _concatenated(weights, "qkv_proj", ("q_proj", "k_proj", "v_proj"), h, ops)
         q = ops.store_attention_inputs(qkv.unflatten(-1, (-1, self.head_dim)), cos, sin, self.num_heads, q_norm,
                                        k_norm, cache.layer(layer), slots).transpose(0, 1)  # [H, T, D], a view
         keys, values = cache.view(layer, kv_end)
-        attended = ops.attend(q, keys, values, attn_mask)  # [T, H, D]
-        return _linear(weights, "o_proj", attended.reshape(T, -1), ops)
+        attended = ops.attend(q[:, :T], keys, values, attn_mask)  # [T, H, D]
+        return _linear(weights, "o_proj", pad_rows(attended.reshape(T, -1), ops.rows), ops)
 
 
 def _linear(weights: dict, name: str, x: torch.Tensor, ops: Pointwise, partial_sums: bool | None = None) -> torch.Tensor:

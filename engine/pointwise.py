@@ -73,8 +73,9 @@ def stored(heads_of: Callable) -> Callable:
 
     def store_attention_inputs(qkv, cos, sin, num_q_heads, q_norm, k_norm, kv, slots) -> torch.Tensor:
         heads = heads_of(qkv, cos, sin, num_q_heads, q_norm, k_norm)
-        # Views, no copies: the cache's [2, KVH, T, D] out of the [T, heads, D] rows.
-        kv.index_copy_(2, slots, heads[:, num_q_heads:].unflatten(1, (2, -1)).permute(1, 2, 0, 3))
+        # Views, no copies: the cache's [2, KVH, T, D] out of the [T, heads, D] rows (the first
+        # len(slots) of them: a row-invariant forward's padding rows store nothing).
+        kv.index_copy_(2, slots, heads[: slots.shape[0], num_q_heads:].unflatten(1, (2, -1)).permute(1, 2, 0, 3))
         return heads[:, :num_q_heads]
 
     return store_attention_inputs
@@ -127,14 +128,22 @@ def row_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, vis
     return torch.stack(rows)
 
 
+def pad_rows(x: torch.Tensor, rows: int | None) -> torch.Tensor:
+    """x [T, ...] with zero rows added up to a multiple of `rows` (None: x as it is)."""
+    if not rows or x.shape[0] % rows == 0:
+        return x
+    return F.pad(x, (0, 0) * (x.dim() - 1) + (0, -x.shape[0] % rows))
+
+
 def rows_of(fn: Callable, rows: int, row_args: int = 1) -> Callable:
     """fn of `row_args` [T, ...] tensors (then other arguments) computed on fixed chunks of `rows`
     rows, the last zero-padded: every call runs the same shapes, so a row's result does not depend
-    on the number of rows around it (kernels sum in other orders for other shapes)."""
+    on the number of rows around it (kernels sum in other orders for other shapes). A forward
+    whose rows are padded already (Pointwise.rows) pads nothing here."""
 
     def on_chunks(*args):
         count = args[0].shape[0]
-        padded = [F.pad(a, (0, 0) * (a.dim() - 1) + (0, -count % rows)) for a in args[:row_args]]
+        padded = [pad_rows(a, rows) for a in args[:row_args]]
         total = padded[0].shape[0]
         outs: list[torch.Tensor] = []
         for start in range(0, total, rows):
@@ -170,6 +179,9 @@ class Pointwise:
     partial_sums: bool = False
     rms_norm: Callable = rms_norm
     linear: Callable = F.linear  # the dense matmuls (the target's, lm_head)
+    # The row-invariant target's chunk: the forward pads its rows to a multiple of it once, so the
+    # functions above find whole chunks (one padding copy per layer, attention's output, not 14).
+    rows: int | None = None
 
 
 EAGER = Pointwise()
@@ -188,6 +200,7 @@ def row_invariant(rows: int, attend: Callable = row_attention) -> Pointwise:
         attention_mask=visible_keys,
         rms_norm=rows_of(rms_norm, rows),
         linear=rows_of(F.linear, rows),
+        rows=rows,
     )
 
 
