@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import EngineConfig, SamplingConfig, load_engine
-from engine.pointwise import attention_bias, row_attention, rows_of, sdpa_attention, visible_keys
+from engine.pointwise import EAGER, attention_bias, row_attention, rows_of, sdpa_attention, visible_keys
 from tests.random_models import save_random_model
 from tests.test_lossless import random_prompts
 
@@ -63,6 +63,24 @@ def test_the_row_invariant_target_is_the_default_in_16_bit_dtypes(tmp_path, bund
         assert engine.describe()["row_invariant"] is used, (dtype, asked)
         assert (engine.target.ops.attention_mask is visible_keys) is used  # the CPU's: 32-row chunks, row_attention
         assert (engine.target.ops.attend is row_attention) is used
+
+
+def test_a_row_invariant_forward_pads_its_rows_without_storing_or_returning_them(tmp_path, bundled_folder):
+    """The forward pads 5 tokens to a 32-row chunk: the logits are the 5 rows' (as the eager
+    forward's, to rounding), the cache holds only their 5 slots."""
+    engine = load_engine(EngineConfig(llm_path=str(save_random_model(tmp_path / "llama", "llama", bundled_folder)),
+                                      row_invariant=True))
+    transformer, stack = engine.target.transformer, engine.target.stack
+    tokens, slots = torch.tensor([5, 9, 13, 200, 7]), torch.tensor([3, 4, 5, 6, 7])
+    logits = []
+    for ops in (engine.target.ops, EAGER):
+        assert ops.rows in (32, None)
+        cache = transformer.new_cache(64)
+        logits.append(transformer.forward(stack, cache, tokens, slots, slots, None, 8, ops=ops))
+        written = cache.kv.abs().sum(dim=(0, 1, 2, 4)) != 0
+        assert written.nonzero()[:, 0].tolist() == slots.tolist()
+    assert logits[0].shape == (5, transformer.vocab_size)
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
 
 
 STREAMED = {"emulate_offload": True, "keep_first_n_layers_on_gpu": 1, "offload_slots": 2}
