@@ -110,8 +110,9 @@ def _attend_rows(
 
 
 @triton.jit
-def _merge_parts(partial_ptr, stats_ptr, out_ptr,
-                 GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, PIECES: tl.constexpr):
+def _merge_parts(partial_ptr, stats_ptr, out_ptr, SLOTS,
+                 GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, PIECE_KEYS: tl.constexpr,
+                 PIECES: tl.constexpr):
     """Program (token, key/value head): its pieces merged in order, normalised, written [T, H, D]."""
     row = tl.program_id(0)
     rows = tl.num_programs(0)
@@ -121,9 +122,10 @@ def _merge_parts(partial_ptr, stats_ptr, out_ptr,
     total = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, D), tl.float32)
     for piece in range(PIECES):
-        at = (piece * rows + row) * BLOCK_G + group
-        best, total, acc = _merge(best, total, acc, tl.load(stats_ptr + at * 2), tl.load(stats_ptr + at * 2 + 1),
-                                  tl.load(partial_ptr + at[:, None] * D + dims[None, :]))
+        if piece * PIECE_KEYS < SLOTS:
+            at = (piece * rows + row) * BLOCK_G + group
+            best, total, acc = _merge(best, total, acc, tl.load(stats_ptr + at * 2), tl.load(stats_ptr + at * 2 + 1),
+                                      tl.load(partial_ptr + at[:, None] * D + dims[None, :]))
     out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
     tl.store(out_ptr + (row * GROUP + group)[:, None] * D + dims[None, :], out.to(out_ptr.dtype.element_ty),
              mask=(group < GROUP)[:, None])
@@ -143,6 +145,10 @@ def row_invariant_attention(
     group = heads // kv_heads
     block_g = max(16, triton.next_power_of_2(group))  # a tensor-core tile has at least 16 rows
     pieces = triton.cdiv(slots, CHUNK)
+    # The kernels loop to a compile-time count (the interpreter cannot loop to a runtime one) and skip
+    # the pieces past a row's keys: rounded up to a power of two, a context growing token by token
+    # compiles them a few times, not every 256 tokens.
+    loop_pieces = triton.next_power_of_2(pieces)
     split = tokens == 1 and pieces > 1  # one row: its pieces in parallel (a verification has rows enough)
     out = torch.empty(tokens, heads, dim, dtype=q.dtype, device=q.device)
     partial = torch.empty(pieces, tokens * kv_heads, block_g, dim, dtype=torch.float32, device=q.device) if split else out
@@ -152,12 +158,12 @@ def row_invariant_attention(
     _attend_rows[(tokens, kv_heads, pieces if split else 1)](
         q, keys, values, order, counts, out, partial, stats,
         slots, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), order.stride(0), dim**-0.5,
-        GATHER=visible is not None, STEPS=CHUNK // BLOCK_KEYS, BLOCK=BLOCK_KEYS, PIECES=pieces, SPLIT=split,
+        GATHER=visible is not None, STEPS=CHUNK // BLOCK_KEYS, BLOCK=BLOCK_KEYS, PIECES=loop_pieces, SPLIT=split,
         num_warps=NUM_WARPS, enable_fp_fusion=False, **constants,
     )
     if split:
-        _merge_parts[(tokens * kv_heads,)](partial, stats, out, PIECES=pieces, num_warps=NUM_WARPS,
-                                           enable_fp_fusion=False, **constants)
+        _merge_parts[(tokens * kv_heads,)](partial, stats, out, slots, PIECE_KEYS=CHUNK, PIECES=loop_pieces,
+                                           num_warps=NUM_WARPS, enable_fp_fusion=False, **constants)
     return out
 
 

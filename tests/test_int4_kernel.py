@@ -37,7 +37,7 @@ def test_triton_kernel_under_the_interpreter(tmp_path, bundled_folder):
     assert run.stdout.count("kernel = hqq") == 5
     assert run.stdout.count("rotary kernel = eager") == 2
     assert run.stdout.count("attention kernel = torch") == 5
-    assert run.stdout.count("row-invariant attention:") == 2
+    assert run.stdout.count("row-invariant attention:") == 3
     assert run.stdout.count("row-invariant subspec_sd = vanilla") == 1
     assert run.stdout.count("triton kernel = vanilla on") == 1
     assert run.stdout.count("triton kernel and partial sums = vanilla on") == 1
