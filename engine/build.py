@@ -19,7 +19,7 @@ from engine.graphs import DraftGraphs
 from engine.loading import LoadedModel, load_model, substitute_cache_file
 from engine.model import Transformer
 from engine.offload import LayerStack, linear_tensors, measure_h2d_gbps
-from engine.pointwise import EAGER, Pointwise, compiled_pointwise, row_invariant
+from engine.pointwise import CPU_ROWS, EAGER, GPU_ROWS, Pointwise, compiled_pointwise, row_invariant
 from engine.substitute import build_substitute
 
 Progress = Callable[[str], None]
@@ -125,10 +125,10 @@ def target_pointwise(device: torch.device, head_dim: int) -> Pointwise:
     the Triton attention kernel; the CPU, whose matmuls cost by the row, 32-row chunks and an
     attention that walks the rows one by one, waiting on the device for each."""
     if device.type != "cuda":
-        return row_invariant(32)
+        return row_invariant(CPU_ROWS)
     if row_attention_kernel.supported(head_dim):
-        return row_invariant(128, row_attention_kernel.row_invariant_attention)
-    return row_invariant(128)
+        return row_invariant(GPU_ROWS, row_attention_kernel.row_invariant_attention)
+    return row_invariant(GPU_ROWS)
 
 
 def draft_pointwise(dtype: torch.dtype, head_dim: int, backend: str = "inductor") -> Pointwise:

@@ -185,6 +185,10 @@ class Pointwise:
 
 
 EAGER = Pointwise()
+# The row-invariant target's chunk (engine.build.target_pointwise): 128 rows on a GPU, where a chunk
+# costs what one row does; 32 on a CPU, whose matmuls cost by the row.
+GPU_ROWS = 128
+CPU_ROWS = 32
 
 
 def row_invariant(rows: int, attend: Callable = row_attention) -> Pointwise:

@@ -15,6 +15,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping
 
+from engine.pointwise import GPU_ROWS
 from engine.verify import ROWS_AT_ONCE, TEMPORARY_BYTES_PER_LOGIT
 
 GIB = 1024**3
@@ -142,7 +143,8 @@ class ModelShape:
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
 
-    def workspace_bytes(self, tokens: int, context: int, logits_tokens: int, dtype_bytes: int = 2) -> int:
+    def workspace_bytes(self, tokens: int, context: int, logits_tokens: int, dtype_bytes: int = 2,
+                        row_chunk: int | None = None) -> int:
         """Transient memory of one forward over `tokens` new tokens attending to `context` slots,
         with logits for `logits_tokens` of them (every node of a tree; the last token of a prefill
         chunk, as engine/model.py's prefill asks), and of the target's choice from those logits.
@@ -152,15 +154,20 @@ class ModelShape:
         (engine.verify: softmax, top-p's sort). Then attention scores where SDPA falls back to its
         math path and materializes them (fp32, heads * tokens * context) and the tree/causal mask
         (tokens * context); the MLP's gate, up and product and a few hidden-sized tensors are small.
+        A row-invariant target (`row_chunk`, engine.pointwise.row_invariant) pads its rows to whole
+        chunks: its hidden-sized tensors and its logits in the compute dtype have that many rows.
         """
-        forward_logits = logits_tokens * self.vocab * (dtype_bytes + FP32_BYTES)
+        def padded(rows: int) -> int:
+            return -(-rows // row_chunk) * row_chunk if row_chunk else rows
+
+        forward_logits = self.vocab * (padded(logits_tokens) * dtype_bytes + logits_tokens * FP32_BYTES)
         temporaries = min(logits_tokens, ROWS_AT_ONCE) * self.vocab * TEMPORARY_BYTES_PER_LOGIT
         choosing = logits_tokens * self.vocab * FP32_BYTES + temporaries
         scores = self.heads * tokens * context * FP32_BYTES
         mask = tokens * context * dtype_bytes
-        mlp = 3 * tokens * self.intermediate * dtype_bytes
-        qkv = tokens * (self.heads + 2 * self.kv_heads) * self.head_dim * dtype_bytes
-        hidden = 4 * tokens * self.hidden * dtype_bytes
+        mlp = 3 * padded(tokens) * self.intermediate * dtype_bytes
+        qkv = padded(tokens) * (self.heads + 2 * self.kv_heads) * self.head_dim * dtype_bytes
+        hidden = 4 * padded(tokens) * self.hidden * dtype_bytes
         return max(forward_logits, choosing) + scores + mask + mlp + qkv + hidden
 
     def draft_workspace_bytes(self, rows: int = DRAFT_ROWS, dtype_bytes: int = 2) -> int:
@@ -326,8 +333,10 @@ def estimate_plan(
     layer = shape.layer_bytes(dtype_bytes)
     buffer = shape.linear_bytes(dtype_bytes)
     substitute_layer = shape.substitute_layer_bytes(substitute_bits, substitute_group, dtype_bytes) if uses_substitute else 0
+    # The target is row-invariant by default in 16-bit dtypes (EngineConfig.row_invariant).
+    row_chunk = GPU_ROWS if dtype_bytes == 2 else None
     workspace = max(
-        shape.workspace_bytes(nodes, max_context, nodes, dtype_bytes),  # one tree verification
+        shape.workspace_bytes(nodes, max_context, nodes, dtype_bytes, row_chunk),  # one tree verification
         shape.workspace_bytes(min(prefill_chunk, max_context), max_context, 1, dtype_bytes),  # one prefill chunk
     ) + (shape.draft_workspace_bytes(dtype_bytes=dtype_bytes) if drafts else 0)
     margin = safety_margin_bytes(vram_bytes)

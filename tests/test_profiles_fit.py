@@ -77,7 +77,7 @@ def test_over_budget_peak_lowers_the_resident_layers_first():
 
 
 def test_with_no_layer_resident_an_over_budget_peak_drops_a_stream_buffer():
-    estimate = seven_b_estimate(8.25)  # 3 buffers need 8.04 GiB (test_profiles_memory), no layer fits beside them
+    estimate = seven_b_estimate(8.25)  # 3 buffers need 8.05 GiB (test_profiles_memory), no layer fits beside them
     allowed = fit.allocation_budget(estimate)
     layer = estimate.layer_bytes
     assert (estimate.layers_on_gpu, estimate.stream_buffers) == (0, 3)
@@ -217,14 +217,14 @@ def test_a_plan_that_never_fits_is_refused():
     with pytest.raises(ProfileError, match="even with every layer streamed through one buffer"):
         fit_7b(gpu, 8.25)
     assert loaded(gpu) == [(0, 3), (0, 2), (0, 1)]  # 1 buffer and no layer resident: the last resort
-    # The memory model alone rules out Qwen2.5-14B with a 4-bit substitute on 11 GiB (12.02 GiB even
+    # The memory model alone rules out Qwen2.5-14B with a 4-bit substitute on 11 GiB (12.03 GiB even
     # through one buffer, test_profiles_memory): no load at all.
     gpu = FakeGpu(peak_bytes=lambda layers, slots, depth: 0, forward_s=lambda tokens: 0.0)
-    with pytest.raises(ProfileError, match=r"does not fit this GPU with subspec_sd: needs 12\.02 GiB") as refused:
+    with pytest.raises(ProfileError, match=r"does not fit this GPU with subspec_sd: needs 12\.03 GiB") as refused:
         fit.fit_gpu(None, "subspec_sd", QWEN25_14B, 11 * GIB, 11.0, 2048, "fp", lambda _m: None, gpu.load)
     assert "--max-length" not in str(refused.value)  # not even 256 tokens of context make it fit
-    # On 12 GiB it needs 12.06 GiB at 2048 tokens; half the context (KV cache, attention scores) fits.
-    with pytest.raises(ProfileError, match=r"needs 12\.06 GiB.*; it fits with --max-length 1024$"):
+    # On 12 GiB it needs 12.07 GiB at 2048 tokens; half the context (KV cache, attention scores) fits.
+    with pytest.raises(ProfileError, match=r"needs 12\.07 GiB.*; it fits with --max-length 1024$"):
         fit.fit_gpu(None, "subspec_sd", QWEN25_14B, 12 * GIB, 12.0, 2048, "fp", lambda _m: None, gpu.load)
     assert gpu.loads == []
 
