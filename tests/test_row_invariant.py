@@ -33,18 +33,27 @@ def test_a_row_on_fixed_chunks_is_the_same_alone_or_among_others():
     torch.testing.assert_close(together, plain, rtol=0.02, atol=0.1)
 
 
-def test_row_attention_gives_a_tree_node_the_row_of_its_own_one_token_forward():
-    """A 7-node tree after 20 prefix slots: node r sees the prefix, its ancestors and itself. Its row
-    equals attention over exactly those keys laid out contiguously, as plain decoding has them."""
-    torch.manual_seed(0)
-    heads, kv_heads, dim, prefix = 4, 2, 16, 20
-    parents = [-1, 0, 0, 1, 1, 2, 3]
+PARENTS = [-1, 0, 0, 1, 1, 2, 3]  # a 7-node tree
+
+
+def tree_mask(parents: list[int], prefix: int) -> torch.Tensor:
+    """[nodes, prefix + nodes]: node r sees the prefix, its ancestors and itself."""
     mask = torch.zeros(len(parents), prefix + len(parents), dtype=torch.bool)
     mask[:, :prefix] = True
     for node, parent in enumerate(parents):
         mask[node, prefix + node] = True
         if parent >= 0:
             mask[node] |= mask[parent]
+    return mask
+
+
+def test_row_attention_gives_a_tree_node_the_row_of_its_own_one_token_forward():
+    """A 7-node tree after 20 prefix slots: node r sees the prefix, its ancestors and itself. Its row
+    equals attention over exactly those keys laid out contiguously, as plain decoding has them."""
+    torch.manual_seed(0)
+    heads, kv_heads, dim, prefix = 4, 2, 16, 20
+    parents = PARENTS
+    mask = tree_mask(parents, prefix)
     q = torch.randn(len(parents), heads, dim, dtype=BF16).transpose(0, 1)
     keys, values = torch.randn(2, kv_heads, prefix + len(parents), dim, dtype=BF16).unbind(0)
     got = row_attention(q, keys, values, visible_keys(mask, BF16))

@@ -19,6 +19,7 @@ from engine.pointwise import EAGER, row_invariant, sdpa_attention, visible_keys
 from engine.rotary_kernel import store_attention_inputs
 from engine.row_attention_kernel import row_invariant_attention
 from engine.substitute import _quantized_rows
+from tests.test_row_invariant import PARENTS, tree_mask
 
 # (outputs N, inputs K, group, bias, rows M, tiles): K not a multiple of the 128-input block (padded),
 # N not a multiple of the column tile, K split over programs (a second kernel adds the partial sums),
@@ -104,13 +105,8 @@ def row_attention_kernel_is_row_invariant() -> None:
     (the kernels loop to four and skip the last); grouped heads of 3 (a 16-row tile), 4 and 1."""
     torch.manual_seed(0)
     for heads, kv_heads, dim, prefix in ((6, 2, 16, 300), (4, 1, 16, 530), (2, 2, 32, 40)):
-        parents = [-1, 0, 0, 1, 1, 2, 3]
-        mask = torch.zeros(len(parents), prefix + len(parents), dtype=torch.bool)
-        mask[:, :prefix] = True
-        for node, parent in enumerate(parents):
-            mask[node, prefix + node] = True
-            if parent >= 0:
-                mask[node] |= mask[parent]
+        parents = PARENTS
+        mask = tree_mask(parents, prefix)
         cache = torch.randn(2, kv_heads, 1024, dim)
         q = torch.randn(len(parents), heads, dim).transpose(0, 1)
         keys, values = cache[0, :, : mask.shape[1]], cache[1, :, : mask.shape[1]]
