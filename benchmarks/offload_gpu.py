@@ -161,7 +161,7 @@ def bench_vanilla(model, config, args, device, vram_gb: float, prompt: list[int]
     bound = stats["stream_bound_ms"]
     return {
         **plan, "layers_on_gpu": info["layers_on_gpu"], "layers_total": info["layers_total"],
-        "offloaded_gb": info["offloaded_bytes"] / 1e9, "h2d_gbps": info["h2d_gbps"],
+        "row_invariant": info["row_invariant"], "offloaded_gb": info["offloaded_bytes"] / 1e9, "h2d_gbps": info["h2d_gbps"],
         "ms_per_token": ms_per_token, "tok_per_s": stats["tok_per_s"], "verify_ms": stats["verify_ms"],
         "transfer_ms": stats["transfer_ms"], "stream_bound_ms": bound,
         "efficiency": bound / ms_per_token if bound else None,
@@ -472,7 +472,8 @@ def report_vanilla(case: dict) -> None:
     if v["stream_bound_ms"]:
         print(f"pinned H2D {v['h2d_gbps']:.1f} GB/s")
         print(f"vanilla: {v['layers_on_gpu']}/{v['layers_total']} layers on GPU, {v['stream_buffers']} buffers, "
-              f"{v['offloaded_gb']:.2f} GB streamed per token, bound {v['stream_bound_ms']:.1f} ms")
+              f"{v['offloaded_gb']:.2f} GB streamed per token, bound {v['stream_bound_ms']:.1f} ms, "
+              f"row-invariant target {'on' if v['row_invariant'] else 'off'}")
         print(f"  {v['ms_per_token']:.1f} ms/token = {v['tok_per_s']:.2f} tok/s, efficiency {v['efficiency']:.3f} "
               "(bound/measured); " + _peak_line(v, case))
 

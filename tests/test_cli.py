@@ -82,6 +82,15 @@ def test_global_options_reach_the_engine_config(engines, capsys, tmp_path):
     assert (sampling.do_sample, sampling.temperature, sampling.seed) == (True, 0.7, 3)
 
 
+def test_the_row_invariant_target_is_left_to_the_engine_unless_asked(engines, capsys, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("row_invariant: false\n")
+    for args, asked in (((), None), (("--no-row-invariant",), False), (("--config", str(config)), False),
+                        (("--config", str(config), "--row-invariant"), True)):
+        code, _, _ = run(capsys, *args, "run-test", "--json")
+        assert code == 0 and engines[-1].config.row_invariant is asked, args
+
+
 def test_warmup_iterations_run_before_the_measured_generation(engines, capsys):
     code, _, _ = run(capsys, "--warmup-iter", "2", "run-test", "--prompt", "hi", "--json")
     assert code == 0

@@ -27,6 +27,7 @@ def test_offload_benchmark_runs_on_cpu(tmp_path):
     assert run.stdout.count("(every-tree)") == 4 and run.stdout.count("(one-tree)") == 1
     case = json.loads(out.read_text())["cases"][0]
     assert case["shape"] == "tiny" and "error" not in case
+    assert case["vanilla"]["row_invariant"] is False  # float32: the engine's default
     subspec = case["subspec"]
     assert set(subspec["verify_ms"]) == {"1", "97", "193", "289"}
     assert subspec["greedy_match"] == "8/8"  # float32 on a CPU: subspec's tokens are vanilla's
