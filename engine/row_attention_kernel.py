@@ -149,7 +149,8 @@ def row_invariant_attention(
     # the pieces past a row's keys: rounded up to a power of two, a context growing token by token
     # compiles them a few times, not every 256 tokens.
     loop_pieces = triton.next_power_of_2(pieces)
-    split = tokens == 1 and pieces > 1  # one row: its pieces in parallel (a verification has rows enough)
+    # Plain decoding's one row (it sees every slot): its pieces in parallel. A verification has rows enough.
+    split = visible is None and tokens == 1 and pieces > 1
     out = torch.empty(tokens, heads, dim, dtype=q.dtype, device=q.device)
     partial = torch.empty(pieces, tokens * kv_heads, block_g, dim, dtype=torch.float32, device=q.device) if split else out
     stats = torch.empty(pieces, tokens * kv_heads, block_g, 2, dtype=torch.float32, device=q.device) if split else out
