@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from engine import attention_kernel, rotary_kernel, row_attention_kernel
-from engine.config import COMPILE_MODES, METHODS, EngineConfig
+from engine.config import COMPILE_MODES, METHODS, EngineConfig, row_invariant_by_default
 from engine.drafters import Drafter, TreeDrafter, VanillaDrafter
 from engine.engine import Engine
 from engine.errors import EngineError
@@ -75,7 +75,7 @@ def _assemble(config: EngineConfig, loaded: LoadedModel, device: torch.device, d
     del layers, hf
     gc.collect()
     cache = transformer.new_cache(max_length)
-    row_invariant = config.row_invariant if config.row_invariant is not None else dtype != torch.float32
+    row_invariant = config.row_invariant if config.row_invariant is not None else row_invariant_by_default(dtype.itemsize)
     target = Target(transformer, stack, cache, stack.take_transfer_ms,
                     target_pointwise(device, transformer.head_dim) if row_invariant else EAGER)
     drafter: Drafter = VanillaDrafter()

@@ -75,3 +75,8 @@ class SamplingConfig:
     @property
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature <= 0.0
+
+
+def row_invariant_by_default(dtype_bytes: int) -> bool:
+    """EngineConfig.row_invariant when left unset: on in the 16-bit dtypes, off in float32."""
+    return dtype_bytes == 2

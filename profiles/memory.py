@@ -15,6 +15,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping
 
+from engine.config import row_invariant_by_default
 from engine.pointwise import GPU_ROWS
 from engine.verify import ROWS_AT_ONCE, TEMPORARY_BYTES_PER_LOGIT
 
@@ -333,8 +334,8 @@ def estimate_plan(
     layer = shape.layer_bytes(dtype_bytes)
     buffer = shape.linear_bytes(dtype_bytes)
     substitute_layer = shape.substitute_layer_bytes(substitute_bits, substitute_group, dtype_bytes) if uses_substitute else 0
-    # The target is row-invariant by default in 16-bit dtypes (EngineConfig.row_invariant).
-    row_chunk = GPU_ROWS if dtype_bytes == 2 else None
+    # The target's default (EngineConfig.row_invariant): row-invariant in the 16-bit dtypes.
+    row_chunk = GPU_ROWS if row_invariant_by_default(dtype_bytes) else None
     workspace = max(
         shape.workspace_bytes(nodes, max_context, nodes, dtype_bytes, row_chunk),  # one tree verification
         shape.workspace_bytes(min(prefill_chunk, max_context), max_context, 1, dtype_bytes),  # one prefill chunk
