@@ -106,3 +106,25 @@ def test_tau_benchmark_runs_on_cpu_and_counts_identical_replies(tmp_path):
     assert (result["prompts"], result["row_invariant"], result["dtype"]) == (1, True, "bfloat16")
     (row,) = result["policies"].values()
     assert row["identical_to_vanilla"] == 1 and row["tau"] > 1
+
+
+def test_int4_limits_says_it_needs_a_gpu_and_its_edits_still_fit_the_kernel(monkeypatch, tmp_path):
+    # Its ablations are copies of the engine's kernel with lines replaced: a kernel that no longer
+    # has those lines must fail here, not on the next GPU run.
+    int4_limits = _benchmark("int4_limits")
+    monkeypatch.setattr(sys, "argv", ["int4_limits.py"])
+    monkeypatch.setattr(int4_limits.torch.cuda, "is_available", lambda: False)  # also on a GPU machine
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        int4_limits.main()
+    from engine.int4_kernel import _int4_matmul
+
+    for parts in int4_limits.LEFT_OUT.values():
+        source = int4_limits.ablated_source(parts)
+        for part in parts:
+            line, replacement = int4_limits.EDITS[part]
+            assert line not in source and replacement in source
+    kernel = int4_limits.ablated_kernel(int4_limits.LEFT_OUT["weight stream only"], tmp_path)
+    assert kernel.arg_names == _int4_matmul.arg_names  # launched in its place with the same arguments
+    monkeypatch.setitem(int4_limits.EDITS, "scales", ("no such line\n", ""))
+    with pytest.raises(RuntimeError, match="re-fit the 'scales' edit"):
+        int4_limits.ablated_source(("scales",))

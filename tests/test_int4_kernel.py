@@ -35,6 +35,7 @@ def test_triton_kernel_under_the_interpreter(tmp_path, bundled_folder):
                          env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("kernel = hqq") == 5
+    assert run.stdout.count("int4_limits' kernel without activation loads ran") == 1
     assert run.stdout.count("rotary kernel = eager") == 2
     assert run.stdout.count("attention kernel = torch") == 5
     assert run.stdout.count("row-invariant attention:") == 3

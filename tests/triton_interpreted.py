@@ -5,6 +5,7 @@ imported)."""
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -47,6 +48,25 @@ def kernel_equals_hqq() -> None:
         assert partials.shape == (kernel.split if m <= MAX_ROWS else 1, m, n)
         torch.testing.assert_close(partials.sum(0), first, rtol=1e-6, atol=1e-6)
         print(f"kernel = hqq for N {n}, K {k}, group {group}, bias {bias}, {m} rows, split {kernel.split}")
+
+
+def ablated_kernel_runs_in_its_place(folder: Path) -> None:
+    """benchmarks/int4_limits.py's copies of the kernel are what TritonInt4Linear launches while
+    swapped in: without its activation loads, row r multiplies the constant r (every input r), so
+    it gives r x the weights' row sums; the engine's kernel is back afterwards."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import int4_limits
+
+    torch.manual_seed(0)
+    hqq = HQQLinear(torch.nn.Linear(256, 48, bias=False), BaseQuantizeConfig(nbits=4, group_size=64, axis=1),
+                    compute_dtype=torch.float32, device="cpu")
+    linear = TritonInt4Linear(*_quantized_rows(hqq), 64, None, torch.float32, (64, 2, 4, 3))
+    x = torch.randn(3, 256)
+    weight_sums = hqq(torch.ones(1, 256))[0]
+    with int4_limits.kernel_swapped(int4_limits.ablated_kernel(("activations",), folder)):
+        torch.testing.assert_close(linear(x), torch.arange(3.0)[:, None] * weight_sums, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(linear(x), hqq(x), rtol=1e-5, atol=1e-5)
+    print("int4_limits' kernel without activation loads ran in the engine kernel's place")
 
 
 def rotary_kernel_equals_eager() -> None:
@@ -166,6 +186,7 @@ def row_invariant_subspec_equals_vanilla(folder: str) -> None:
 
 if __name__ == "__main__":  # triton_interpreted.py FOLDER [--partial-sums FOLDER]
     kernel_equals_hqq()
+    ablated_kernel_runs_in_its_place(Path(tempfile.mkdtemp()))
     rotary_kernel_equals_eager()
     attention_kernel_equals_torch()
     row_attention_kernel_is_row_invariant()
