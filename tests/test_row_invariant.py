@@ -30,7 +30,17 @@ def test_a_row_on_fixed_chunks_is_the_same_alone_or_among_others():
     assert together.shape == (289, 1536)
     for r in (*differing, 0, 31, 32, 288):  # and the first and last of a full chunk and of the padded one
         assert torch.equal(linear(x[r : r + 1], weight, None)[0], together[r]), r
+    assert torch.equal(linear(x[32:64], weight, None), together[32:64])  # a whole chunk at once
     torch.testing.assert_close(together, plain, rtol=0.02, atol=0.1)
+
+
+def test_a_whole_chunk_goes_to_the_function_as_it_is():
+    # A padded forward's decoding step: no padding, no views, no gathering around the call.
+    seen = []
+    doubled = rows_of(lambda t: seen.append(t) or t * 2, 4)
+    x = torch.arange(8.0).view(4, 2)
+    assert torch.equal(doubled(x), x * 2) and seen[-1] is x
+    assert torch.equal(doubled(x[:3]), x[:3] * 2) and seen[-1].shape == (4, 2)  # fewer rows: padded
 
 
 PARENTS = [-1, 0, 0, 1, 1, 2, 3]  # a 7-node tree
