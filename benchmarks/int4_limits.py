@@ -19,18 +19,16 @@ step's int4 matmuls and all its kernels), one program and 132 programs each, and
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import inspect
 import json
-import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from int4_tiles import COPIES, GROUP, ROWS, SHAPES_7B, _copy_gbps, _graph_us, _quantized
+from int4_tiles import COPIES, GROUP, ROWS, _graph_us, _quantized, start
 
 # (the kernel's line, what replaces it): what leaving each part of its work out means.
 EDITS = {
@@ -101,17 +99,9 @@ def kernel_swapped(kernel):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default=SHAPES_7B, help="name=NxK,... (outputs x inputs)")
-    parser.add_argument("--json")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("int4_limits.py times GPU kernels: it needs a CUDA GPU")
+    args, device, copy_gbps = start(__doc__, "int4_limits.py")
     from engine.int4_kernel import TritonInt4Linear
 
-    device = torch.device("cuda")
-    copy_gbps = _copy_gbps(device)
-    print(f"device-to-device copy {copy_gbps:.0f} GB/s (read + write)")
     results: dict = {"copy_gbps": copy_gbps, "shapes": {}, "kernel_boundary_us": {}}
     folder = Path(tempfile.mkdtemp(prefix="int4_limits_"))
     kernels = {name: ablated_kernel(parts, folder) for name, parts in LEFT_OUT.items()}

@@ -25,22 +25,29 @@ COPIES = 6
 ROWS = (6, 16)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def start(description: str, script: str) -> tuple[argparse.Namespace, torch.device, float]:
+    """A kernel benchmark's start (this one's and int4_limits.py's): --shapes and --json parsed, a
+    CUDA GPU or a clear exit, and the device-to-device copy rate its floors divide by."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=SHAPES_7B, help="name=NxK,... (outputs x inputs)")
     parser.add_argument("--json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("int4_tiles.py times GPU kernels: it needs a CUDA GPU")
+        sys.exit(f"{script} times GPU kernels: it needs a CUDA GPU")
+    device = torch.device("cuda")
+    copy_gbps = _copy_gbps(device)
+    print(f"device-to-device copy {copy_gbps:.0f} GB/s (read + write)")
+    return args, device, copy_gbps
+
+
+def main() -> None:
+    args, device, copy_gbps = start(__doc__, "int4_tiles.py")
     import triton
 
     from engine.int4_kernel import BLOCK_K, TritonInt4Linear, choose_tiles
     from engine.substitute import Int4Linear
 
-    device = torch.device("cuda")
     multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
-    copy_gbps = _copy_gbps(device)
-    print(f"device-to-device copy {copy_gbps:.0f} GB/s (read + write)")
     results: dict = {"copy_gbps": copy_gbps, "shapes": {}}
     for name, shape in (item.split("=") for item in args.shapes.split(",")):
         n, k = (int(v) for v in shape.split("x"))
