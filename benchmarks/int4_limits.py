@@ -12,7 +12,7 @@ copy rate measured in the same run):
   and all three left out: the bare stream of the weight words through shared memory and the
   tensor cores. The outputs of these are meaningless; only their time is.
 Then what a kernel boundary costs in a CUDA graph: chains of 112 and 338 trivial kernels (a 7B draft
-step's int4 matmuls and all its kernels), one program and 132 programs each, and a torch element-wise op.
+step's int4 matmuls and all its kernels), of one program and of one per multiprocessor, and a torch element-wise op.
 
     python benchmarks/int4_limits.py [--shapes qkv=4608x3584,down=3584x18944] [--json out.json]
 """
@@ -102,7 +102,7 @@ def main() -> None:
     args, device, copy_gbps = start(__doc__, "int4_limits.py")
     from engine.int4_kernel import TritonInt4Linear
 
-    results: dict = {"copy_gbps": copy_gbps, "shapes": {}, "kernel_boundary_us": {}}
+    results: dict = {"copy_gbps": copy_gbps, "shapes": {}}
     folder = Path(tempfile.mkdtemp(prefix="int4_limits_"))
     kernels = {name: ablated_kernel(parts, folder) for name, parts in LEFT_OUT.items()}
     for name, shape in (item.split("=") for item in args.shapes.split(",")):
@@ -141,11 +141,13 @@ def _kernel_boundaries(device: torch.device) -> dict:
     def summing(programs: int) -> None:  # one partial sum of one row: a kernel doing next to nothing
         _sum_partials[(programs,)](tiny, out, 1, 1 if programs == 1 else tiny.shape[1], SPLIT=1, BLOCK_M=16, BLOCK_N=32)
 
+    multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count  # the H200's 132
     results = {}
     for count in CHAINS:
         per_kernel = {
             "1 program": graph_ms(lambda: [summing(1) for _ in range(count)], 30) * 1e3 / count,
-            "132 programs": graph_ms(lambda: [summing(132) for _ in range(count)], 30) * 1e3 / count,
+            f"{multiprocessors} programs": graph_ms(lambda: [summing(multiprocessors) for _ in range(count)], 30)
+            * 1e3 / count,
             "torch element-wise": graph_ms(lambda: [tiny.mul_(1.0) for _ in range(count)], 30) * 1e3 / count,
         }
         results[count] = per_kernel
