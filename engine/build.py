@@ -9,7 +9,6 @@ from typing import Callable
 
 import torch
 
-from engine import attention_kernel, rotary_kernel, row_attention_kernel
 from engine.config import COMPILE_MODES, METHODS, EngineConfig, row_invariant_by_default
 from engine.drafters import Drafter, TreeDrafter, VanillaDrafter
 from engine.engine import Engine
@@ -87,6 +86,7 @@ def _assemble(config: EngineConfig, loaded: LoadedModel, device: torch.device, d
         "row_invariant": row_invariant,
         "layers_total": stack.num_layers,
         "layers_on_gpu": stack.keep_on_gpu,
+        "stream_buffers": stack.num_slots,  # 0 when every layer is resident
         "offloaded_bytes": stack.offloaded_bytes,
         "max_length": max_length,
     }
@@ -126,6 +126,8 @@ def target_pointwise(device: torch.device, head_dim: int) -> Pointwise:
     attention that walks the rows one by one, waiting on the device for each."""
     if device.type != "cuda":
         return row_invariant(CPU_ROWS)
+    from engine import row_attention_kernel  # Triton: imported only where a GPU runs it
+
     if row_attention_kernel.supported(head_dim):
         return row_invariant(GPU_ROWS, row_attention_kernel.row_invariant_attention)
     return row_invariant(GPU_ROWS)
@@ -135,6 +137,8 @@ def draft_pointwise(dtype: torch.dtype, head_dim: int, backend: str = "inductor"
     """A GPU draft step's functions between matmuls: compiled element-wise math that adds the
     projections' partial sums, and the Triton kernels for the rotary embedding (with the cache
     write) and attention where the head size suits them."""
+    from engine import attention_kernel, rotary_kernel  # Triton: a CPU-only install has none
+
     kernels = {}
     if rotary_kernel.supported(head_dim):
         kernels["store_attention_inputs"] = rotary_kernel.store_attention_inputs

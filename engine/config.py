@@ -61,6 +61,14 @@ class EngineConfig:
     compile_mode: str | None = "auto"
     nvtx_profiling: bool = False
 
+    def draft_nodes(self) -> int:
+        """Draft nodes per tree besides the root (0 for vanilla: a verification is a decode step)."""
+        if self.method == "vanilla":
+            return 0
+        if self.tree_policy == "best_first" and self.node_budget:
+            return self.node_budget
+        return self.max_depth * self.topk_len
+
 
 @dataclass
 class SamplingConfig:

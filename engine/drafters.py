@@ -10,6 +10,7 @@ loop (engine.generate) verifies and emits the same way for all of them.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -23,10 +24,15 @@ from engine.pointwise import EAGER, Pointwise
 from engine.tree import Tree, TreeShape, grow_best_first, grow_reference
 
 
+class _Cancelled(Exception):
+    """A stop request seen between draft forwards: unwinds the tree growth."""
+
+
 class Drafter(Protocol):
     def prefill(self, prompt: torch.Tensor, chunk: int) -> None: ...
 
-    def draft(self, tree: Tree, shape: TreeShape) -> int: ...  # returns the draft forwards it ran
+    # Returns the draft forwards it ran; stops early (a partial tree) once `cancel` is set.
+    def draft(self, tree: Tree, shape: TreeShape, cancel: threading.Event | None = None) -> int: ...
 
     def commit(self, path_slots: list[int], path_tokens: list[int]) -> None: ...
 
@@ -35,7 +41,7 @@ class VanillaDrafter:
     def prefill(self, prompt: torch.Tensor, chunk: int) -> None:
         pass
 
-    def draft(self, tree: Tree, shape: TreeShape) -> int:
+    def draft(self, tree: Tree, shape: TreeShape, cancel: threading.Event | None = None) -> int:
         return 0
 
     def commit(self, path_slots: list[int], path_tokens: list[int]) -> None:
@@ -59,20 +65,28 @@ class TreeDrafter:
     _drafted: int = 0  # tree nodes [0, _drafted) went through a draft forward this iteration
     _forwards: int = 0  # draft forwards this iteration
     _missing: list[tuple[int, int]] = field(default_factory=list)  # (slot, token) without draft KV
+    _cancel: threading.Event | None = None  # the current draft's stop request
 
     def prefill(self, prompt: torch.Tensor, chunk: int) -> None:
         self._missing = []  # left over from the previous generation: not this prompt's
         if self.owns_cache:
             self.transformer.prefill(self.stack, self.cache, prompt, chunk)
 
-    def draft(self, tree: Tree, shape: TreeShape) -> int:
+    def draft(self, tree: Tree, shape: TreeShape, cancel: threading.Event | None = None) -> int:
         self._catch_up()
         self._drafted = self._forwards = 0
-        if self.config.tree_policy == "best_first":
-            batch = self.config.draft_batch or self.config.topk_len
-            grow_best_first(tree, self.draft_step, shape, batch=batch, children=self.config.topk_len)
-        else:
-            grow_reference(tree, self.draft_step, shape, topk=self.config.topk_len)
+        # A deep tree takes seconds to draft on a CPU: a stop request is honoured between forwards.
+        self._cancel = cancel
+        try:
+            if self.config.tree_policy == "best_first":
+                batch = self.config.draft_batch or self.config.topk_len
+                grow_best_first(tree, self.draft_step, shape, batch=batch, children=self.config.topk_len)
+            else:
+                grow_reference(tree, self.draft_step, shape, topk=self.config.topk_len)
+        except _Cancelled:
+            pass
+        finally:
+            self._cancel = None
         return self._forwards
 
     def commit(self, path_slots: list[int], path_tokens: list[int]) -> None:
@@ -100,6 +114,8 @@ class TreeDrafter:
 
     def draft_step(self, tree: Tree, nodes: torch.Tensor) -> torch.Tensor:
         """Draft log-probabilities [F, V] of the children of frontier `nodes` (their KV is written)."""
+        if self._cancel is not None and self._cancel.is_set():
+            raise _Cancelled
         self._drafted = tree.size  # the frontier is always the newest nodes
         self._forwards += 1
         inputs = (tree.tokens[nodes], tree.positions(nodes), tree.slots(nodes), tree.mask(nodes))

@@ -42,24 +42,26 @@ class Emitter:
             self.finish_reason = reason
             self._stream(final=True)
 
-    def push(self, ids: list[int]) -> None:
-        """Emit `ids` in order, stopping at EOS or the length limit."""
+    def push(self, ids: list[int]) -> int:
+        """Emit `ids` in order, stopping at EOS or the length limit; returns how many were emitted
+        (tokens past EOS or the limit are not)."""
         if self.max_new_tokens <= 0:
             self.finish("length")
-            return
-        for token in ids:
+            return 0
+        for emitted, token in enumerate(ids, start=1):
             self.token_ids.append(token)
             if token in self.eos_ids:
                 self._update_text()
                 self.finish("eos")
-                return
+                return emitted
             if len(self.token_ids) >= self.max_new_tokens:
                 self._update_text()
                 self.finish("length")
-                return
+                return emitted
         self._update_text()
         if not self.finished:
             self._stream(final=False)
+        return len(ids)
 
     def _update_text(self) -> None:
         self.text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)

@@ -56,7 +56,10 @@ class Engine:
         if not getattr(self.tokenizer, "chat_template", None):
             text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
             return self.tokenizer.encode(text)
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as err:  # noqa: BLE001 - jinja raises its own types (a template's raise_exception)
+            raise EngineError(f"this model's chat template cannot render these messages: {err}") from None
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     def generate(

@@ -53,7 +53,7 @@ def run(
     cache = target.cache
     generator = _generator(sampling, device)
     timer = Timer(device, nvtx=config.nvtx_profiling)
-    tree = Tree(1 + _node_budget(config), device)
+    tree = Tree(1 + config.draft_nodes(), device)
 
     started = time.perf_counter()
     prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device)
@@ -76,11 +76,14 @@ def run(
         iteration_started = time.perf_counter()
         shape = TreeShape(
             max_depth=min(config.max_depth, emitter.remaining - 1, room - 1),
-            max_nodes=min(_node_budget(config), room - 1),
+            max_nodes=min(config.draft_nodes(), room - 1),
         )
         tree.reset(root, cache.length)
         with timer.span("draft"):
-            draft_forwards = drafter.draft(tree, shape)
+            draft_forwards = drafter.draft(tree, shape, cancel)
+        if cancel is not None and cancel.is_set():  # stopped mid-draft: nothing of this tree is emitted
+            emitter.finish("cancelled")
+            break
         with timer.span("verify"):
             chosen, lenient = _verify(target, tree, sampling, generator, config)
         if lenient is not None:
@@ -93,11 +96,11 @@ def run(
         with nvtx_range("commit", config.nvtx_profiling):
             cache.commit(path_slots)
             drafter.commit(path_slots, [tokens[0]] + [tokens[node] for node in result.path])
-        emitted = [tokens[node] for node in result.path] + [result.bonus]
-        emitter.push(emitted)
+        accepted = [tokens[node] for node in result.path] + [result.bonus]
+        emitted = emitter.push(accepted)  # tau counts what reached the user, not what ran past EOS
         timings = timer.collect()
         iteration = IterationStats(
-            emitted=len(emitted),
+            emitted=emitted,
             draft_ms=timings["draft"] if tree.size > 1 else None,
             verify_ms=timings["verify"],
             transfer_ms=target.transfer_ms(),
@@ -138,14 +141,6 @@ def _verify(
         return chosen, None
     return chosen, lenient_nodes(logits, tree.tokens[: tree.size], tree.parents[: tree.size],
                                  config.threshold_method, config.threshold)
-
-
-def _node_budget(config: EngineConfig) -> int:
-    if config.method == "vanilla":
-        return 0
-    if config.tree_policy == "best_first" and config.node_budget:
-        return config.node_budget
-    return config.max_depth * config.topk_len
 
 
 def _generator(sampling: SamplingConfig, device: torch.device) -> torch.Generator | None:

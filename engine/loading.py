@@ -88,6 +88,8 @@ def resolve_source(source: str | None, say: Progress) -> tuple[Path, str]:
     if path.is_dir():
         read_config(path)
         return path, path.name
+    if path.is_file():
+        raise EngineError(f"{source} is a file but not a model: give a model folder (with config.json), a .gguf file or a hub id")
     if path.is_absolute() or source.startswith((".", "~")) or source.count("/") != 1:
         raise EngineError(f"model path not found: {source}")
     folder = _hub_snapshot(source, say)
@@ -139,11 +141,11 @@ def _load_folder(folder: Path, dtype: torch.dtype, say: Progress) -> tuple[torch
     return model.eval(), tokenizer
 
 
-def _check_finite(model: torch.nn.Module, folder: Path) -> None:
-    # A truncated download can leave uninitialised (NaN/inf) tensors that load "fine".
+def _check_finite(model: torch.nn.Module, source: Path) -> None:
+    # A truncated download or a damaged GGUF can leave NaN/inf tensors that load "fine".
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise EngineError(f"corrupt weights in {folder}: {name} holds NaN or inf values")
+            raise EngineError(f"corrupt weights in {source}: {name} holds NaN or inf values")
 
 
 def _converted_gguf(gguf: Path, say: Progress) -> Path:
@@ -164,13 +166,18 @@ def _converted_gguf(gguf: Path, say: Progress) -> Path:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as err:  # the GGUF parser raises a zoo of types on a bad file
         raise EngineError(f"cannot read GGUF {gguf} (corrupt or unsupported?): {_one_line(err)}") from None
+    _check_finite(model, gguf)  # before anything is written: a damaged file never reaches the cache
     # The weights are dequantized already: saving must not claim a GGUF quantization.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / "complete").write_text(str(gguf))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "complete").write_text(str(gguf))
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise EngineError(f"cannot write the converted {gguf.name} to {staging.parent}: {err.strerror or err}") from None
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)  # atomic: a kill mid-conversion leaves only a stale .tmp folder
     return target

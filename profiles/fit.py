@@ -43,7 +43,9 @@ NODE_CANDIDATES = (1, 25, 49, 97, 193, 289, 385)
 TRIAL_DEPTH = 32  # the tree of the first trial load (the reference default, 193 nodes)
 FREE_TOLERANCE = 0.05  # "free" = within 5% of a one-token forward
 TIMING_REPEATS = 2  # best of: one-off stalls (page faults, a neighbour's copy) are not the cost
-PROMPT_TEXT = ", ".join(str(n) for n in range(1, 3000))  # tokenizes to any length we need
+# Trial prompts are token ids, not text: any checkpoint whose config loads can be profiled, whatever
+# its tokenizer makes of English. A prime stride spreads them over the vocabulary.
+ID_STRIDE = 7919
 # Tree budgets tried in real generations, as fractions of the free bound. On the H200's 7B shape a
 # 288-node tree drafts in 19 forwards of ~4.6 ms (16 per forward) against a 235 ms verification;
 # whether the last third of the nodes pays for its forwards depends on how deep this model's drafts
@@ -67,6 +69,40 @@ CPU_CANDIDATES = (
     CpuCandidate("subspec_sd depth 12 top-4", "subspec_sd", 12, 4),
 )
 CPU_PROMPT = "Write the numbers from 1 to 40, separated by commas."
+CLASSIC_CPU_CANDIDATE = CpuCandidate("classic_sd depth 6 top-2", "classic_sd", 6, 2)
+
+
+def cpu_candidates_for(
+    method: str | None, draft_model_path: str | None, candidates: tuple[CpuCandidate, ...] = CPU_CANDIDATES
+) -> tuple[CpuCandidate, ...]:
+    """What a CPU profile measures: every candidate when it chooses the method (`method` None),
+    else only that method's (classic_sd: one tree over its draft)."""
+    if method is None:
+        return candidates
+    if method == "classic_sd":
+        return (CLASSIC_CPU_CANDIDATE,)
+    chosen = tuple(c for c in candidates if c.method == method)
+    if not chosen:
+        raise ProfileError(f"{method} cannot be profiled on this machine: use vanilla, subspec_sd or classic_sd")
+    return chosen
+
+
+def trial_ids(tokenizer, count: int, offset: int = 0) -> list[int]:
+    """`count` deterministic ids of ordinary tokens (no special ones) from `tokenizer`'s vocabulary."""
+    special = set(getattr(tokenizer, "all_special_ids", None) or [])
+    usable = [i for i in range(len(tokenizer)) if i not in special]
+    if not usable:
+        raise ProfileError("the tokenizer has no ordinary tokens to profile with")
+    return [usable[(offset + k * ID_STRIDE) % len(usable)] for k in range(count)]
+
+
+def reply_prompt(engine: Engine, question: str) -> list[int]:
+    """The chat-templated question, or token ids when the tokenizer makes (almost) nothing of it."""
+    try:
+        prompt = engine.chat_ids([{"role": "user", "content": question}])
+    except Exception:  # noqa: BLE001 - a template that fails is a tokenizer to profile by ids
+        prompt = []
+    return prompt if len(set(prompt)) >= 4 else trial_ids(engine.tokenizer, 48)
 
 
 def engine_loader(config: EngineConfig, progress: Progress) -> Engine:
@@ -90,13 +126,15 @@ def fit_gpu(
     fingerprint: str,
     progress: Progress,
     loader: Loader = engine_loader,
+    draft_model_path: str | None = None,
 ) -> ModelPlan:
     """The largest resident-layer count (with as many stream buffers as fit, up to 3) whose measured
     peak fits `vram_bytes`, and a tree budget."""
-    estimate = _trial_estimate(model_config, vram_bytes, method, max_context)
+    draft_config = model_config_of(draft_model_path) if method == "classic_sd" else None
+    estimate = _trial_estimate(model_config, vram_bytes, method, max_context, draft_config)
     if not estimate.fits:
         raise ProfileError(f"the model does not fit this GPU with {method}: {estimate.reason}"
-                           + _shorter_context_hint(model_config, vram_bytes, method, max_context))
+                           + _shorter_context_hint(model_config, vram_bytes, method, max_context, draft_config))
     allowed = allocation_budget(estimate)
     progress(f"memory model: {estimate.summary()}")
     layers = estimate.layers_on_gpu
@@ -107,6 +145,7 @@ def fit_gpu(
         base = EngineConfig(
             method=method,
             llm_path=source,
+            draft_model_path=draft_model_path,
             vram_limit_gb=vram_limit_gb,
             keep_first_n_layers_on_gpu=layers,
             offload_slots=buffers,
@@ -176,16 +215,23 @@ def fit_gpu(
     )
 
 
-def _trial_estimate(model_config: dict, vram_bytes: int, method: str, max_context: int) -> Plan:
+def _trial_estimate(model_config: dict, vram_bytes: int, method: str, max_context: int, draft_config: dict | None = None) -> Plan:
     """The memory model's plan for the first trial load's tree."""
-    return estimate_plan(model_config, vram_bytes, method, max_context=max_context, tree_nodes=1 + TRIAL_DEPTH * TOPK)
+    return estimate_plan(model_config, vram_bytes, method, max_context=max_context, tree_nodes=1 + TRIAL_DEPTH * TOPK,
+                         draft_config=draft_config)
 
 
-def _shorter_context_hint(model_config: dict, vram_bytes: int, method: str, max_context: int) -> str:
+def model_config_of(source: str | None) -> dict:
+    from profiles.source import model_config
+
+    return model_config(source)
+
+
+def _shorter_context_hint(model_config: dict, vram_bytes: int, method: str, max_context: int, draft_config: dict | None = None) -> str:
     """'; it fits with --max-length N' for the longest of a half, a quarter or an eighth of the
     context with which the memory model says it fits (the KV cache and attention scores shrink)."""
     for context in (max_context // 2, max_context // 4, max_context // 8):
-        if context >= 256 and _trial_estimate(model_config, vram_bytes, method, context).fits:
+        if context >= 256 and _trial_estimate(model_config, vram_bytes, method, context, draft_config).fits:
             return f"; it fits with --max-length {context}"
     return ""
 
@@ -245,7 +291,7 @@ def choose_tree(
 def _reply(engine: Engine, question: str, new_tokens: int, label: str, progress: Progress) -> GenerationStats:
     """The stats of a greedy reply to `question`, after a short warm-up reply (first calls
     allocate; a tree's new draft widths capture their graphs)."""
-    prompt = engine.chat_ids([{"role": "user", "content": question}])
+    prompt = reply_prompt(engine, question)
     engine.generate(prompt, SamplingConfig(max_new_tokens=4))
     generation = engine.generate(prompt, SamplingConfig(max_new_tokens=new_tokens))
     progress(f"{label}: {generation.stats.tok_per_s:.1f} tok/s, tau {generation.stats.tau:.2f}")
@@ -282,6 +328,7 @@ def choose_cpu(
     fingerprint: str,
     progress: Progress,
     loader: Loader = engine_loader,
+    draft_model_path: str | None = None,
 ) -> ModelPlan:
     """Generate the same short reply with each candidate; the highest decode tok/s wins."""
     tok_per_s: dict[str, float] = {}
@@ -291,6 +338,7 @@ def choose_cpu(
         config = EngineConfig(
             method=candidate.method,  # type: ignore[arg-type]
             llm_path=source,
+            draft_model_path=draft_model_path,
             device="cpu",
             max_length=max_context,
             max_depth=candidate.max_depth,
@@ -333,7 +381,7 @@ def _try(config: EngineConfig, loader: Loader, progress: Progress, timed: bool) 
         peaks = [torch.cuda.max_memory_allocated() if cuda else 0]  # loading has its own transients
         # A prompt that leaves just room for the tree: the attention and mask at full context.
         prompt_len = max(1, config.max_length - (1 + config.max_depth * config.topk_len) - config.max_depth - 8)
-        prompt = engine.tokenizer.encode(PROMPT_TEXT)[:prompt_len]
+        prompt = trial_ids(engine.tokenizer, prompt_len)
         generation = engine.generate(prompt, SamplingConfig(max_new_tokens=config.max_depth + 2))
         peaks.append(generation.stats.peak_gpu_bytes or 0)
         forward_ms: dict[int, float] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -17,13 +18,18 @@ from profiles.source import config_fingerprint, model_config, model_key
 from profiles.store import ModelPlan, ProfileError, ProfileStore
 
 CPU_NEW_TOKENS = 16
+GPU_METHOD = "subspec_sd"  # what a GPU profile fits when no method is asked for: offloaded, it wins
+AUTO = "auto"  # the plan key of a CPU profile that chose the method itself
+# Load average per core (other programs) above which a profile's timings are suspect: it is stored
+# with a note, and measured again once the machine is quieter (below half that load).
+BUSY_LOAD_PER_CORE = 0.5
 
 
 @dataclass
 class Profile:
     device: DeviceInfo
     model: str  # the profile key of the model (bundled:..., an absolute path or a hub id)
-    requested_method: str
+    requested_method: str | None  # None: the profile chose the method (a CPU's fastest)
     plan: ModelPlan
     path: Path | None  # where it is stored; None when it could not be saved (kept in memory)
     reused: bool  # True: read from the store, nothing measured
@@ -50,11 +56,12 @@ class Profile:
 def run_profile(
     model: str | None,
     vram_limit_gb: float | None,
-    method: str = "subspec_sd",
+    method: str | None = None,
     progress: Callable[[str], None] | None = None,
     force: bool = False,
     *,
     max_context: int = DEFAULT_MAX_CONTEXT,
+    draft_model_path: str | None = None,
     store: ProfileStore | None = None,
     cpu_candidates: tuple[fit.CpuCandidate, ...] = fit.CPU_CANDIDATES,
     cpu_new_tokens: int = CPU_NEW_TOKENS,
@@ -62,43 +69,81 @@ def run_profile(
 ) -> Profile:
     """The profile of `model` (None = bundled) + `method` on this machine's GPU (or CPU).
 
+    `method` None lets the profile choose: a GPU fits subspec_sd, a CPU measures vanilla and
+    subspec_sd trees and keeps the fastest; a method given is the only one measured.
     Reused from the store when it matches (same device file, model fingerprint, method, cap and
-    context) unless `force`; otherwise measured and saved. A store that cannot be written leaves
-    the profile in memory with a message. Raises ProfileError / EngineError (one line) when the
-    model cannot be found or does not fit at all.
+    context, measured on a quiet machine) unless `force`; otherwise measured and saved. A store
+    that cannot be written leaves the profile in memory with a message. Raises ProfileError /
+    EngineError (one line) when the model cannot be found or does not fit at all.
     """
     say = progress or (lambda _msg: None)
     if vram_limit_gb is not None and vram_limit_gb <= 0:
         raise ProfileError(f"--vram-limit-gb must be positive, got {vram_limit_gb}")
+    if method == "classic_sd" and not draft_model_path:
+        raise ProfileError("classic_sd needs a draft model: pass --draft-model-path")
     store = store or ProfileStore()
     device = detect()
     key = model_key(model)
     fingerprint = config_fingerprint(model)
     cap = vram_limit_gb if device.gpu else None
+    method_key = plan_key(method, draft_model_path, device.gpu is not None)
     stored, messages = store.read(device.key)
     if device.gpu is None and vram_limit_gb is not None:
         messages.append("no CUDA GPU: --vram-limit-gb does not apply, profiling the CPU")
+    load = machine_load()
     if stored is not None and not force:
-        plan = stored.plans.get(key, {}).get(method)
+        plan = stored.plans.get(key, {}).get(method_key)
         if plan and (plan.config_fingerprint, plan.vram_limit_gb, plan.max_context) == (fingerprint, cap, max_context):
-            return Profile(stored.device, key, method, plan, store.path(device.key), True, messages)
+            if not _disturbed(plan, load):
+                return Profile(stored.device, key, method, plan, store.path(device.key), True, messages)
+            messages.append(f"the stored profile was measured on a busy machine (load {plan.machine_load:.2f} per core, "
+                            f"now {load:.2f}): measuring again")
 
-    say(f"profiling {key} ({method}) on {device.describe()}")
+    say(f"profiling {key} ({method or 'fastest method'}) on {device.describe()}")
+    if load >= BUSY_LOAD_PER_CORE:
+        messages.append(f"the machine was busy while measuring (load {load:.2f} per core): timings may be low; "
+                        "the profile is measured again once it is quieter")
     if device.gpu is None:
-        plan = fit.choose_cpu(model, cpu_candidates, max_context, cpu_new_tokens, fingerprint, say, loader)
+        candidates = fit.cpu_candidates_for(method, draft_model_path, cpu_candidates)
+        plan = fit.choose_cpu(model, candidates, max_context, cpu_new_tokens, fingerprint, say, loader,
+                              draft_model_path=draft_model_path)
     else:
         gpu_device = torch.device("cuda", device.gpu.index)
         device = dataclasses.replace(device, gpu=dataclasses.replace(device.gpu, h2d_gbps=measure_h2d_gbps(gpu_device)))
         say(f"pinned host-to-device bandwidth {device.gpu.h2d_gbps:.1f} GB/s")
         plan = fit.fit_gpu(
-            model, method, model_config(model), vram_budget(device.gpu.index, cap), cap,
-            max_context, fingerprint, say, loader,
+            model, method or GPU_METHOD, model_config(model), vram_budget(device.gpu.index, cap), cap,
+            max_context, fingerprint, say, loader, draft_model_path=draft_model_path,
         )
+    plan = dataclasses.replace(plan, machine_load=round(load, 2))
     try:
-        path, save_messages = store.save_plan(device, key, method, plan)
+        path, save_messages = store.save_plan(device, key, method_key, plan)
     except ProfileError as err:
         path, save_messages = None, [f"{err}: the profile is kept for this session only"]
     return Profile(device, key, method, plan, path, False, messages + save_messages)
+
+
+def plan_key(method: str | None, draft_model_path: str | None, gpu: bool) -> str:
+    """The name of a plan under its model in the profile file: the method measured (a CPU's own
+    choice is "auto"), and for classic_sd the draft too."""
+    if method is None:
+        return GPU_METHOD if gpu else AUTO
+    if method == "classic_sd":
+        return f"classic_sd@{model_key(draft_model_path)}"
+    return method
+
+
+def machine_load() -> float:
+    """The 1-minute load average per core: how busy other programs keep this machine."""
+    try:
+        return os.getloadavg()[0] / max(1, os.cpu_count() or 1)
+    except OSError:  # not available on this platform
+        return 0.0
+
+
+def _disturbed(plan: ModelPlan, load_now: float) -> bool:
+    """A plan measured on a busy machine is measured again once the machine is quieter."""
+    return plan.machine_load is not None and plan.machine_load >= BUSY_LOAD_PER_CORE and load_now < plan.machine_load / 2
 
 
 def vram_budget(index: int, vram_limit_gb: float | None) -> int:
@@ -117,7 +162,7 @@ def format_profile(profile: Profile) -> str:
     lines = [
         f"Device:   {profile.device.describe()}",
         f"Model:    {profile.model}",
-        f"Method:   {plan.method}" + ("" if plan.method == profile.requested_method else f" (fastest measured; asked for {profile.requested_method})"),
+        f"Method:   {plan.method}" + _method_note(plan, profile.requested_method),
     ]
     if plan.device == "cuda":
         streamed = plan.layers_total - plan.layers_on_gpu
@@ -145,9 +190,18 @@ def format_profile(profile: Profile) -> str:
     if plan.tok_per_s_by_candidate:
         speeds = "; ".join(f"{label}: {tps:.1f} tok/s" for label, tps in plan.tok_per_s_by_candidate.items())
         lines.append(f"Measured: {speeds}")
+    if plan.machine_load is not None:
+        busy = " (busy: timings may be low)" if plan.machine_load >= BUSY_LOAD_PER_CORE else ""
+        lines.append(f"Load:     {plan.machine_load:.2f} per core while measuring{busy}")
     origin = "reused" if profile.reused else "measured"
     lines.append(f"Profile:  {origin} {plan.measured_at:%Y-%m-%d %H:%M} UTC, " + (f"stored in {profile.path}" if profile.path else "not saved"))
     return "\n".join(lines)
+
+
+def _method_note(plan: ModelPlan, requested: str | None) -> str:
+    if requested is None:
+        return " (the fastest measured)" if plan.device == "cpu" else ""
+    return "" if plan.method == requested else f" (fastest measured; asked for {requested})"
 
 
 def _gib(value: int | None) -> str:

@@ -30,9 +30,12 @@ def config_fingerprint(source: str | None) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def model_config(source: str | None) -> dict:
-    """The model's config.json content, without loading weights (GGUF: parsed by transformers)."""
+def model_config(source: str | None, download: bool = False) -> dict:
+    """The model's config.json content, without loading weights (GGUF: parsed by transformers).
+    A hub model not on this machine is an error, or with `download` its config.json alone is fetched."""
     file = _identity_file(source)
+    if file is None and download:
+        file = _download_config(source)
     if file is None:
         raise ProfileError(f"{source} is not in the local Hugging Face cache: download it first")
     if file.suffix != ".gguf":
@@ -43,6 +46,18 @@ def model_config(source: str | None) -> dict:
         return AutoConfig.from_pretrained(file.parent, gguf_file=file.name).to_dict()
     except Exception as err:  # the GGUF parser raises a zoo of types on a bad file
         raise ProfileError(f"cannot read the config of {file}: {str(err).splitlines()[0] if str(err) else err!r}") from None
+
+
+def _download_config(repo_id: str) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, "config.json"))
+    except LocalEntryNotFoundError:
+        raise ProfileError(f"{repo_id} is not on this machine and the hub is unreachable (offline?)") from None
+    except HfHubHTTPError as err:
+        raise ProfileError(f"cannot fetch the config of {repo_id}: {str(err).splitlines()[0]}") from None
 
 
 def _identity_file(source: str | None) -> Path | None:
@@ -58,6 +73,8 @@ def _identity_file(source: str | None) -> Path | None:
         if not (path / "config.json").is_file():
             raise ProfileError(f"not a model folder (no config.json): {path}")
         return path / "config.json"
+    if path.is_file():
+        raise ProfileError(f"{source} is a file but not a model: give a model folder (with config.json), a .gguf file or a hub id")
     from huggingface_hub import try_to_load_from_cache
 
     try:

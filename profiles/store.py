@@ -82,6 +82,7 @@ class ModelPlan:
     verify_ms_by_nodes: dict[int, float] = field(default_factory=dict)  # forward cost by tokens
     # What was tried: methods and trees (CPU), tree budgets and draft widths (GPU).
     tok_per_s_by_candidate: dict[str, float] = field(default_factory=dict)
+    machine_load: float | None = None  # load average per core when measuring: a busy machine's timings are suspect
 
     def engine_overrides(self) -> dict[str, Any]:
         """EngineConfig fields this plan decides (a front end applies them over its defaults)."""
@@ -124,6 +125,8 @@ class ModelPlan:
         for name in ("layers_on_gpu", "layers_total", "max_context", "stream_buffers"):
             if not isinstance(getattr(plan, name), int):
                 raise TypeError(f"{name} is not an integer")
+        if plan.machine_load is not None and not isinstance(plan.machine_load, (int, float)):
+            raise TypeError("machine_load is not a number")
         if not isinstance(plan.measured_at, datetime) or plan.device not in ("cuda", "cpu"):
             raise TypeError("measured_at or device has the wrong type")
         streams = plan.device == "cuda" and plan.layers_on_gpu < plan.layers_total

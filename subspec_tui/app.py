@@ -10,7 +10,6 @@ plan applied over the method's preset.
 
 from __future__ import annotations
 
-import argparse
 from functools import partial
 from typing import Callable
 
@@ -21,24 +20,26 @@ from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.message import Message
 from textual.worker import Worker, WorkerState
 
-from engine import METHODS, Engine, EngineConfig, EngineError, SamplingConfig, load_engine
-from profiles import Profile, run_profile
+from engine import Engine, EngineConfig, EngineError, SamplingConfig, load_engine
+from profiles import run_profile
+from profiles.choose import Planned, check_method, choose_plan
 from subspec_tui import models
 from subspec_tui.history import ChatStore
 from subspec_tui.screens.chat import ChatScreen
 from subspec_tui.screens.dialogs import HelpScreen
 from subspec_tui.screens.models import ModelsScreen
 from subspec_tui.screens.profile import ProfileScreen
-from subspec_tui.settings import ConfigError, DEFAULT_METHOD, Settings, resolve_settings, validate
+from subspec_tui.settings import ConfigError, Settings, resolve_settings
 
 Progress = Callable[[str], None]
 EngineLoader = Callable[[EngineConfig, Progress], Engine]
-# profiles.run_profile called positionally: (model, vram_limit_gb, method, progress, force) -> Profile
-Profiler = Callable[[str | None, float | None, str, Progress, bool], Profile]
+# profiles.run_profile: (model, vram_limit_gb, method or None, progress, force, *, max_context, draft_model_path)
+Profiler = Callable[..., object]
 GpuInfo = tuple[str, int] | None  # (name, total VRAM bytes); None = no CUDA device
 
 MODEL_PREFERENCE = "model"
-METHOD_PREFERENCE = "method"
+METHOD_PREFERENCE = "method"  # only a method the user chose; unset = the profile's choice
+CHOOSABLE_METHODS = ("vanilla", "subspec_sd", "classic_sd")
 
 
 def detect_gpu() -> GpuInfo:
@@ -50,33 +51,26 @@ def detect_gpu() -> GpuInfo:
     return props.name, props.total_memory
 
 
-def planned_settings(
-    profile: Profile, model_ref: str | None, method: str, method_is_explicit: bool
-) -> tuple[Settings, str | None]:
-    """The settings to load with: the preset of the plan's method with the plan's fields over it,
-    and a note for the user when the plan's method is not the one asked for. Raises ConfigError
-    (naming the profile file) when the plan holds a value the engine does not accept."""
-    plan = profile.plan
-    overrides = plan.engine_overrides()
-    note = None
-    if plan.method != method:
-        # Only a CPU profile picks another method (the fastest it measured). `--method` still wins;
-        # the plan's tree belongs to the other method, so only its context length applies.
-        if method_is_explicit:
-            overrides = {"method": method, "max_length": overrides["max_length"]}
-            note = f"this machine's profile measured {plan.method} as faster; using {method} as --method asks"
-        else:
-            note = f"using {plan.method}: the fastest method measured on this machine (asked for {method})"
-    checked = validate(overrides, f"profile {profile.path}" if profile.path else "the measured profile")
-    return resolve_settings(None, {"llm_path": model_ref, **checked}), note
+def plan_settings(
+    model_ref: str | None, method: str | None, draft_model_path: str | None, profiler: Profiler,
+    progress: Progress, force: bool, gpu: bool,
+) -> tuple[Settings, Planned]:
+    """What the app loads with, decided as for every front end (profiles.choose_plan): the method
+    the user chose, else the profile's; the profile's plan over the method's preset."""
+    chosen = {"llm_path": model_ref, "draft_model_path": draft_model_path} | ({"method": method} if method else {})
+    asked = resolve_settings(None, {k: v for k, v in chosen.items() if v is not None})
+    explicit = {"method"} if method else set()
+    planned = choose_plan(asked.engine, explicit, force=force, progress=progress, profiler=profiler, gpu=gpu)
+    return resolve_settings(None, {k: v for k, v in chosen.items() if v is not None}, planned.overrides), planned
 
 
 class SubSpecCommands(Provider):
-    """Command palette entries: every app action plus one 'Use model …' per local model."""
+    """Command palette entries: every app action, one 'Use model …' per local model and one
+    'Use method …' per method."""
 
     def _commands(self) -> list[tuple[str, Callable[[], object], str]]:
         app: SubSpecChatApp = self.app  # type: ignore[assignment]
-        return [
+        commands = [
             ("New chat", partial(app.run_chat_action, "new_chat"), "Start an empty chat"),
             ("Open chat…", partial(app.run_chat_action, "open_chat"), "Continue or delete a stored chat"),
             ("Stop generation", partial(app.run_chat_action, "stop"), "Stop the reply being streamed"),
@@ -85,7 +79,15 @@ class SubSpecCommands(Provider):
             ("Models", partial(app.switch_mode, "models"), "Local models, downloads, deletion"),
             ("Profile", partial(app.switch_mode, "profile"), "GPU profile and memory plan"),
             ("Keys", app.action_help, "Every key binding"),
+            ("Use method chosen by the profile", partial(app.use_method, None),
+             "The fastest method this machine's profile measured"),
         ]
+        for method in CHOOSABLE_METHODS:
+            commands.append((f"Use method {method}", partial(app.use_method, method), f"Reload the model with {method}"))
+        for model in app.known_models:
+            commands.append((f"Use model {model.repo_id}", partial(app.use_model, model.llm_path, model.repo_id),
+                             f"Load {model.repo_id}"))
+        return commands
 
     async def discover(self) -> Hits:
         for name, callback, help_text in self._commands():
@@ -93,12 +95,7 @@ class SubSpecCommands(Provider):
 
     async def search(self, query: str) -> Hits:
         matcher = self.matcher(query)
-        commands = self._commands()
-        app: SubSpecChatApp = self.app  # type: ignore[assignment]
-        for model in app.known_models:
-            commands.append((f"Use model {model.repo_id}", partial(app.use_model, model.llm_path, model.repo_id),
-                             f"Load {model.repo_id} with {app.method}"))
-        for name, callback, help_text in commands:
+        for name, callback, help_text in self._commands():
             if (score := matcher.match(name)) > 0:
                 yield Hit(score, matcher.highlight(name), callback, help=help_text)
 
@@ -114,6 +111,7 @@ class SubSpecChatApp(App):
         Binding("f2", "switch_mode('chat')", "Chat", id="app.chat"),
         Binding("f3", "switch_mode('models')", "Models", id="app.models"),
         Binding("f4", "switch_mode('profile')", "Profile", id="app.profile"),
+        Binding("ctrl+x", "dismiss_alerts", "Dismiss alerts", show=False, id="app.dismiss_alerts"),
     ]
 
     class LoadProgress(Message):
@@ -134,6 +132,7 @@ class SubSpecChatApp(App):
         store: ChatStore | None = None,
         gpu: GpuInfo | str = "detect",
         profiler: Profiler = run_profile,
+        draft_model_path: str | None = None,
     ) -> None:
         super().__init__()
         self.engine_loader = engine_loader
@@ -142,10 +141,13 @@ class SubSpecChatApp(App):
         if store is None:
             store, self.store_warning = ChatStore.open_or_recover()
         self.store = store
-        # --model / --method win; otherwise the last choice; otherwise the bundled model.
+        # --model / --method win; otherwise the last choice; otherwise the bundled model and the
+        # method this machine's profile measured fastest.
         self.model_ref = model_ref or store.get_preference(MODEL_PREFERENCE) or None
-        self.method = method or store.get_preference(METHOD_PREFERENCE) or DEFAULT_METHOD
-        self.method_is_explicit = method is not None  # --method: kept even if the profile measured another faster
+        self.method: str | None = method or store.get_preference(METHOD_PREFERENCE) or None
+        if method:
+            self.store.set_preference(METHOD_PREFERENCE, method)
+        self.draft_model_path = draft_model_path
         self.model_label = self.model_ref or models.BUNDLED_ID
         gpu_info = detect_gpu() if gpu == "detect" else gpu
         self.gpu_name, self.gpu_vram_bytes = gpu_info if gpu_info else (None, None)
@@ -153,7 +155,7 @@ class SubSpecChatApp(App):
         self.engine_loading = False
         self.engine_error: str | None = None
         self.load_progress = ""
-        self.profile: Profile | None = None
+        self.planned: Planned | None = None
         self.profile_log: list[str] = []  # progress of the latest measurement
         self.measuring = False  # run_profile is measuring (not reading a stored profile)
         self.return_to_chat = False  # the profile screen was opened to show a measurement
@@ -162,11 +164,39 @@ class SubSpecChatApp(App):
         self.pending_system_prompt = ""
         self.known_models: list[models.LocalModel] = []
 
+    @property
+    def profile(self):
+        return self.planned.profile if self.planned else None
+
+    @property
+    def method_label(self) -> str:
+        """The method running, else the one asked for, else what the profile will choose."""
+        if self.engine is not None:
+            return self.engine.config.method
+        return self.method or "method from the profile"
+
     def on_mount(self) -> None:
         self.switch_mode("chat")
+        self.store.on_unsaved = lambda reason: self.alert(reason, "warning")
         if self.store_warning:
-            self.notify(self.store_warning, severity="warning", timeout=10)
+            self.alert(self.store_warning, "warning")
+        self.list_models()  # the command palette's "Use model …" entries, before F3 is ever opened
         self.load_model()
+
+    # ------------------------------------------------------------ alerts, models
+
+    def alert(self, text: str, severity: str = "error", screen: str = "chat") -> None:
+        """An error that stays on the screen it concerns until dismissed (toasts vanish)."""
+        self.get_screen(screen).alerts.add(text, severity)  # type: ignore[attr-defined]
+
+    def action_dismiss_alerts(self) -> None:
+        alerts = getattr(self.screen, "alerts", None)
+        if alerts is not None:
+            alerts.clear()
+
+    @work(thread=True, exclusive=True, group="known-models", exit_on_error=False)
+    def list_models(self) -> list[models.LocalModel]:
+        return models.list_models()
 
     # ------------------------------------------------------------ profile, then engine
 
@@ -187,26 +217,44 @@ class SubSpecChatApp(App):
         self.store.set_preference(MODEL_PREFERENCE, model_ref or "")
         self.load_model()
 
-    def load_model(self, force_profile: bool = False) -> None:
-        """Profile this machine for the current model and method (measured on a first start or
-        after the GPU or the model changed, read back from the store otherwise), then load the
-        engine with the profile's plan. `force_profile` measures again (the profile screen)."""
+    def use_method(self, method: str | None) -> None:
+        """Reload with `method` (None: the one the profile measured fastest); remembered."""
         if (reason := self.busy_reason()) is not None:
             self.notify(reason, severity="warning")
+            return
+        if method == "classic_sd" and not self.draft_model_path:
+            self.alert("classic_sd needs a draft model: start subspec-chat with --draft-model-path")
+            return
+        self.method = method
+        self.store.set_preference(METHOD_PREFERENCE, method or "")
+        self.load_model()
+
+    def load_model(self, force_profile: bool = False) -> None:
+        """Plan (the stored profile, measured on a first start or after the GPU or the model
+        changed), then load the engine with the plan. `force_profile` measures again."""
+        if (reason := self.busy_reason()) is not None:
+            self.notify(reason, severity="warning")
+            return
+        try:  # refused before minutes of measuring: eagle_sd, classic_sd without a draft
+            check_method(EngineConfig(method=self.method or "vanilla", draft_model_path=self.draft_model_path))
+        except EngineError as err:
+            self.engine_failed(err)
+            self.refresh_views()
             return
         if self.engine is not None:
             self.engine.close()  # a measurement needs the GPU memory the old engine holds
             self.engine = None
         self.engine_loading, self.engine_error = True, None
         self.load_progress = "checking this machine's profile"
-        self.profile, self.profile_log = None, []
+        self.planned, self.profile_log = None, []
         self.refresh_views()
         self.profile_worker(force_profile)
 
     @work(thread=True, exclusive=True, group="profile", exit_on_error=False)
-    def profile_worker(self, force: bool) -> Profile:
-        return self.profiler(self.model_ref, None, self.method,
-                             lambda text: self.post_message(self.ProfileProgress(text)), force)
+    def profile_worker(self, force: bool) -> tuple[Settings, Planned]:
+        progress = lambda text: self.post_message(self.ProfileProgress(text))  # noqa: E731
+        return plan_settings(self.model_ref, self.method, self.draft_model_path, self.profiler, progress, force,
+                             gpu=self.gpu_vram_bytes is not None)
 
     def on_sub_spec_chat_app_profile_progress(self, message: ProfileProgress) -> None:
         # run_profile reports progress only while it measures; a stored profile comes back silently.
@@ -229,6 +277,9 @@ class SubSpecChatApp(App):
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         group = event.worker.group
+        if group == "known-models" and event.state == WorkerState.SUCCESS:
+            self.known_models = event.worker.result
+            return
         if group not in ("profile", "engine") or event.state not in (WorkerState.SUCCESS, WorkerState.ERROR):
             return
         if group == "profile":
@@ -239,21 +290,14 @@ class SubSpecChatApp(App):
         if event.state == WorkerState.ERROR:
             self.engine_failed(event.worker.error)
         elif group == "profile":
-            self.profile_ready(event.worker.result)
+            self.plan_ready(*event.worker.result)
         else:
             self.engine_ready(event.worker.result)
         self.refresh_views()
 
-    def profile_ready(self, profile: Profile) -> None:
-        self.profile = profile
-        for message in profile.messages:  # a corrupt profile moved aside, a store that is read-only
-            self.notify(message, severity="warning", timeout=10)
-        try:
-            settings, note = planned_settings(profile, self.model_ref, self.method, self.method_is_explicit)
-        except ConfigError as err:
-            self.engine_failed(err)
-            return
-        if note:
+    def plan_ready(self, settings: Settings, planned: Planned) -> None:
+        self.planned = planned
+        for note in planned.notes:  # a corrupt profile moved aside, a read-only store, the method it chose
             self.notify(note, timeout=10)
         self.default_sampling = self.pending_sampling = settings.sampling
         self.load_progress = ""
@@ -262,15 +306,16 @@ class SubSpecChatApp(App):
     def engine_ready(self, engine: Engine) -> None:
         self.engine_loading = False
         self.engine = engine
-        self.store.set_preference(METHOD_PREFERENCE, self.method)
         self.notify(f"{engine.model_name} loaded ({engine.config.method})")
+        self.chat_screen().send_waiting()  # a prompt typed while the model loaded
 
     def engine_failed(self, error: BaseException | None) -> None:
         # Anything but an EngineError (ProfileError included) or a bad plan value is a bug: say so, stay up.
         self.engine_loading = False
         expected = isinstance(error, (EngineError, ConfigError))
         self.engine_error = str(error) if expected else f"internal error: {error!r}"
-        self.notify(self.engine_error, severity="error")
+        self.alert(f"no model loaded: {self.engine_error}")
+        self.chat_screen().drop_waiting()
 
     def refresh_views(self) -> None:
         """Redraw what shows the engine's state: the chat status line and the profile screen."""
@@ -311,21 +356,3 @@ class SubSpecChatApp(App):
 
 def _binding_rows(bindings: list) -> list[tuple[str, str, str]]:
     return [(b.key, b.description, b.id or "") for b in bindings if isinstance(b, Binding)]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="subspec-chat", description="Chat with local models larger than your GPU.")
-    parser.add_argument("--model", help="hub id, model folder or .gguf file (default: the last one used, "
-                        "else the bundled SmolLM2-135M-Instruct)")
-    parser.add_argument("--method", choices=METHODS, help=f"decoding method (default: the last one used, "
-                        f"else {DEFAULT_METHOD})")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    SubSpecChatApp(model_ref=args.model, method=args.method).run()
-
-
-if __name__ == "__main__":
-    main()

@@ -20,14 +20,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from tqdm import tqdm
 
-from engine import Engine, EngineError, IterationStats, SamplingConfig
+from engine import EngineError, SamplingConfig
 from subspec_tui.settings import Settings
+
+if TYPE_CHECKING:
+    from engine import Engine, IterationStats
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 WARMUP_PROMPT = "Write an essay about large language models."
@@ -290,9 +293,11 @@ def run_benchmarks(
     samples: dict[str, list[Sample]],
     max_samples: int | None,
     out_root: Path,
+    plan: dict[str, Any] | None = None,
     progress: IO[str] = sys.stderr,
 ) -> tuple[Path, dict[str, Any]]:
-    """Run every sample of every benchmark; returns the run folder and its summary."""
+    """Run every sample of every benchmark; returns the run folder and its summary. `plan` (which
+    plan ran: profiles.choose.Planned.describe) goes into every record and the summary."""
     run_dir = new_run_dir(out_root, settings.engine.method)
     warm_up(engine, settings, progress)
     per_benchmark: dict[str, list[Record]] = {name: [] for name in samples}
@@ -300,6 +305,7 @@ def run_benchmarks(
         for name, chosen in samples.items():
             for sample in tqdm(chosen, desc=name, file=progress, unit="prompt"):
                 record = _generate_record(engine, sample, settings.sampling, settings.run.detailed_analysis)
+                record["plan"] = plan
                 out.write(json.dumps(record, default=str) + "\n")
                 out.flush()  # a crash or Ctrl-C keeps every finished sample
                 per_benchmark[name].append(record)
@@ -310,6 +316,7 @@ def run_benchmarks(
         "lossy": settings.engine.verify_method == "lossy",
         "model": engine.model_name,
         "device": engine.describe(),
+        "plan": plan,
         "settings": settings.as_dict(),
         "max_samples": max_samples,
         "benchmarks": {name: summarize(records) for name, records in per_benchmark.items()},

@@ -8,17 +8,19 @@ command line (subspec_tui.settings). Expected failures print one line on stderr 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from engine import METHODS, Engine, EngineError, load_engine
+from engine import METHODS, EngineError
 from engine.config import SUBSTITUTE_KERNELS
 from subspec_tui.benchmark import (
     BENCHMARKS,
@@ -31,6 +33,10 @@ from subspec_tui.benchmark import (
     warm_up,
 )
 from subspec_tui.settings import ConfigError, Settings, check_range, resolve_settings
+
+if TYPE_CHECKING:
+    from engine import Engine, EngineConfig
+    from profiles.choose import Planned
 
 PROG = "subspec"
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
@@ -64,43 +70,54 @@ def _checked(key: str, convert: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
-def _add_global_options(parser: argparse.ArgumentParser) -> None:
+def _add_global_options(parser: argparse.ArgumentParser, default: Any = None) -> None:
+    """The settings options. They go before the command (the reference's order) and after it:
+    each engine command repeats them with `default=SUPPRESS`, so a value given before the command
+    is not reset by the command's own parser, and one given after it wins."""
     g = parser.add_argument_group("settings (method preset < --config YAML < these options)")
-    g.add_argument("--config", type=Path, help="YAML file of settings (keys as in configs/methods/*.yaml)")
-    g.add_argument("--method", choices=METHODS, help="decoding method (default: the YAML's, else subspec_sd)")
-    g.add_argument("--llm-path", help="target model: folder, hub id or .gguf (default: bundled SmolLM2-135M-Instruct)")
-    g.add_argument("--draft-model-path", help="draft model for classic_sd")
-    g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"),
-                   help="compute dtype (auto: bfloat16 on a GPU, float32 on a CPU; README: greedy output and bf16)")
-    g.add_argument("--vram-limit-gb", type=_checked("vram_limit_gb", float), help="emulate a smaller GPU")
-    g.add_argument("--keep-first-n-layers-on-gpu", type=_checked("keep_first_n_layers_on_gpu", int))
-    g.add_argument("--max-length", type=_checked("max_length", int), help="KV cache length (prompt + output)")
-    g.add_argument("--temperature", type=_checked("temperature", float))
-    g.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--warmup-iter", type=_checked("warmup_iter", int), help="untimed generations before measuring")
-    g.add_argument("--compile-mode", help="draft steps: auto (CUDA graphs + compiled element-wise math on a GPU), cuda-graphs, or none (eager)")
-    g.add_argument("--substitute-kernel", choices=SUBSTITUTE_KERNELS,
-                   help="subspec_sd's 4-bit matmul: auto (triton on a GPU, dense on a CPU), triton, tinygemm, gemlite, hqq, dense")
-    g.add_argument("--max-depth", type=_checked("max_depth", int), help="draft tree depth")
-    g.add_argument("--topk-len", type=_checked("topk_len", int), help="draft tree width per depth")
-    g.add_argument("--tree-policy", choices=("reference", "best_first"))
-    g.add_argument("--node-budget", type=_checked("node_budget", int), help="best_first: draft nodes per tree")
-    g.add_argument("--draft-batch", type=_checked("draft_batch", int),
-                   help="best_first: nodes drafted per draft forward (default 16)")
-    g.add_argument("--verify-method", choices=("exact", "lossy"))
-    g.add_argument("--row-invariant", action=argparse.BooleanOptionalAction, default=None,
-                   help="the target computes each token as plain decoding would: greedy output identical in 16-bit dtypes too "
-                        "(default: on in bfloat16/float16, off in float32)")
-    g.add_argument("--threshold-method", choices=("entropy", "prob"))
-    g.add_argument("--threshold", type=_checked("threshold", float), help="lossy verification threshold")
-    g.add_argument("--window-size", type=_checked("window_size", int), help="lossy: exact matches needed after")
-    g.add_argument("--nvtx-profiling", action=argparse.BooleanOptionalAction, default=None,
-                   help="wrap draft, verify, transfer and sampling in NVTX ranges")
-    g.add_argument("--nsys-output", help="re-run this command under `nsys profile -o NSYS_OUTPUT`")
-    g.add_argument("--detailed-analysis", action=argparse.BooleanOptionalAction, default=None,
-                   help="write per-iteration diagnostics into the benchmark JSONL")
+
+    def add(*flags: str, **kwargs: Any) -> None:
+        g.add_argument(*flags, default=default, **kwargs)
+
+    add("--config", type=Path, help="YAML file of settings (keys as in configs/methods/*.yaml)")
+    add("--method", choices=METHODS, help="decoding method (default: the YAML's, else the one this machine's profile measured fastest)")
+    add("--llm-path", help="target model: folder, hub id or .gguf (default: bundled SmolLM2-135M-Instruct)")
+    add("--draft-model-path", help="draft model for classic_sd")
+    add("--device", help="auto, cpu, cuda or cuda:N")
+    add("--dtype", choices=("auto", "bfloat16", "float16", "float32"),
+        help="compute dtype (auto: bfloat16 on a GPU, float32 on a CPU; docs: greedy output and bf16)")
+    add("--vram-limit-gb", type=_checked("vram_limit_gb", float), help="emulate a smaller GPU")
+    add("--keep-first-n-layers-on-gpu", type=_checked("keep_first_n_layers_on_gpu", int),
+        help="resident layers (default: this machine's profile)")
+    add("--no-profile", action="store_true",
+        help="plan with the memory model's instant estimate instead of the measured profile")
+    add("--max-length", type=_checked("max_length", int), help="KV cache length (prompt + output)")
+    add("--max-new-tokens", type=_checked("max_new_tokens", int), help="tokens to generate per reply")
+    add("--temperature", type=_checked("temperature", float))
+    add("--do-sample", action=argparse.BooleanOptionalAction)
+    add("--seed", type=int)
+    add("--warmup-iter", type=_checked("warmup_iter", int), help="untimed generations before measuring")
+    add("--compile-mode", help="draft steps: auto (CUDA graphs + compiled element-wise math on a GPU), cuda-graphs, or none (eager)")
+    add("--substitute-kernel", choices=SUBSTITUTE_KERNELS,
+        help="subspec_sd's 4-bit matmul: auto (triton on a GPU, dense on a CPU), triton, tinygemm, gemlite, hqq, dense")
+    add("--max-depth", type=_checked("max_depth", int), help="draft tree depth")
+    add("--topk-len", type=_checked("topk_len", int), help="draft tree width per depth")
+    add("--tree-policy", choices=("reference", "best_first"))
+    add("--node-budget", type=_checked("node_budget", int), help="best_first: draft nodes per tree")
+    add("--draft-batch", type=_checked("draft_batch", int),
+        help="best_first: nodes drafted per draft forward (default 16)")
+    add("--verify-method", choices=("exact", "lossy"))
+    add("--row-invariant", action=argparse.BooleanOptionalAction,
+        help="the target computes each token as plain decoding would: greedy output identical in 16-bit dtypes too "
+             "(default: on in bfloat16/float16, off in float32)")
+    add("--threshold-method", choices=("entropy", "prob"))
+    add("--threshold", type=_checked("threshold", float), help="lossy verification threshold")
+    add("--window-size", type=_checked("window_size", int), help="lossy: exact matches needed after")
+    add("--nvtx-profiling", action=argparse.BooleanOptionalAction,
+        help="wrap draft, verify, transfer and sampling in NVTX ranges")
+    add("--nsys-output", help="re-run this command under `nsys profile -o NSYS_OUTPUT`")
+    add("--detailed-analysis", action=argparse.BooleanOptionalAction,
+        help="write per-iteration diagnostics into the benchmark JSONL")
 
 
 # Destinations of the options above (and of --max-new-tokens) that are settings keys.
@@ -120,34 +137,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_global_options(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    max_new_tokens = _checked("max_new_tokens", int)
 
-    test = commands.add_parser("run-test", help="one chat-templated generation")
+    def engine_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=help_text, allow_abbrev=False)
+        _add_global_options(command, default=argparse.SUPPRESS)
+        return command
+
+    test = engine_command("run-test", "one chat-templated generation")
     test.add_argument("--prompt", default=DEFAULT_PROMPT)
-    test.add_argument("--max-new-tokens", type=max_new_tokens)
     test.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     test.set_defaults(handler=cmd_run_test)
 
-    bench = commands.add_parser("run-benchmark", help="speed figures over benchmark prompts")
+    bench = engine_command("run-benchmark", "speed figures over benchmark prompts")
     bench.add_argument("--benchmarks", required=True, help="comma-separated: " + ",".join(BENCHMARKS))
     bench.add_argument("--max-samples", type=_checked("max_samples", int), help="prompts per benchmark (seeded)")
-    bench.add_argument("--max-new-tokens", type=max_new_tokens)
     bench.add_argument("--out", type=Path, default=Path("results"), help="results folder (default ./results)")
     bench.set_defaults(handler=cmd_run_benchmark)
 
-    api = commands.add_parser("run-api", help="OpenAI-compatible HTTP server")
+    api = engine_command("run-api", "OpenAI-compatible HTTP server")
     api.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--port", type=_port, default=8000)
     api.set_defaults(handler=cmd_run_api)
 
-    gradio = commands.add_parser("run-gradio", help="browser chat (Gradio; extra 'ui')")
+    gradio = engine_command("run-gradio", "browser chat (Gradio; extra 'ui')")
     gradio.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    gradio.add_argument("--port", type=int, default=7860)
+    gradio.add_argument("--port", type=_port, default=7860)
     gradio.set_defaults(handler=cmd_run_gradio)
 
-    profile = commands.add_parser("profile", help="measure this GPU and plan what fits in VRAM")
+    profile = engine_command("profile", "measure this GPU and plan what fits in VRAM")
     profile.add_argument("--model", help="model to plan for (default: --llm-path, else the bundled model)")
-    profile.add_argument("--vram-limit-gb", dest="profile_vram_limit_gb", type=_checked("vram_limit_gb", float))
     profile.add_argument("--force", action="store_true", help="measure again even if a profile is stored")
     profile.add_argument("--json", action="store_true")
     profile.set_defaults(handler=cmd_profile)
@@ -174,9 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, checked before any model loads."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is between 1 and 65535, got {port}")
+    return port
+
+
+def settings_from_args(args: argparse.Namespace, plan: dict[str, Any] | None = None) -> Settings:
     overrides = {key: getattr(args, key) for key in SETTING_KEYS if getattr(args, key, None) is not None}
-    return resolve_settings(args.config, overrides)
+    return resolve_settings(getattr(args, "config", None), overrides, plan)
 
 
 # ---------------------------------------------------------------- helpers
@@ -190,8 +219,42 @@ def _print_json(data: Any) -> None:
     print(json.dumps(data, default=str))
 
 
+def load_engine(config: EngineConfig, progress: Callable[[str], None]) -> Engine:
+    """engine.load_engine, imported here: torch loads after the arguments are parsed."""
+    from engine import load_engine as load
+
+    return load(config, progress)
+
+
+def planned(args: argparse.Namespace, settings: Settings) -> tuple[Settings, Planned]:
+    """The settings to load with: the user's own, over the plan profiles.choose_plan decides
+    (stored profile, measured now on a first run, or the estimate with --no-profile)."""
+    from profiles.choose import choose_plan
+
+    plan = choose_plan(settings.engine, settings.explicit, use_profile=not getattr(args, "no_profile", False),
+                       progress=_progress)
+    for note in plan.notes:
+        _progress(note)
+    final = settings_from_args(args, plan.overrides)
+    _progress(plan_line(plan, final.engine))
+    return final, plan
+
+
+def plan_line(plan: Planned, config: EngineConfig) -> str:
+    """One line: which plan this run uses and where it came from."""
+    origin = {
+        "flags": "your settings",
+        "estimate": "the memory model's estimate (--no-profile)",
+        "profile": f"the profile {plan.profile.path or '(not saved)'}" if plan.profile else "the profile",
+    }[plan.source]
+    layers = config.keep_first_n_layers_on_gpu
+    placement = "every layer resident" if layers is None else f"{layers} layers on the GPU"
+    tree = "" if config.method == "vanilla" else f", {config.tree_policy} tree of {config.draft_nodes() + 1} nodes"
+    return f"plan from {origin}: {config.method}, {placement}{tree}, context {config.max_length}"
+
+
 def _load(settings: Settings) -> Engine:
-    return load_engine(settings.engine, progress=_progress)
+    return load_engine(settings.engine, _progress)
 
 
 def format_stats(method_label: str, stats: dict[str, Any]) -> str:
@@ -229,12 +292,14 @@ def rerun_under_nsys(output: str, argv: Sequence[str]) -> int:
 
 
 def cmd_run_test(args: argparse.Namespace, settings: Settings) -> int:
+    settings, plan = planned(args, settings)
     engine = _load(settings)
     try:
         warm_up(engine, settings)
         prompt_ids = engine.chat_ids([{"role": "user", "content": args.prompt}])
         stream = None if args.json else lambda piece: print(piece, end="", flush=True)
         gen = engine.generate(prompt_ids, settings.sampling, on_text=stream)
+        plan_info = plan.describe(settings.engine, engine.describe())
     finally:
         engine.close()
     stats = gen.stats.as_dict()
@@ -245,6 +310,7 @@ def cmd_run_test(args: argparse.Namespace, settings: Settings) -> int:
             "text": gen.text,
             "token_ids": gen.token_ids,
             "stats": stats,
+            "plan": plan_info,
         })
     else:
         print()
@@ -255,9 +321,11 @@ def cmd_run_test(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_run_benchmark(args: argparse.Namespace, settings: Settings) -> int:
     names = parse_benchmark_names(args.benchmarks)
     samples = select_samples(names, args.max_samples, settings.sampling.seed or 0)
+    settings, plan = planned(args, settings)
     engine = _load(settings)
     try:
-        run_dir, summary = run_benchmarks(engine, settings, samples, args.max_samples, args.out)
+        plan_info = plan.describe(settings.engine, engine.describe())
+        run_dir, summary = run_benchmarks(engine, settings, samples, args.max_samples, args.out, plan_info)
     finally:
         engine.close()
     print(format_table(summary))
@@ -270,7 +338,8 @@ def cmd_run_api(args: argparse.Namespace, settings: Settings) -> int:
         from subspec_tui.server import serve
     except ImportError as err:
         raise CliError(f"run-api needs the server extra ({err.name} is missing): pip install 'subspec-chat[server]'") from None
-    return _serve_until_stopped(serve, args, settings)
+    with bound_socket(args.host, args.port) as sock:  # a taken port is found before minutes of loading
+        return _serve_until_stopped(lambda engine, sampling, plan: serve(engine, sampling, sock, plan), args, settings)
 
 
 def cmd_run_gradio(args: argparse.Namespace, settings: Settings) -> int:
@@ -280,14 +349,35 @@ def cmd_run_gradio(args: argparse.Namespace, settings: Settings) -> int:
         raise CliError("run-gradio needs the ui extra (gradio is missing): pip install 'subspec-chat[ui]'") from None
     from subspec_tui.gradio_ui import serve
 
-    return _serve_until_stopped(serve, args, settings)
+    with bound_socket(args.host, args.port):  # checked, then released for Gradio to bind
+        pass
+    return _serve_until_stopped(lambda engine, sampling, _plan: serve(engine, sampling, args.host, args.port),
+                                args, settings)
+
+
+@contextlib.contextmanager
+def bound_socket(host: str, port: int) -> Iterator[socket.socket]:
+    """A listening-ready socket bound to host:port, or one line saying why it cannot be."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise CliError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    try:
+        yield sock
+    finally:
+        sock.close()
 
 
 def _serve_until_stopped(serve: Callable, args: argparse.Namespace, settings: Settings) -> int:
-    """Load the engine, serve it on --host/--port (run-api, run-gradio), free it on the way out."""
+    """Load the engine with the plan, serve it (run-api, run-gradio), free it on the way out."""
+    settings, plan = planned(args, settings)
     engine = _load(settings)
     try:
-        serve(engine, settings.sampling, args.host, args.port)
+        serve(engine, settings.sampling, plan.describe(settings.engine, engine.describe()))
     finally:
         engine.close()
     return 0
@@ -295,18 +385,51 @@ def _serve_until_stopped(serve: Callable, args: argparse.Namespace, settings: Se
 
 def cmd_profile(args: argparse.Namespace, settings: Settings) -> int:
     import profiles
+    from profiles.choose import check_method
 
+    check_method(settings.engine)
     model = args.model or settings.engine.llm_path
-    vram_limit = args.profile_vram_limit_gb or settings.engine.vram_limit_gb
+    method = settings.engine.method if "method" in settings.explicit else None
+    if settings.engine.vram_limit_gb is not None and not _has_gpu():
+        return _print_estimate(args, model, method or "subspec_sd", settings.engine)
     # --max-length is the plan's context: its KV cache and workspace are part of what must fit.
-    profile = profiles.run_profile(model, vram_limit, settings.engine.method, _progress, args.force,
-                                   max_context=settings.engine.max_length)
+    profile = profiles.run_profile(model, settings.engine.vram_limit_gb, method, _progress, args.force,
+                                   max_context=settings.engine.max_length,
+                                   draft_model_path=settings.engine.draft_model_path)
     if args.json:
         _print_json(profile.as_dict())
     else:
         for message in profile.messages:
             _progress(message)
         print(profiles.format_profile(profile))
+    return 0
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _print_estimate(args: argparse.Namespace, model: str | None, method: str, config: EngineConfig) -> int:
+    """A CPU-only machine asked to plan for a card: the memory model's plan from config.json alone
+    (nothing to measure here, and no weights downloaded for it)."""
+    from profiles import GIB, ModelShapeError, estimate_plan
+    from profiles.source import model_config
+
+    draft = model_config(config.draft_model_path) if method == "classic_sd" else None
+    try:
+        plan = estimate_plan(model_config(model, download=True), int(config.vram_limit_gb * GIB), method,
+                             max_context=config.max_length, draft_config=draft)
+    except ModelShapeError as err:
+        raise CliError(f"cannot plan {model or 'the bundled model'}: {err}") from None
+    note = (f"no CUDA GPU here: the memory model's estimate for a {config.vram_limit_gb:g} GiB card, from config.json "
+            "alone; on that GPU, `subspec profile` measures it")
+    if args.json:
+        _print_json({"source": "estimate", "model": model, "note": note, "plan": plan.as_dict()})
+    else:
+        _progress(note)
+        print(plan.summary())
     return 0
 
 

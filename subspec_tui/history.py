@@ -3,6 +3,10 @@
 Every write commits at once: the user's message is stored before generation starts and the
 assistant's reply is rewritten as it streams, so killing the app loses at most the last
 fraction of a second of a reply.
+
+A folder or file that cannot be written (read-only, immutable, disk failing) is never a crash and
+never moved aside: the chats so far are copied into memory and the session goes on unsaved, with
+one line saying so. Only a file SQLite reports as damaged is moved aside and started afresh.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import platformdirs
 
@@ -55,6 +60,18 @@ class NewerSchemaError(HistoryError):
     """Written by a newer version of the app: left untouched."""
 
 
+class UnwritableError(HistoryError):
+    """The folder or file cannot be written (permissions, read-only or failing disk): left untouched."""
+
+
+class CorruptError(HistoryError):
+    """SQLite says the file is not a (sound) database: the one case that moves it aside."""
+
+
+def _unsaved(reason: str) -> str:
+    return f"{reason}; chats are not saved this session"
+
+
 def data_dir() -> Path:
     """Where chats live; SUBSPEC_DATA_DIR overrides the platformdirs location (tests, portable use)."""
     return Path(os.environ.get("SUBSPEC_DATA_DIR") or platformdirs.user_data_dir(APP_NAME))
@@ -91,32 +108,81 @@ class Chat:
 class ChatStore:
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or data_dir() / DB_NAME
-        if str(self.path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Called once, with one line, if a write fails and the session goes on in memory.
+        self.on_unsaved: Callable[[str], None] | None = None
+        self.unsaved_reason: str | None = None
         try:
+            if str(self.path) != ":memory:":
+                self.path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(self.path, isolation_level=None)  # autocommit: each write is durable
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA foreign_keys=ON")
             self._upgrade()
+        except OSError as err:
+            raise UnwritableError(f"cannot write chat history in {self.path.parent}: {err.strerror or err}") from None
+        except sqlite3.OperationalError as err:  # read-only, locked, I/O error: not the file's fault
+            raise UnwritableError(f"cannot write chat history {self.path}: {err}") from None
         except sqlite3.DatabaseError as err:
-            raise HistoryError(f"cannot open chat history {self.path}: {err}") from None
+            raise CorruptError(f"chat history {self.path} is damaged ({err})") from None
 
     @classmethod
     def open_or_recover(cls, path: Path | None = None) -> tuple["ChatStore", str | None]:
-        """Open the store; a damaged file is moved aside and a fresh one started, a newer one is
-        left alone and chats are kept in memory for this session. Returns (store, warning)."""
+        """Open the store. A damaged file is moved aside and a fresh one started; a newer or
+        unwritable one is left alone and chats are kept in memory (the existing ones copied there
+        when they can be read). Returns (store, warning: one line, or None)."""
         try:
             return cls(path), None
         except NewerSchemaError as err:
-            return cls(Path(":memory:")), f"{err}; chats are not saved this session"
-        except HistoryError as err:
+            return cls(Path(":memory:")), _unsaved(str(err))
+        except UnwritableError as err:
+            return cls._read_into_memory(Path(path or data_dir() / DB_NAME)), _unsaved(str(err))
+        except CorruptError as err:
             damaged = Path(path or data_dir() / DB_NAME)
             backup = damaged.with_name(f"{damaged.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
-            damaged.rename(backup)
-            return cls(path), f"{err}; moved it to {backup.name} and started a new history"
+            try:
+                damaged.rename(backup)
+                return cls(path), f"{err}; moved it to {backup.name} and started a new history"
+            except (OSError, HistoryError) as again:
+                reason = again.strerror if isinstance(again, OSError) else str(again)
+                return cls(Path(":memory:")), _unsaved(f"{err} and cannot be replaced ({reason})")
+
+    @classmethod
+    def _read_into_memory(cls, path: Path) -> "ChatStore":
+        """An in-memory store holding a copy of the chats at `path` (empty when unreadable)."""
+        store = cls(Path(":memory:"))
+        try:
+            source = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                source.backup(store.db)
+            finally:
+                source.close()
+            store._upgrade()
+        except (sqlite3.DatabaseError, HistoryError):
+            store = cls(Path(":memory:"))
+        return store
 
     def close(self) -> None:
         self.db.close()
+
+    def _write(self, sql: str, params: tuple = ()) -> sqlite3.Cursor:
+        """Run one write; if the file stops accepting writes, go on in memory with what it held."""
+        try:
+            return self.db.execute(sql, params)
+        except sqlite3.OperationalError as err:
+            if str(self.path) == ":memory:":
+                raise
+            self._move_to_memory(str(err))
+            return self.db.execute(sql, params)
+
+    def _move_to_memory(self, reason: str) -> None:
+        memory = sqlite3.connect(":memory:", isolation_level=None)
+        self.db.backup(memory)  # reading still works: copy every chat so far
+        self.db.close()
+        memory.execute("PRAGMA foreign_keys=ON")
+        self.db, self.unsaved_reason = memory, _unsaved(f"cannot write chat history {self.path}: {reason}")
+        self.path = Path(":memory:")
+        if self.on_unsaved is not None:
+            self.on_unsaved(self.unsaved_reason)
 
     # ------------------------------------------------------------ schema
 
@@ -151,7 +217,7 @@ class ChatStore:
     def create_chat(self, title: str, model: str | None, method: str | None,
                     system_prompt: str = "", sampling: dict | None = None) -> Chat:
         now = time.time()
-        cursor = self.db.execute(
+        cursor = self._write(
             "INSERT INTO chats (title, created, updated, model, method, system_prompt, sampling)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
             (title, now, now, model, method, system_prompt, json.dumps(sampling or {})),
@@ -194,28 +260,28 @@ class ChatStore:
         }
         changes = {column: value for column, value in changes.items() if value is not None}
         assignments = ", ".join(f"{column} = ?" for column in changes)
-        self.db.execute(
+        self._write(
             f"UPDATE chats SET {assignments}{', ' if assignments else ''}updated = ? WHERE id = ?",
             (*changes.values(), time.time(), chat_id),
         )
 
     def delete_chat(self, chat_id: int) -> None:
-        self.db.execute("DELETE FROM chats WHERE id = ?", (chat_id,))
+        self._write("DELETE FROM chats WHERE id = ?", (chat_id,))
 
     # ------------------------------------------------------------ messages
 
     def add_message(self, chat_id: int, role: str, content: str) -> int:
         now = time.time()
-        cursor = self.db.execute(
+        cursor = self._write(
             "INSERT INTO messages (chat_id, role, content, created) VALUES (?, ?, ?, ?)",
             (chat_id, role, content, now),
         )
-        self.db.execute("UPDATE chats SET updated = ? WHERE id = ?", (now, chat_id))
+        self._write("UPDATE chats SET updated = ? WHERE id = ?", (now, chat_id))
         return cursor.lastrowid
 
     def update_message(self, message_id: int, content: str, finish_reason: str | None = None,
                        stats: dict | None = None) -> None:
-        self.db.execute(
+        self._write(
             "UPDATE messages SET content = ?, finish_reason = COALESCE(?, finish_reason),"
             " stats = COALESCE(?, stats) WHERE id = ?",
             (content, finish_reason, json.dumps(stats) if stats is not None else None, message_id),
@@ -235,7 +301,7 @@ class ChatStore:
         return row[0] if row else default
 
     def set_preference(self, key: str, value: str) -> None:
-        self.db.execute(
+        self._write(
             "INSERT INTO preferences (key, value) VALUES (?, ?)"
             " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             (key, value),

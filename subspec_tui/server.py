@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
 import uuid
@@ -71,12 +72,20 @@ class ContentPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    """One turn. `tool` results are context like any other turn (the model's chat template renders
+    them); `content: null` is accepted only from the assistant (OpenAI's tool-call turns)."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
 
-    def text(self) -> str:
-        if self.content is None or isinstance(self.content, str):
-            return self.content or ""
+    def text(self, index: int) -> str:
+        if self.content is None:
+            if self.role != "assistant":
+                raise APIError(400, f"messages[{index}].content: null is only accepted for assistant messages",
+                               param="messages", code="invalid_value")
+            return ""
+        if isinstance(self.content, str):
+            return self.content
         unsupported = [p.type for p in self.content if p.type != "text"]
         if unsupported:
             raise APIError(400, f"content parts of type '{unsupported[0]}' are not supported (text only)",
@@ -133,8 +142,13 @@ class CompletionRequest(GenerationRequest):
 # ---------------------------------------------------------------- the engine worker
 
 
+class ClientGone(Exception):
+    """The client of a queued request went away before its turn: nothing is generated for it."""
+
+
 class EngineWorker:
-    """Runs engine calls one at a time on a single thread, first come first served."""
+    """Runs engine calls one at a time on a single thread, first come first served. `pending`
+    counts calls queued or running; a cancelled queued call leaves the count at once."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -198,6 +212,9 @@ def _sampling_for(req: GenerationRequest, defaults: SamplingConfig, prompt_len: 
     return sampling
 
 
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+
+
 def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
@@ -205,8 +222,10 @@ def _sse(data: dict[str, Any] | str) -> str:
 # ---------------------------------------------------------------- the app
 
 
-def create_app(engine: Engine | Callable[[], Engine], default_sampling: SamplingConfig | None = None) -> FastAPI:
-    """The API over `engine`, or over the engine `engine()` returns at start-up (closed at shutdown)."""
+def create_app(engine: Engine | Callable[[], Engine], default_sampling: SamplingConfig | None = None,
+               plan: dict[str, Any] | None = None) -> FastAPI:
+    """The API over `engine`, or over the engine `engine()` returns at start-up (closed at shutdown).
+    `plan` (which plan the engine was loaded with) is shown by /health."""
     defaults = default_sampling or SamplingConfig()
     state: dict[str, EngineWorker] = {}
 
@@ -255,10 +274,32 @@ def create_app(engine: Engine | Callable[[], Engine], default_sampling: Sampling
             raise APIError(400, str(err), code="engine_error") from None
         return Job(ids, _sampling_for(req, defaults, len(ids), eng.max_length))
 
-    async def generate(job: Job) -> Generation:
+    def submit(job: Job, cancel: threading.Event, on_text: Callable[[str], None] | None = None) -> Future[Generation]:
+        """Queue `job`'s generation; a cancelled job (its client gone) is skipped when its turn comes."""
         eng = worker().engine
+
+        def run() -> Generation:
+            if cancel.is_set():
+                raise ClientGone
+            return eng.generate(job.prompt_ids, job.sampling, on_text=on_text, cancel=cancel)
+
+        return worker().submit(run)
+
+    async def generate(job: Job, request: Request) -> Generation:
+        """A whole generation; stopped (or dropped from the queue) as soon as the client disconnects."""
+        cancel = threading.Event()
+        future = submit(job, cancel)
+        done = asyncio.wrap_future(future)
+        while not done.done():
+            await asyncio.wait({done}, timeout=DISCONNECT_POLL_S)
+            if not done.done() and await request.is_disconnected():
+                cancel.set()
+                future.cancel()  # still queued: leaves the queue now
+                break
         try:
-            return await worker().run(lambda: eng.generate(job.prompt_ids, job.sampling))
+            return await done
+        except (ClientGone, asyncio.CancelledError):
+            raise APIError(499, "the client closed the request", code="client_closed") from None
         except EngineError as err:
             raise APIError(400, str(err), code="engine_error") from None
 
@@ -268,13 +309,9 @@ def create_app(engine: Engine | Callable[[], Engine], default_sampling: Sampling
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
         cancel = threading.Event()
-        eng = worker().engine
-
-        def run() -> Generation:
-            on_text = lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)  # noqa: E731
-            return eng.generate(job.prompt_ids, job.sampling, on_text=on_text, cancel=cancel)
-
-        done = asyncio.wrap_future(worker().submit(run))
+        on_text = lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)  # noqa: E731
+        future = submit(job, cancel, on_text)
+        done = asyncio.wrap_future(future)
         # Runs on the loop after every piece queued before the generation finished.
         done.add_done_callback(lambda _: pieces.put_nowait(None))
         try:
@@ -293,10 +330,11 @@ def create_app(engine: Engine | Callable[[], Engine], default_sampling: Sampling
             yield _sse("[DONE]")
         finally:
             cancel.set()  # a client that went away stops its generation (no-op once finished)
+            future.cancel()  # ...or, still queued, leaves the queue
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": worker().engine.model_name, "queued": worker().pending}
+        return {"status": "ok", "model": worker().engine.model_name, "queued": worker().pending, "plan": plan}
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -305,8 +343,8 @@ def create_app(engine: Engine | Callable[[], Engine], default_sampling: Sampling
         ]}
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(req: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+        messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(req.messages)]
         job = await prepare(req, lambda eng: eng.chat_ids(messages))
         model = worker().engine.model_name
 
@@ -320,7 +358,7 @@ def create_app(engine: Engine | Callable[[], Engine], default_sampling: Sampling
             opening["choices"][0]["delta"] = {"role": "assistant", "content": ""}
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(stream(job, chunk, include_usage, opening), media_type="text/event-stream")
-        gen = await generate(job)
+        gen = await generate(job, request)
         return JSONResponse({
             "id": f"chatcmpl-{job.id}", "object": "chat.completion", "created": job.created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},
@@ -330,7 +368,7 @@ def create_app(engine: Engine | Callable[[], Engine], default_sampling: Sampling
         })
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(req: CompletionRequest) -> JSONResponse | StreamingResponse:
+    async def completions(req: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
         prompt = req.prompt_text()
         job = await prepare(req, lambda eng: list(eng.tokenizer.encode(prompt)))
         model = worker().engine.model_name
@@ -342,15 +380,16 @@ def create_app(engine: Engine | Callable[[], Engine], default_sampling: Sampling
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(stream(job, chunk, include_usage, None), media_type="text/event-stream")
-        gen = await generate(job)
+        gen = await generate(job, request)
         body = chunk(gen.text, FINISH_REASONS[gen.finish_reason])
         return JSONResponse({**body, "usage": job.usage(gen), "subspec_stats": gen.stats.as_dict()})
 
     return app
 
 
-def serve(engine: Engine, default_sampling: SamplingConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve until interrupted (Ctrl-C)."""
+def serve(engine: Engine, default_sampling: SamplingConfig, sock: socket.socket, plan: dict[str, Any] | None = None) -> None:
+    """Serve on `sock` (bound before the model loaded, so a taken port fails fast) until interrupted."""
     import uvicorn
 
-    uvicorn.run(create_app(engine, default_sampling), host=host, port=port, log_level="info")
+    config = uvicorn.Config(create_app(engine, default_sampling, plan), log_level="info")
+    uvicorn.Server(config).run(sockets=[sock])

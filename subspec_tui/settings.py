@@ -44,6 +44,8 @@ class Settings:
     engine: EngineConfig = field(default_factory=EngineConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     run: RunOptions = field(default_factory=RunOptions)
+    # Keys the user set (YAML file or command line): a measured plan never overrides them.
+    explicit: frozenset[str] = frozenset()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -218,14 +220,18 @@ def method_preset(method: str) -> dict[str, Any]:
     return load_yaml(path)
 
 
-def resolve_settings(config_path: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
-    """Merge the layers: preset of the chosen method < YAML file < `overrides` (the command line).
+def resolve_settings(
+    config_path: Path | None = None, overrides: dict[str, Any] | None = None, plan: dict[str, Any] | None = None
+) -> Settings:
+    """Merge the layers: preset of the chosen method < `plan` (profiles.choose_plan's values) <
+    YAML file < `overrides` (the command line).
 
-    The method is the command line's, else the YAML file's, else DEFAULT_METHOD."""
+    The method is the command line's, else the YAML file's, else the plan's, else DEFAULT_METHOD."""
     cli = validate(overrides or {}, "command line")
     from_file = load_yaml(config_path) if config_path is not None else {}
-    method = cli.get("method") or from_file.get("method") or DEFAULT_METHOD
-    merged = {**method_preset(method), **from_file, **cli, "method": method}
+    planned = validate(plan or {}, "the plan")
+    method = cli.get("method") or from_file.get("method") or planned.get("method") or DEFAULT_METHOD
+    merged = {**method_preset(method), **planned, **from_file, **cli, "method": method}
     per_section: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
     for key, value in merged.items():
         per_section[SCHEMA[key][0]][key] = value
@@ -233,4 +239,5 @@ def resolve_settings(config_path: Path | None = None, overrides: dict[str, Any] 
         engine=EngineConfig(**per_section["engine"]),
         sampling=SamplingConfig(**per_section["sampling"]),
         run=RunOptions(**per_section["run"]),
+        explicit=frozenset(from_file) | frozenset(cli),
     )

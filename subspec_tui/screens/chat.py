@@ -18,6 +18,7 @@ from textual.worker import Worker, WorkerState
 
 from engine import EngineError, Generation, SamplingConfig
 from subspec_tui.history import Chat
+from subspec_tui.widgets.alerts import AlertBar
 from subspec_tui.widgets.chat_log import AssistantTurn, PromptInput, UserTurn
 from subspec_tui.widgets.stats_panel import LiveStats, StatsPanel
 
@@ -30,7 +31,22 @@ TITLE_LENGTH = 48
 FINISH_NOTICES = {
     "length": "reply stopped at the max new tokens limit (chat settings: F5)",
     "cancelled": "stopped",
+    "error": "⚠ reply ended by an error",
+    # A stored reply with no finish reason was still streaming when the app was closed or killed.
+    None: "⚠ reply interrupted: the app was closed while it streamed",
 }
+WAITING_NOTICE = "waiting for the model to load; sent as soon as it is ready"
+
+
+def chat_title(prompt: str, limit: int = TITLE_LENGTH) -> str:
+    """The first words of the first prompt, cut at a word boundary."""
+    words = " ".join(prompt.split())
+    if len(words) <= limit:
+        return words
+    cut = words[:limit]
+    if words[limit] != " " and " " in cut:  # the limit falls inside a word: drop that word
+        cut = cut.rsplit(" ", 1)[0]
+    return cut.rstrip(" ,.;:") + "…"
 
 
 def context_notice(max_length: int) -> str:
@@ -74,17 +90,23 @@ class ChatScreen(Screen):
         self._reply_id: int | None = None
         self._reply_text = ""
         self._last_save = 0.0
+        self._waiting: str | None = None  # a prompt sent while the model was still loading
 
     def compose(self) -> ComposeResult:
         yield Header()
         with Horizontal():
             with Vertical(id="chat-pane"):
+                yield AlertBar(id="chat-alerts")
                 yield VerticalScroll(id="transcript")
-                yield Static("", id="chat-status")
+                yield Static("", id="chat-status", markup=False)
                 yield PromptInput(self.app.store.recent_prompts(), placeholder="Ask something… (enter to send)",
                                   id="prompt")
             yield StatsPanel(self.live, id="stats")
         yield Footer()
+
+    @property
+    def alerts(self) -> AlertBar:
+        return self.query_one(AlertBar)
 
     def on_mount(self) -> None:
         self.query_one("#transcript", VerticalScroll).anchor()
@@ -95,7 +117,7 @@ class ChatScreen(Screen):
     def update_status(self) -> None:
         app = self.app
         if app.engine_loading:
-            text = f"loading {app.model_label} ({app.method})… {app.load_progress}"
+            text = f"loading {app.model_label} ({app.method_label})… {app.load_progress}"
         elif app.engine is None:
             text = f"no model loaded{': ' + app.engine_error if app.engine_error else ''} (F3: models)"
         else:
@@ -115,19 +137,24 @@ class ChatScreen(Screen):
             if message.role == "user":
                 transcript.mount(UserTurn(message.content))
             else:
-                transcript.mount(AssistantTurn(message.content, self._notice(message.finish_reason)))
+                transcript.mount(AssistantTurn(message.content, self._notice(message.finish_reason, stored=True)))
         self.live.reset()
         self.update_status()
 
-    def _notice(self, finish_reason: str | None) -> str | None:
+    def _notice(self, finish_reason: str | None, stored: bool = False) -> str | None:
         if finish_reason == "context":
             return context_notice(self.app.engine.max_length if self.app.engine else 0)
-        return FINISH_NOTICES.get(finish_reason or "")
+        if finish_reason is None and not stored:
+            return None
+        return FINISH_NOTICES.get(finish_reason)
 
     def action_new_chat(self) -> None:
         if self.generating:
             self.notify("stop the current reply first (esc)", severity="warning")
             return
+        if self.chat is not None:  # the new chat keeps the settings of the one the user was in
+            self.app.pending_system_prompt = self.chat.system_prompt
+            self.app.pending_sampling = self.sampling()
         self.show_chat(None)
         self.query_one(PromptInput).focus()
 
@@ -186,27 +213,51 @@ class ChatScreen(Screen):
         prompt = event.value.strip()
         if not prompt:
             return
-        if self.generating:
+        if self.generating or self._waiting is not None:
             self.notify("a reply is still streaming: stop it with esc", severity="warning")
             return
-        if self.app.engine is None:
-            reason = "the model is still loading" if self.app.engine_loading else "no model is loaded (F3: models)"
-            self.notify(reason, severity="warning")
+        if self.app.engine is None and not self.app.engine_loading:
+            self.notify("no model is loaded (F3: models)", severity="warning")
             return
         prompt_input = self.query_one(PromptInput)
         prompt_input.remember(prompt)
         prompt_input.value = ""
+        if self.app.engine is None:  # still loading: keep the prompt, send it once the model is ready
+            self._waiting = prompt
+            await self.query_one("#transcript", VerticalScroll).mount(UserTurn(prompt, WAITING_NOTICE))
+            return
+        await self._start(prompt, mount_prompt=True)
+
+    def send_waiting(self) -> None:
+        """The model is ready: send the prompt typed while it loaded."""
+        if self._waiting is not None:
+            prompt, self._waiting = self._waiting, None
+            for turn in self.query(UserTurn):
+                turn.clear_notice()
+            self.run_worker(self._start(prompt, mount_prompt=False), group="send-waiting")
+
+    def drop_waiting(self) -> None:
+        """The model failed to load: the waiting prompt stays in the input line, not sent."""
+        if self._waiting is not None:
+            prompt, self._waiting = self._waiting, None
+            for turn in self.query(UserTurn):
+                if turn.has_notice:
+                    turn.remove()
+            self.query_one(PromptInput).value = prompt
+
+    async def _start(self, prompt: str, mount_prompt: bool) -> None:
         store = self.app.store
         if self.chat is None:
             self.chat = store.create_chat(
-                prompt[:TITLE_LENGTH], model=self.app.model_label, method=self.app.engine.config.method,
+                chat_title(prompt), model=self.app.model_label, method=self.app.engine.config.method,
                 system_prompt=self.app.pending_system_prompt,
                 sampling=dataclasses.asdict(self.app.pending_sampling),
             )
         store.add_message(self.chat.id, "user", prompt)  # saved before anything can go wrong
         self.chat = store.get_chat(self.chat.id)
         transcript = self.query_one("#transcript", VerticalScroll)
-        await transcript.mount(UserTurn(prompt))
+        if mount_prompt:
+            await transcript.mount(UserTurn(prompt))
         self._reply = AssistantTurn()
         await transcript.mount(self._reply)
         self._reply_id, self._reply_text = None, ""

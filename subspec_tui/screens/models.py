@@ -18,6 +18,7 @@ from engine import EngineError
 from profiles import ModelShapeError, estimate_plan
 from subspec_tui import models
 from subspec_tui.models import LocalModel, PullProgress, PullResult, format_bytes, format_params
+from subspec_tui.widgets.alerts import AlertBar
 
 if TYPE_CHECKING:
     from subspec_tui.app import SubSpecChatApp
@@ -70,6 +71,7 @@ class ModelsScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Header()
         with Vertical(id="models-pane"):
+            yield AlertBar(id="models-alerts")
             yield Label("Local models (enter: use · delete: remove)", classes="panel-title")
             yield DataTable(cursor_type="row", id="models-table")
             yield Label("Download from the hub", classes="panel-title")
@@ -82,6 +84,10 @@ class ModelsScreen(Screen):
             yield Static("", id="pull-status")
         yield Footer()
 
+    @property
+    def alerts(self) -> AlertBar:
+        return self.query_one(AlertBar)
+
     def on_mount(self) -> None:
         table = self.query_one("#models-table", DataTable)
         table.add_columns("model", "family", "params", "size", f"fits {self.gpu_label()}")
@@ -90,7 +96,8 @@ class ModelsScreen(Screen):
 
     def gpu_label(self) -> str:
         vram = self.app.gpu_vram_bytes
-        return f"({format_bytes(vram)} GPU, {self.app.method})" if vram else f"({self.app.method})"
+        method = self.app.method or "subspec_sd"
+        return f"({format_bytes(vram)} GPU, {method})" if vram else f"({method})"
 
     # ------------------------------------------------------------ listing
 
@@ -113,9 +120,10 @@ class ModelsScreen(Screen):
                 name = "▶ " + name
             table.add_row(
                 name, model.family or "?", format_params(model.params), format_bytes(model.size_bytes),
-                fit_text(model, self.app.gpu_vram_bytes, self.app.method), key=model.repo_id,
+                fit_text(model, self.app.gpu_vram_bytes, self.app.method or "subspec_sd"), key=model.repo_id,
             )
-        self.query_one("#pull-status", Static).update(f"{len(found)} models on this machine")
+        count = f"{len(found)} model" + ("" if len(found) == 1 else "s")
+        self.query_one("#pull-status", Static).update(f"{count} on this machine")
 
     def selected(self) -> LocalModel | None:
         table = self.query_one("#models-table", DataTable)
@@ -239,7 +247,7 @@ class ModelsScreen(Screen):
                 self.query_one("#pull-status", Static).update("")
             error = worker.error
             message = str(error) if isinstance(error, EngineError) else f"internal error: {error!r}"
-            self.notify(message, severity="error")
+            self.alerts.add(message)  # stays until dismissed: a toast would vanish in seconds
 
     def _pull_done(self) -> None:
         self.query_one("#cancel-pull", Button).disabled = True

@@ -144,7 +144,7 @@ def current_estimate(app: "SubSpecChatApp") -> str | None:
     if model is None:
         return None
     try:
-        plan = profiles.estimate_plan(model.config, app.gpu_vram_bytes, app.method)
+        plan = profiles.estimate_plan(model.config, app.gpu_vram_bytes, app.method or "subspec_sd")
     except profiles.ModelShapeError as err:
         return f"cannot plan {model.repo_id}: {err}"
     return "\n".join(plan_lines(plan))
@@ -152,7 +152,7 @@ def current_estimate(app: "SubSpecChatApp") -> str | None:
 
 def measured_text(app: "SubSpecChatApp") -> str:
     if app.measuring:
-        head = (f"measuring {app.model_label} ({app.method}) on this machine; "
+        head = (f"measuring {app.model_label} ({app.method_label}) on this machine; "
                 "the profile is stored and reused by later starts")
         return "\n".join([head, *app.profile_log[-PROFILE_LOG_LINES:]])
     if app.profile is not None:

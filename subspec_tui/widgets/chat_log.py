@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+from markdown_it import MarkdownIt
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.widgets import Input, Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 
 
-class UserTurn(Static):
-    """A user's message, shown verbatim (no markup interpretation)."""
+def reply_parser() -> MarkdownIt:
+    """Markdown as chat models write it: a single newline is a line break (a poem keeps its lines),
+    where CommonMark would join the lines into one paragraph."""
+    return MarkdownIt("gfm-like", {"breaks": True})
 
-    def __init__(self, text: str) -> None:
-        super().__init__(text, markup=False, classes="turn user-turn")
+
+class UserTurn(Static):
+    """A user's message, shown verbatim (no markup interpretation), with an optional notice line."""
+
+    def __init__(self, text: str, notice: str | None = None) -> None:
+        self.text, self.notice = text, notice
+        super().__init__(self._content(), markup=False, classes="turn user-turn")
+
+    def _content(self) -> str:
+        return self.text + (f"\n({self.notice})" if self.notice else "")
+
+    @property
+    def has_notice(self) -> bool:
+        return self.notice is not None
+
+    def clear_notice(self) -> None:
+        self.notice = None
+        self.update(self._content())
 
 
 class AssistantTurn(Vertical):
@@ -25,7 +44,7 @@ class AssistantTurn(Vertical):
         self._stream: MarkdownStream | None = None
 
     def compose(self):
-        yield Markdown(self.text)
+        yield Markdown(self.text, parser_factory=reply_parser)
         yield Static(self._initial_notice or "", classes="turn-notice", markup=False)
 
     def on_mount(self) -> None:

@@ -156,7 +156,8 @@ class StatsPanel(Vertical):
             return
         self._shown_version = version
         self.query_one("#stats-figures", Static).update(figures_text(snap, self.device_line))
-        self.query_one("#stats-rate", Sparkline).data = snap.rates or [0.0]
+        # One rate alone would draw as full-height blocks (a sparkline scales to its own range).
+        self.query_one("#stats-rate", Sparkline).data = snap.rates if len(snap.rates) >= 2 else []
         self.query_one("#stats-histogram", Static).update("\n".join(histogram_lines(snap.accepted)))
 
 

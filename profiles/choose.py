@@ -1,0 +1,146 @@
+"""What a front end loads with: one decision for subspec-chat, run-test, run-benchmark, run-api
+and run-gradio (data flows front end -> profiles -> engine).
+
+1. **flags**: the user named the resident layers (`--keep-first-n-layers-on-gpu` or the YAML key),
+   or the CPU on a machine with a GPU (`--device cpu`): no profile is read or measured.
+2. **profile**: the stored profile for this device, model files, method, cap and context; on the
+   first run it is measured now and stored (progress through `progress`).
+3. **estimate** (`use_profile=False`, `--no-profile`): the memory model's plan from config.json,
+   instant and not measured.
+
+The method is the user's when they chose one; otherwise the profile's (on a CPU, the fastest it
+measured). The result is a set of EngineConfig values the front end layers between the method
+preset and the user's own settings (preset < plan < YAML < command line), plus what to tell the
+user and what to report with every result (`Planned.describe`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+from engine.config import EngineConfig
+from profiles.runner import Profile, vram_budget
+from profiles.store import ProfileError
+
+PlanSource = Literal["flags", "profile", "estimate"]
+Progress = Callable[[str], None]
+# profiles.run_profile's signature: (model, vram_limit_gb, method or None, progress, force, *, max_context, draft_model_path)
+Profiler = Callable[..., Profile]
+
+
+@dataclass
+class Planned:
+    source: PlanSource
+    overrides: dict[str, Any]  # EngineConfig fields the plan decides (never one the user set)
+    profile: Profile | None = None
+    notes: list[str] = field(default_factory=list)  # one line each, for the user
+
+    @property
+    def method(self) -> str | None:
+        """The method the plan chose, None when it leaves the method to the user's settings."""
+        return self.overrides.get("method")
+
+    def describe(self, config: EngineConfig, engine_details: dict[str, Any]) -> dict[str, Any]:
+        """Which plan ran: the `plan` object of run-test's JSON, benchmark records and /health."""
+        on_gpu = str(engine_details.get("device", "cpu")).startswith("cuda")
+        drafts = config.method != "vanilla"
+        path = self.profile.path if self.profile is not None else None
+        return {
+            "source": self.source,
+            "method": config.method,
+            "device": engine_details.get("device"),
+            "layers_on_gpu": engine_details.get("layers_on_gpu") if on_gpu else None,
+            "layers_total": engine_details.get("layers_total"),
+            "stream_buffers": engine_details.get("stream_buffers", 0) if on_gpu else 0,
+            "tree_policy": config.tree_policy if drafts else None,
+            "node_budget": config.draft_nodes() if drafts else None,
+            "draft_batch": config.draft_batch if drafts and config.tree_policy == "best_first" else None,
+            "max_length": engine_details.get("max_length", config.max_length),
+            "profile_path": str(path) if path else None,
+        }
+
+
+def choose_plan(
+    config: EngineConfig,
+    explicit: Collection[str],
+    *,
+    use_profile: bool = True,
+    force: bool = False,
+    progress: Progress | None = None,
+    profiler: Profiler | None = None,
+    gpu: bool | None = None,
+) -> Planned:
+    """The plan for `config` (method preset < YAML < command line, already merged) whose keys in
+    `explicit` the user set. Raises ProfileError / EngineError with one line for the user
+    (an unavailable method, a model that does not fit) before any weights load."""
+    check_method(config)
+    if gpu is None:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    on_gpu = gpu and not config.device.startswith("cpu")
+    if "keep_first_n_layers_on_gpu" in explicit or (gpu and not on_gpu):
+        return Planned("flags", {})
+    if not use_profile:
+        return _estimate(config, on_gpu)
+    if profiler is None:
+        from profiles.runner import run_profile as profiler
+    method = config.method if "method" in explicit else None
+    profile = profiler(config.llm_path, config.vram_limit_gb, method, progress, force,
+                       max_context=config.max_length, draft_model_path=config.draft_model_path)
+    return _from_profile(profile, method, explicit)
+
+
+def check_method(config: EngineConfig) -> None:
+    """Refuse what cannot run before anything is measured or loaded."""
+    if config.method == "eagle_sd":
+        raise ProfileError("eagle_sd is not available yet: use subspec_sd, classic_sd or vanilla")
+    if config.method == "classic_sd" and not config.draft_model_path:
+        raise ProfileError("classic_sd needs a draft model: pass --draft-model-path")
+
+
+def _from_profile(profile: Profile, method: str | None, explicit: Collection[str]) -> Planned:
+    plan = profile.plan
+    overrides = plan.engine_overrides()
+    notes = list(profile.messages)
+    if method is not None and plan.method != method:
+        # A CPU profile of another method: its tree is not this method's, only its context applies.
+        overrides = {"max_length": overrides["max_length"]}
+        notes.append(f"this machine's profile measured {plan.method} as faster; using {method} as asked")
+    elif method is None and plan.device == "cpu" and not profile.reused:
+        notes.append(f"using {plan.method}: the fastest method measured on this machine (--method chooses another)")
+    # The user's own settings win over the plan's; the method only when they chose one.
+    kept = {key: value for key, value in overrides.items() if key not in explicit}
+    if method is None:
+        kept["method"] = plan.method
+    return Planned("profile", kept, profile, notes)
+
+
+def _estimate(config: EngineConfig, on_gpu: bool) -> Planned:
+    """The memory model's plan, from config.json alone (instant, not measured)."""
+    if not on_gpu:
+        return Planned("estimate", {}, notes=["no GPU: every layer runs on the CPU (--no-profile: not measured)"])
+    import torch
+
+    from profiles.memory import ModelShapeError, estimate_plan
+    from profiles.source import model_config
+
+    draft = model_config(config.draft_model_path) if config.method == "classic_sd" else None
+    index = torch.device(config.device if config.device != "auto" else "cuda").index or 0
+    try:
+        plan = estimate_plan(model_config(config.llm_path), vram_budget(index, config.vram_limit_gb), config.method,
+                             max_context=config.max_length, tree_nodes=1 + config.draft_nodes(),
+                             substitute_bits=config.substitute_bits, substitute_group=config.substitute_group_size,
+                             draft_config=draft)
+    except ModelShapeError as err:
+        raise ProfileError(f"cannot plan {config.llm_path or 'the bundled model'}: {err}") from None
+    if not plan.fits:
+        raise ProfileError(f"the model does not fit this GPU with {config.method}: {plan.reason}")
+    overrides: dict[str, Any] = {"keep_first_n_layers_on_gpu": plan.layers_on_gpu}
+    if plan.stream_buffers:
+        overrides["offload_slots"] = plan.stream_buffers
+    note = (f"--no-profile: the memory model's estimate ({plan.layers_on_gpu} of {plan.layers_total} layers on "
+            "the GPU), not measured")
+    return Planned("estimate", overrides, notes=[note])

@@ -1,0 +1,29 @@
+"""`subspec-chat`'s command line, parsed before the app is imported: --help and a usage error
+answer at once instead of after torch and Textual load (seconds on a CPU)."""
+
+from __future__ import annotations
+
+import argparse
+
+from engine import METHODS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="subspec-chat", description="Chat with local models larger than your GPU.")
+    parser.add_argument("--model", help="hub id, model folder or .gguf file (default: the last one used, "
+                        "else the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--method", choices=METHODS, help="decoding method (default: the last one chosen, "
+                        "else the fastest this machine's profile measured)")
+    parser.add_argument("--draft-model-path", help="the draft model of classic_sd (same tokenizer as the model)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from subspec_tui.app import SubSpecChatApp
+
+    SubSpecChatApp(model_ref=args.model, method=args.method, draft_model_path=args.draft_model_path).run()
+
+
+if __name__ == "__main__":
+    main()
