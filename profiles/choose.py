@@ -38,6 +38,18 @@ class Planned:
     notes: list[str] = field(default_factory=list)  # one line each, for the user
 
     @property
+    def origin(self) -> str:
+        """Where the plan's values come from, in words (error messages, the CLI's plan line)."""
+        if self.source == "profile":
+            return f"the profile {self.profile.path}" if self.profile and self.profile.path else "the measured profile"
+        return {"flags": "your settings", "estimate": "the memory model's estimate (--no-profile)"}[self.source]
+
+    @property
+    def warnings(self) -> list[str]:
+        """The notes that are problems (a profile moved aside, one that cannot be saved)."""
+        return list(self.profile.messages) if self.profile else []
+
+    @property
     def method(self) -> str | None:
         """The method the plan chose, None when it leaves the method to the user's settings."""
         return self.overrides.get("method")
@@ -88,7 +100,7 @@ def choose_plan(
     if profiler is None:
         from profiles.runner import run_profile as profiler
     method = config.method if "method" in explicit else None
-    profile = profiler(config.llm_path, config.vram_limit_gb, method, progress, force,
+    profile = profiler(config.llm_path, config.vram_limit_gb, method, progress or (lambda _text: None), force,
                        max_context=config.max_length, draft_model_path=config.draft_model_path)
     return _from_profile(profile, method, explicit)
 

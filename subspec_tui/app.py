@@ -61,7 +61,9 @@ def plan_settings(
     asked = resolve_settings(None, {k: v for k, v in chosen.items() if v is not None})
     explicit = {"method"} if method else set()
     planned = choose_plan(asked.engine, explicit, force=force, progress=progress, profiler=profiler, gpu=gpu)
-    return resolve_settings(None, {k: v for k, v in chosen.items() if v is not None}, planned.overrides), planned
+    settings = resolve_settings(None, {k: v for k, v in chosen.items() if v is not None}, planned.overrides,
+                                planned.origin)
+    return settings, planned
 
 
 class SubSpecCommands(Provider):
@@ -111,7 +113,7 @@ class SubSpecChatApp(App):
         Binding("f2", "switch_mode('chat')", "Chat", id="app.chat"),
         Binding("f3", "switch_mode('models')", "Models", id="app.models"),
         Binding("f4", "switch_mode('profile')", "Profile", id="app.profile"),
-        Binding("ctrl+x", "dismiss_alerts", "Dismiss alerts", show=False, id="app.dismiss_alerts"),
+        Binding("ctrl+l", "dismiss_alerts", "Dismiss alerts", show=False, id="app.dismiss_alerts"),
     ]
 
     class LoadProgress(Message):
@@ -187,7 +189,7 @@ class SubSpecChatApp(App):
 
     def alert(self, text: str, severity: str = "error", screen: str = "chat") -> None:
         """An error that stays on the screen it concerns until dismissed (toasts vanish)."""
-        self.get_screen(screen).alerts.add(text, severity)  # type: ignore[attr-defined]
+        self.get_screen(screen).alert(text, severity)  # type: ignore[attr-defined]
 
     def action_dismiss_alerts(self) -> None:
         alerts = getattr(self.screen, "alerts", None)
@@ -297,8 +299,11 @@ class SubSpecChatApp(App):
 
     def plan_ready(self, settings: Settings, planned: Planned) -> None:
         self.planned = planned
-        for note in planned.notes:  # a corrupt profile moved aside, a read-only store, the method it chose
-            self.notify(note, timeout=10)
+        for note in planned.notes:
+            if note in planned.warnings:  # a corrupt profile moved aside, a read-only store: they stay
+                self.alert(note, "warning")
+            else:  # the method a first measurement chose
+                self.notify(note, timeout=10)
         self.default_sampling = self.pending_sampling = settings.sampling
         self.load_progress = ""
         self.load_engine_worker(settings.engine)

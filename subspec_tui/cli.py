@@ -203,9 +203,11 @@ def _port(text: str) -> int:
     return port
 
 
-def settings_from_args(args: argparse.Namespace, plan: dict[str, Any] | None = None) -> Settings:
+def settings_from_args(args: argparse.Namespace, plan: Planned | None = None) -> Settings:
     overrides = {key: getattr(args, key) for key in SETTING_KEYS if getattr(args, key, None) is not None}
-    return resolve_settings(getattr(args, "config", None), overrides, plan)
+    if plan is None:
+        return resolve_settings(getattr(args, "config", None), overrides)
+    return resolve_settings(getattr(args, "config", None), overrides, plan.overrides, plan.origin)
 
 
 # ---------------------------------------------------------------- helpers
@@ -235,22 +237,17 @@ def planned(args: argparse.Namespace, settings: Settings) -> tuple[Settings, Pla
                        progress=_progress)
     for note in plan.notes:
         _progress(note)
-    final = settings_from_args(args, plan.overrides)
+    final = settings_from_args(args, plan)
     _progress(plan_line(plan, final.engine))
     return final, plan
 
 
 def plan_line(plan: Planned, config: EngineConfig) -> str:
     """One line: which plan this run uses and where it came from."""
-    origin = {
-        "flags": "your settings",
-        "estimate": "the memory model's estimate (--no-profile)",
-        "profile": f"the profile {plan.profile.path or '(not saved)'}" if plan.profile else "the profile",
-    }[plan.source]
     layers = config.keep_first_n_layers_on_gpu
     placement = "every layer resident" if layers is None else f"{layers} layers on the GPU"
     tree = "" if config.method == "vanilla" else f", {config.tree_policy} tree of {config.draft_nodes() + 1} nodes"
-    return f"plan from {origin}: {config.method}, {placement}{tree}, context {config.max_length}"
+    return f"plan from {plan.origin}: {config.method}, {placement}{tree}, context {config.max_length}"
 
 
 def _load(settings: Settings) -> Engine:

@@ -151,7 +151,7 @@ class ChatStore:
         """An in-memory store holding a copy of the chats at `path` (empty when unreadable)."""
         store = cls(Path(":memory:"))
         try:
-            source = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            source = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)  # no WAL or lock files needed
             try:
                 source.backup(store.db)
             finally:

@@ -221,7 +221,8 @@ def method_preset(method: str) -> dict[str, Any]:
 
 
 def resolve_settings(
-    config_path: Path | None = None, overrides: dict[str, Any] | None = None, plan: dict[str, Any] | None = None
+    config_path: Path | None = None, overrides: dict[str, Any] | None = None, plan: dict[str, Any] | None = None,
+    plan_source: str = "the plan",
 ) -> Settings:
     """Merge the layers: preset of the chosen method < `plan` (profiles.choose_plan's values) <
     YAML file < `overrides` (the command line).
@@ -229,7 +230,7 @@ def resolve_settings(
     The method is the command line's, else the YAML file's, else the plan's, else DEFAULT_METHOD."""
     cli = validate(overrides or {}, "command line")
     from_file = load_yaml(config_path) if config_path is not None else {}
-    planned = validate(plan or {}, "the plan")
+    planned = validate(plan or {}, plan_source)
     method = cli.get("method") or from_file.get("method") or planned.get("method") or DEFAULT_METHOD
     merged = {**method_preset(method), **planned, **from_file, **cli, "method": method}
     per_section: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}

@@ -24,6 +24,15 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(autouse=True)
+def quiet_machine(monkeypatch):
+    """Profiles record how busy the machine was and distrust busy measurements; the test machine's
+    own load is not a test input (tests of that rule set the load they need)."""
+    import profiles.runner
+
+    monkeypatch.setattr(profiles.runner, "machine_load", lambda: 0.0)
+
+
 _engines: dict = {}
 
 

@@ -97,3 +97,15 @@ class FakeEngine:
 
     def close(self) -> None:
         self.closed = True
+
+
+def use_fake_profiles(monkeypatch, tmp_path) -> list[tuple]:
+    """Headless commands plan with a stand-in profile (a CPU plan of the method asked for, or
+    subspec_sd when the profile chooses) instead of measuring the real engine; returns its calls."""
+    import profiles.runner
+    from tui_fake_engine import FakeProfiler
+
+    monkeypatch.setenv("SUBSPEC_CONFIG_DIR", str(tmp_path / "config"))
+    profiler = FakeProfiler()
+    monkeypatch.setattr(profiles.runner, "run_profile", profiler)
+    return profiler.calls

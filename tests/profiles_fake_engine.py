@@ -14,8 +14,13 @@ from engine import EngineConfig, EngineError, Generation, GenerationStats, Sampl
 
 
 class WordTokenizer:
+    all_special_ids = [0]
+
     def encode(self, text: str) -> list[int]:
         return list(range(len(text.split())))
+
+    def __len__(self) -> int:
+        return 1000
 
 
 @dataclass

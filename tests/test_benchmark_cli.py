@@ -7,7 +7,7 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
-from headless_fakes import REPLY, FakeEngine
+from headless_fakes import REPLY, FakeEngine, use_fake_profiles
 
 from engine import EngineConfig
 from subspec_tui import benchmark, cli
@@ -22,7 +22,8 @@ def first_records(name: str) -> list[dict]:
 
 
 @pytest.fixture
-def engines(monkeypatch):
+def engines(monkeypatch, tmp_path):
+    use_fake_profiles(monkeypatch, tmp_path)
     loaded: list[FakeEngine] = []
 
     def fake_load(config: EngineConfig, progress=None):

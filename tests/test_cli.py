@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from headless_fakes import REPLY, FakeEngine
+from headless_fakes import REPLY, FakeEngine, use_fake_profiles
 
 from engine import EngineConfig, EngineError
 from subspec_tui import cli
@@ -20,8 +20,9 @@ CONTRACT_STATS = {"new_tokens", "tok_per_s", "tau", "iterations", "draft_ms", "v
 
 
 @pytest.fixture
-def engines(monkeypatch):
+def engines(monkeypatch, tmp_path):
     """Every engine the CLI loads, in order (the config it was loaded with is `engine.config`)."""
+    use_fake_profiles(monkeypatch, tmp_path)
     loaded: list[FakeEngine] = []
 
     def fake_load(config: EngineConfig, progress=None):
@@ -43,7 +44,7 @@ def test_run_test_json_prints_exactly_the_contract_object(engines, capsys):
     code, out, err = run(capsys, "--method", "vanilla", "run-test", "--prompt", "Capital of France?", "--json")
     assert code == 0
     result = json.loads(out)  # the whole of stdout is one JSON document
-    assert set(result) == {"method", "model", "text", "token_ids", "stats"}
+    assert set(result) == {"method", "model", "text", "token_ids", "stats", "plan"}
     assert (result["method"], result["model"], result["text"]) == ("vanilla", FakeEngine.model_name, REPLY)
     assert result["token_ids"] == [ord(c) for c in REPLY]
     assert CONTRACT_STATS <= set(result["stats"])
@@ -70,7 +71,7 @@ def test_global_options_reach_the_engine_config(engines, capsys, tmp_path):
     code, _, _ = run(
         capsys, "--config", str(config), "--max-depth", "5", "--vram-limit-gb", "8", "--nvtx-profiling",
         "--tree-policy", "best_first", "--node-budget", "40", "--do-sample", "--temperature", "0.7",
-        "--llm-path", "some/model", "--device", "cpu", "--keep-first-n-layers-on-gpu", "3",
+        "--llm-path", "some/model", "--draft-model-path", "some/draft", "--device", "cpu", "--keep-first-n-layers-on-gpu", "3",
         "--dtype", "bfloat16", "--row-invariant", "run-test", "--json",
     )
     assert code == 0
@@ -98,14 +99,17 @@ def test_warmup_iterations_run_before_the_measured_generation(engines, capsys):
     assert engines[0].prompts[-1] == "<user>hi<assistant>"
 
 
-def test_engine_error_is_one_line_and_exit_1(monkeypatch, capsys):
+def test_engine_error_is_one_line_and_exit_1(monkeypatch, capsys, tmp_path):
+    use_fake_profiles(monkeypatch, tmp_path)
+
     def failing_load(config, progress=None):
         raise EngineError("model path /nope does not exist")
 
     monkeypatch.setattr(cli, "load_engine", failing_load)
     code, out, err = run(capsys, "--llm-path", "/nope", "run-test", "--json")
     assert (code, out) == (1, "")
-    assert err == "subspec: error: model path /nope does not exist\n"
+    assert err.splitlines()[-1] == "subspec: error: model path /nope does not exist"
+    assert "Traceback" not in err
 
 
 def test_bad_yaml_is_one_line_and_exit_1(engines, capsys, tmp_path):
@@ -227,19 +231,38 @@ def test_profile_command_passes_model_cap_method_and_force(capsys, monkeypatch):
 
     calls = []
 
-    def fake_run_profile(model, vram_limit_gb, method, progress, force, max_context):
+    def fake_run_profile(model, vram_limit_gb, method, progress, force, max_context, draft_model_path):
         calls.append((model, vram_limit_gb, method, force, max_context))
         return StoredProfile()
 
     monkeypatch.setattr(profiles, "run_profile", fake_run_profile)
+    monkeypatch.setattr(cli, "_has_gpu", lambda: True)
     monkeypatch.setattr(profiles, "format_profile", lambda p: f"Model: {p.as_dict()['model']}")
     code, out, _ = run(capsys, "--method", "vanilla", "--llm-path", "org/model", "profile", "--vram-limit-gb", "8",
                        "--force", "--json")
     assert (code, json.loads(out)) == (0, StoredProfile().as_dict())
-    code, out, err = run(capsys, "--vram-limit-gb", "12", "--max-length", "1024", "profile", "--model", "other/model")
+    code, out, err = run(capsys, "--max-length", "1024", "profile", "--model", "other/model")
     assert (code, out) == (0, "Model: bundled\n")
-    assert "profiling the CPU" in err
-    assert calls == [("org/model", 8.0, "vanilla", True, 2048), ("other/model", 12.0, "subspec_sd", False, 1024)]
+    # No --method: the profile chooses (None), as every front end lets it.
+    assert calls == [("org/model", 8.0, "vanilla", True, 2048), ("other/model", None, None, False, 1024)]
+
+
+def test_profile_for_a_card_on_a_cpu_only_machine_is_the_config_only_estimate(capsys, monkeypatch, tmp_path):
+    import profiles
+
+    monkeypatch.setattr(profiles, "run_profile", lambda *a, **k: pytest.fail("nothing is measured or downloaded"))
+    monkeypatch.setattr(cli, "_has_gpu", lambda: False)
+    folder = tmp_path / "qwen-7b-shape"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False}))
+    code, out, err = run(capsys, "profile", "--model", str(folder), "--vram-limit-gb", "8", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["source"] == "estimate" and "no CUDA GPU here" in result["note"]
+    assert result["plan"]["fits"] and result["plan"]["layers_total"] == 28 and result["plan"]["vram_bytes"] == 8 * 2**30
+    code, out, err = run(capsys, "profile", "--model", str(folder), "--vram-limit-gb", "8")
+    assert code == 0 and "of 28 layers on GPU" in out and "no CUDA GPU here" in err
 
 
 def test_profile_errors_are_one_line(capsys, monkeypatch):

@@ -44,6 +44,33 @@ def test_corrupt_gguf(tmp_path):
     assert "cannot read GGUF" in load_error(llm_path=str(bad))
 
 
+def test_a_file_that_is_not_a_model(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# not a model")
+    assert "is a file but not a model" in load_error(llm_path=str(readme))
+
+
+@pytest.mark.slow
+def test_a_gguf_with_corrupt_tensor_data_never_reaches_the_cache(tmp_path, monkeypatch):
+    """The file parses, one block's scale is NaN: refused naming the user's .gguf, nothing cached."""
+    import gguf
+
+    from engine.loading import bundled_gguf_path
+
+    monkeypatch.setenv("SUBSPEC_CACHE_DIR", str(tmp_path / "cache"))
+    bad = tmp_path / "damaged.gguf"
+    shutil.copyfile(bundled_gguf_path(), bad)
+    embedding = next(t for t in gguf.GGUFReader(bad).tensors if t.name == "token_embd.weight")
+    assert embedding.tensor_type.name == "Q8_0"  # blocks of an fp16 scale and 32 int8 values
+    with bad.open("r+b") as f:
+        f.seek(int(embedding.data_offset))
+        f.write(bytes([0x00, 0x7E]))  # the first block's scale: an fp16 NaN
+    message = load_error(llm_path=str(bad))
+    assert f"corrupt weights in {bad}" in message and "NaN" in message
+    assert not list((tmp_path / "cache").rglob("complete"))  # not marked converted
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))  # nothing written at all
+
+
 def test_hub_id_offline_and_not_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))

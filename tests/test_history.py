@@ -124,3 +124,46 @@ def test_export_markdown(store, tmp_path):
     assert "## System\n\nBe exact." in text
     assert "## User\n\nWhat is the capital of France?" in text
     assert "## Assistant\n\nParis\n\n*(reply ended: length)*" in text
+
+
+def test_a_data_folder_that_cannot_be_created_keeps_chats_in_memory(tmp_path):
+    blocker = tmp_path / "data"
+    blocker.write_text("a file where the folder should be")  # mkdir fails, even for root
+    store, warning = ChatStore.open_or_recover(blocker / "history.sqlite3")
+    assert warning.endswith("chats are not saved this session") and "\n" not in warning
+    assert str(store.path) == ":memory:"
+    store.create_chat("works", model=None, method=None)
+    assert [c.title for c in store.list_chats()] == ["works"]
+    assert blocker.read_text() == "a file where the folder should be"  # nothing moved aside
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_a_history_file_that_cannot_be_opened_for_writing_is_copied_into_memory_not_moved(tmp_path):
+    path = tmp_path / "h.sqlite3"
+    first = ChatStore(path)
+    chat = first.create_chat("kept", model=None, method=None)
+    first.add_message(chat.id, "user", "hello")
+    first.close()
+    (tmp_path / "h.sqlite3-wal").mkdir()  # SQLite cannot create its write-ahead log: an I/O error, not damage
+    store, warning = ChatStore.open_or_recover(path)
+    assert "cannot write chat history" in warning and warning.endswith("chats are not saved this session")
+    assert [m.content for m in store.get_chat(chat.id).messages] == ["hello"]  # readable this session
+    assert not list(tmp_path.glob("*.corrupt-*"))  # never moved aside for an I/O error
+
+
+def test_a_write_that_fails_mid_session_goes_on_in_memory_with_one_warning(tmp_path):
+    path = tmp_path / "h.sqlite3"
+    store = ChatStore(path)
+    warnings: list[str] = []
+    store.on_unsaved = warnings.append
+    chat = store.create_chat("before", model=None, method=None)
+    store.db.execute("PRAGMA query_only = ON")  # the file stops accepting writes (as an immutable file does)
+    store.set_preference("method", "vanilla")
+    store.add_message(chat.id, "user", "after")
+    assert len(warnings) == 1 and "attempt to write a readonly database" in warnings[0]
+    assert warnings[0].endswith("chats are not saved this session") and store.unsaved_reason == warnings[0]
+    assert store.get_preference("method") == "vanilla"
+    assert [m.content for m in store.get_chat(chat.id).messages] == ["after"]
+    on_disk = sqlite3.connect(path)
+    assert on_disk.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0  # the file is as it was
+    assert on_disk.execute("SELECT title FROM chats").fetchall() == [("before",)]

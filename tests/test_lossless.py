@@ -9,6 +9,7 @@ near the context limit.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -262,6 +263,39 @@ def test_eos_inside_a_tree_ends_generation_there(random_folder, tmp_path, bundle
     assert expected.finish_reason == gen.finish_reason == "eos"
     assert gen.token_ids == expected.token_ids and gen.token_ids[-1] == eos
     assert free_run[: len(gen.token_ids)] == gen.token_ids
+    # tau counts what was emitted: nothing past EOS (the first token comes from the prefill)
+    assert sum(it.emitted for it in gen.stats.iterations) == len(gen.token_ids) - 1
+
+
+def test_tau_counts_no_token_past_the_length_limit(random_folder):
+    # 8-bit drafts agree with the target almost always: a deep tree runs far past 5 tokens.
+    subspec = load_engine(EngineConfig(method="subspec_sd", llm_path=str(random_folder), substitute_bits=8,
+                                       max_depth=12, topk_len=2))
+    gen = subspec.generate(random_prompts(1, 512, seed=6)[0], SamplingConfig(max_new_tokens=5))
+    assert gen.finish_reason == "length" and len(gen.token_ids) == 5
+    assert sum(it.emitted for it in gen.stats.iterations) == 4
+    assert gen.stats.tau == 4 / len(gen.stats.iterations)
+
+
+def test_a_stop_request_is_honoured_between_draft_forwards(random_folder):
+    """A deep tree takes seconds to draft on a CPU: stop must not wait for the whole tree."""
+    subspec = load_engine(EngineConfig(method="subspec_sd", llm_path=str(random_folder), max_depth=12, topk_len=2,
+                                       tree_policy="reference"))
+    cancel = threading.Event()
+    forwards = []
+    step = subspec.drafter.draft_step
+
+    def counting_step(tree, nodes):
+        forwards.append(len(nodes))
+        if len(forwards) == 3:
+            cancel.set()  # the user presses esc during the third draft forward
+        return step(tree, nodes)
+
+    subspec.drafter.draft_step = counting_step
+    gen = subspec.generate(random_prompts(1, 512, seed=7)[0], SamplingConfig(max_new_tokens=40), cancel=cancel)
+    assert gen.finish_reason == "cancelled"
+    assert len(forwards) == 3 and not gen.stats.iterations  # the first tree was abandoned, nothing emitted
+    assert len(gen.token_ids) == 1  # the prefill's token
 
 
 def test_prompt_near_the_context_limit_stops_cleanly(random_folder):

@@ -266,23 +266,23 @@ def test_run_profile_reuses_stores_and_falls_back_to_memory(tmp_path, monkeypatc
     monkeypatch.setenv("SUBSPEC_CONFIG_DIR", str(tmp_path))
     gpu = FakeGpu(peak_bytes=lambda layers, slots, depth: 0, forward_s=lambda tokens: 0.0)
     messages: list[str] = []
-    profile = run_profile(None, 8.0, "subspec_sd", progress=messages.append, loader=gpu.load,
+    profile = run_profile(None, 8.0, None, progress=messages.append, loader=gpu.load,
                           cpu_candidates=CPU_CANDIDATES, cpu_new_tokens=4)
     assert not profile.reused and profile.path == tmp_path / "profiles" / "cpu.toml"
     assert profile.plan.method == "subspec_sd"  # the fake's deeper tree decodes faster
     assert "no CUDA GPU: --vram-limit-gb does not apply, profiling the CPU" in profile.messages
     assert any(m.startswith("measuring vanilla") for m in messages)
     # Same model, method and context: read back, nothing measured.
-    again = run_profile(None, None, "subspec_sd", loader=refuse_to_load)
+    again = run_profile(None, None, None, loader=refuse_to_load)
     assert again.reused and again.plan == profile.plan
     # --force measures again; a read-only store keeps the new profile in memory with a note.
     monkeypatch.setattr(ProfileStore, "save_plan", _refuse_save)
-    forced = run_profile(None, None, "subspec_sd", force=True, loader=gpu.load, cpu_candidates=CPU_CANDIDATES,
+    forced = run_profile(None, None, None, force=True, loader=gpu.load, cpu_candidates=CPU_CANDIDATES,
                          cpu_new_tokens=4)
     assert not forced.reused and forced.path is None
     assert forced.messages == ["cannot save the profile to x: Read-only file system: the profile is kept for this session only"]
     with pytest.raises(ProfileError, match="must be positive"):
-        run_profile(None, 0, "subspec_sd", loader=refuse_to_load)
+        run_profile(None, 0, None, loader=refuse_to_load)
 
 
 def _refuse_save(self, *args):
@@ -293,7 +293,7 @@ def _refuse_save(self, *args):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path: this machine would profile its GPU")
 def test_cpu_profile_end_to_end_with_the_bundled_model(tmp_path, monkeypatch):
     monkeypatch.setenv("SUBSPEC_CONFIG_DIR", str(tmp_path))
-    profile = run_profile(None, None, "subspec_sd", cpu_candidates=CPU_CANDIDATES, cpu_new_tokens=8)
+    profile = run_profile(None, None, None, cpu_candidates=CPU_CANDIDATES, cpu_new_tokens=8)
     plan = profile.plan
     assert (plan.device, plan.layers_total, plan.layers_on_gpu, plan.stream_buffers) == ("cpu", 30, 0, 0)
     assert set(plan.tok_per_s_by_candidate) == {"vanilla", "subspec_sd depth 4 top-2"}

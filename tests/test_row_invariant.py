@@ -17,14 +17,27 @@ from tests.test_lossless import random_prompts
 BF16 = torch.bfloat16
 
 
-def test_a_row_on_fixed_chunks_is_the_same_alone_or_among_others():
-    # SmolLM2's gate projection, a 289-node tree's rows: one row alone and among 288 others go
-    # through different CPU kernels, which round some rows differently (the control).
+def gate_projection_rows() -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """SmolLM2's gate projection and a 289-node tree's rows, and the rows that this machine's
+    kernels round differently alone than among the 288 others (a property of the CPU's kernels)."""
     torch.manual_seed(0)
     weight, x = torch.randn(1536, 576, dtype=BF16), torch.randn(289, 576, dtype=BF16)
     plain = F.linear(x, weight)
-    differing = [r for r in range(289) if not torch.equal(F.linear(x[r : r + 1], weight)[0], plain[r])]
+    return weight, x, [r for r in range(289) if not torch.equal(F.linear(x[r : r + 1], weight)[0], plain[r])]
+
+
+def test_plain_kernels_round_a_row_differently_among_others():
+    # The control of the next test: why the chunks are needed. Its premise is this CPU's kernels'.
+    _, _, differing = gate_projection_rows()
+    if not differing:
+        pytest.skip("this machine's bfloat16 matmul rounds a row alike alone and among 288 others: nothing to control")
     assert differing
+
+
+def test_a_row_on_fixed_chunks_is_the_same_alone_or_among_others():
+    # Holds on every machine: whatever the kernels round, a row's chunk has the same shapes alone.
+    weight, x, differing = gate_projection_rows()
+    plain = F.linear(x, weight)
     linear = rows_of(F.linear, 32)
     together = linear(x, weight, None)
     assert together.shape == (289, 1536)
@@ -123,6 +136,9 @@ def test_bfloat16_greedy_drafts_equal_plain_decoding_with_the_row_invariant_targ
 
     plain, drafted, accepted = replies(row_invariant=True)
     assert drafted == plain and accepted > 0
-    # The control: without it, these prompts hit near-ties that the verification resolves otherwise.
-    plain, drafted, _ = replies(row_invariant=False)
-    assert drafted != plain
+    # The control: without it, these prompts hit near-ties that the verification resolves otherwise;
+    # whether they do is a property of this machine's kernels (test above), so it is checked only here.
+    _, _, differing = gate_projection_rows()
+    if differing:
+        plain, drafted, _ = replies(row_invariant=False)
+        assert drafted != plain

@@ -20,6 +20,7 @@ from engine import SamplingConfig
 from subspec_tui.server import create_app
 
 MODEL = FakeEngine.model_name
+PLAN = {"source": "profile", "method": "vanilla", "layers_on_gpu": None, "profile_path": "/x/cpu.toml"}
 
 
 @contextmanager
@@ -49,7 +50,7 @@ def fake() -> FakeEngine:
 
 @pytest.fixture(scope="module")
 def base_url(fake) -> Iterator[str]:
-    with serving(create_app(fake, SamplingConfig(max_new_tokens=100))) as url:
+    with serving(create_app(fake, SamplingConfig(max_new_tokens=100), PLAN)) as url:
         yield url
 
 
@@ -125,7 +126,7 @@ def test_completions(client, fake):
 def test_models_and_health(client, base_url):
     assert [m.id for m in client.models.list().data] == [MODEL]
     health = httpx.get(f"{base_url}/health").json()
-    assert health == {"status": "ok", "model": MODEL, "queued": 0}
+    assert health == {"status": "ok", "model": MODEL, "queued": 0, "plan": PLAN}  # which plan the server runs
 
 
 @pytest.mark.parametrize(
@@ -153,6 +154,8 @@ def test_models_and_health(client, base_url):
             {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]}, 400, "messages",
          "unsupported_content"),
         ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400,
+         "messages", "invalid_value"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": None}]}, 400,
          "messages", "invalid_value"),
         ("/v1/completions", {"model": MODEL, "prompt": "x" * 300}, 400, "prompt", "context_length_exceeded"),
         ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt", "invalid_value"),
@@ -224,3 +227,36 @@ def test_engine_factory_is_loaded_at_startup_and_closed_at_shutdown():
         assert len(made) == 1 and not made[0].closed
         assert httpx.get(f"{url}/health").json()["model"] == MODEL
     assert made[0].closed
+
+
+def test_tool_results_and_assistant_tool_calls_are_context(client, fake):
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+    ]
+    assert client.chat.completions.create(model=MODEL, messages=messages).choices[0].message.content == REPLY
+    assert fake.prompts[-1] == "<user>Weather in Paris?<assistant><tool>sunny, 21 C<assistant>"
+
+
+def test_a_non_streaming_client_that_disconnects_stops_its_generation_and_leaves_the_queue():
+    slow = FakeEngine(seconds_per_iteration=0.1)  # 16 iterations: 1.6 s when not cancelled
+    with serving(create_app(slow)) as url:
+        body = {"model": MODEL, "messages": chat("long")}
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            # the first runs, the second waits in the queue; both clients give up after 0.4 s
+            gone = [pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, timeout=0.4) for _ in range(2)]
+            for future in gone:
+                with pytest.raises(httpx.TimeoutException):
+                    future.result()
+        deadline = time.monotonic() + 5
+        while httpx.get(f"{url}/health").json()["queued"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert httpx.get(f"{url}/health").json()["queued"] == 0
+        # stopped within a poll; the queued one left the queue (or, reaching its turn in the same poll, stopped too)
+        assert slow.finish_reasons and set(slow.finish_reasons) == {"cancelled"}
+        slow.seconds_per_iteration = 0.0
+        started = time.monotonic()
+        answer = httpx.post(f"{url}/v1/chat/completions", json={**body, "max_tokens": 5}).json()
+        assert answer["choices"][0]["message"]["content"] == REPLY[:5] and time.monotonic() - started < 2

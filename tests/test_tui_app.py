@@ -16,8 +16,10 @@ from textual.widgets import DataTable, Input, Markdown, Sparkline, Static
 from engine import EngineConfig, EngineError, SamplingConfig
 from profiles import Profile, ProfileError, run_profile
 from subspec_tui import app as app_module
+from subspec_tui import start
 from subspec_tui import models
-from subspec_tui.app import SubSpecChatApp, build_parser, planned_settings
+from subspec_tui.app import SubSpecChatApp, plan_settings
+from subspec_tui.start import build_parser
 from subspec_tui.history import ChatStore
 from subspec_tui.screens.chat import ChatScreen
 from subspec_tui.screens.dialogs import ChatListScreen, ChatSettingsScreen, ConfirmScreen, HelpScreen
@@ -402,7 +404,7 @@ async def test_models_screen_dry_run_download_and_delete(fake_hub):
         assert table.row_count == 1
 
 
-async def test_models_screen_download_error_is_a_notification(fake_hub):
+async def test_models_screen_download_error_stays_on_the_models_screen(fake_hub):
     app = make_app()
     async with app.run_test(size=(140, 36)) as pilot:
         await ready(app, pilot)
@@ -413,7 +415,7 @@ async def test_models_screen_download_error_is_a_notification(fake_hub):
         await pilot.click("#pull")
         await app.workers.wait_for_complete()
         await pilot.pause()
-        assert any("'acme/does-not-exist' not found on the hub" in n.message for n in app._notifications)
+        assert any("'acme/does-not-exist' not found on the hub" in text for text in app.screen.alerts.texts)
         assert not app.screen.query_one("#pull").disabled
 
 
@@ -451,7 +453,7 @@ def test_command_line_options(monkeypatch):
     started = []
     monkeypatch.setattr(SubSpecChatApp, "run", lambda self: started.append((self.model_ref, self.method)))
     monkeypatch.setattr(app_module, "detect_gpu", lambda: None)
-    app_module.main(["--model", "/models/tiny", "--method", "vanilla"])
+    start.main(["--model", "/models/tiny", "--method", "vanilla"])
     assert started == [("/models/tiny", "vanilla")]
 
 
@@ -475,7 +477,7 @@ async def test_first_start_shows_the_measurement_then_lands_in_the_chat_with_the
         await wait_until(pilot, lambda: app.current_mode == "profile")
         measured = static_text(app.screen, "#profile-measured")
         assert measured.splitlines() == [
-            "measuring bundled:SmolLM2-135M-Instruct (subspec_sd) on this machine; "
+            "measuring bundled:SmolLM2-135M-Instruct (method from the profile) on this machine; "
             "the profile is stored and reused by later starts",
             steps[0],
         ]
@@ -488,7 +490,7 @@ async def test_first_start_shows_the_measurement_then_lands_in_the_chat_with_the
         gate.set()
         chat = await ready(app, pilot)
         assert app.current_mode == "chat"
-        assert profiler.calls == [(None, "subspec_sd", False)]
+        assert profiler.calls == [(None, None, False)]  # no method asked for: the profile chooses
         (config,) = loader.configs
         assert (config.method, config.max_depth, config.topk_len, config.max_length) == ("subspec_sd", 12, 4, 1024)
         assert static_text(chat, "#chat-status") == "fake-model · subspec_sd · new chat"
@@ -570,7 +572,7 @@ async def test_switching_models_profiles_the_new_one_and_is_refused_while_a_repl
 
         app.use_model("/models/other", "other")
         await ready(app, pilot)
-        assert profiler.calls[-1] == ("/models/other", "subspec_sd", False)
+        assert profiler.calls[-1] == ("/models/other", None, False)
         assert loader.configs[-1].llm_path == "/models/other"
 
 
@@ -585,7 +587,7 @@ async def test_rerun_profiling_measures_again_and_reloads_the_engine():
         await pilot.pause()
         await pilot.press("ctrl+r")
         await ready(app, pilot)
-        assert profiler.calls == [(None, "subspec_sd", False), (None, "subspec_sd", True)]
+        assert profiler.calls == [(None, None, False), (None, None, True)]
         assert first_engine.closed and app.engine is not first_engine and len(loader.configs) == 2
         assert app.current_mode == "profile"  # asked for here: the user stays here
         assert "Profile:  measured" in static_text(app.screen, "#profile-measured")
@@ -598,47 +600,54 @@ async def test_rerun_profiling_measures_again_and_reloads_the_engine():
     (FakeProfiler(plan=cpu_plan("subspec_sd", max_depth=0)),
      "the measured profile: key 'max_depth' must be at least 1, got 0"),
 ])
-async def test_a_failed_profile_is_a_notification_and_lands_in_the_chat(profiler, message):
+async def test_a_failed_profile_is_an_alert_that_stays_and_lands_in_the_chat(profiler, message):
     loader = fake_loader()
     app = make_app(loader=loader, profiler=profiler)
     async with app.run_test(size=(120, 40)) as pilot:
         chat = await ready(app, pilot)
         assert app.is_running and app.current_mode == "chat" and loader.configs == []
-        assert any(n.message == message and n.severity == "error" for n in app._notifications)
+        assert chat.alerts.texts == [f"no model loaded: {message}"]
+        await pilot.pause(0.5)
+        assert chat.alerts.texts == [f"no model loaded: {message}"]  # not a toast: it stays until dismissed
         assert static_text(chat, "#chat-status") == f"no model loaded: {message} (F3: models)"
         await send(pilot, "hello?")
         assert any("no model is loaded" in n.message for n in app._notifications)
 
 
-async def test_profile_messages_are_warnings():
+async def test_profile_messages_are_warnings_that_stay_until_dismissed():
     note = "profile /x/cpu.toml was not valid TOML: moved to cpu.toml.bad-1, measuring again"
     app = make_app(profiler=FakeProfiler(messages=(note,)))
     async with app.run_test(size=(120, 36)) as pilot:
-        await ready(app, pilot)
-        assert any(n.message == note and n.severity == "warning" for n in app._notifications)
+        chat = await ready(app, pilot)
+        assert chat.alerts.texts == [note]
+        await pilot.press("ctrl+l")
+        await pilot.pause()
+        assert chat.alerts.texts == []
 
 
-def test_planned_settings_apply_the_plan_and_keep_an_explicit_method():
-    def profile(plan, device=FAKE_CPU) -> Profile:
-        return Profile(device, "bundled:SmolLM2-135M-Instruct", "subspec_sd", plan, None, True)
+def test_the_app_plans_as_every_front_end_does():
+    def profiler_of(plan, device=FAKE_CPU):
+        return FakeProfiler(plan, device=device)
 
-    settings, note = planned_settings(profile(cpu_plan("subspec_sd", 12, 4, 1024)), None, "subspec_sd", True)
+    quiet = lambda _text: None  # noqa: E731
+    settings, planned = plan_settings(None, None, None, profiler_of(cpu_plan("subspec_sd", 12, 4, 1024)), quiet, False,
+                                      gpu=False)
     engine = settings.engine
     assert (engine.method, engine.max_depth, engine.topk_len, engine.max_length) == ("subspec_sd", 12, 4, 1024)
-    assert note is None
+    assert planned.source == "profile"
 
-    # A CPU profile that measured vanilla fastest: used, unless --method asked for another.
-    vanilla = profile(cpu_plan("vanilla", max_context=1024))
-    settings, note = planned_settings(vanilla, None, "subspec_sd", False)
+    # A CPU profile that measured vanilla fastest: used, unless the user chose a method.
+    vanilla = profiler_of(cpu_plan("vanilla", max_context=1024))
+    settings, _ = plan_settings(None, None, None, vanilla, quiet, False, gpu=False)
     assert settings.engine.method == "vanilla"
-    assert note == "using vanilla: the fastest method measured on this machine (asked for subspec_sd)"
-    settings, note = planned_settings(vanilla, None, "subspec_sd", True)
+    settings, planned = plan_settings(None, "subspec_sd", None, vanilla, quiet, False, gpu=False)
     preset = method_preset("subspec_sd")
     engine = settings.engine
     assert (engine.method, engine.max_depth, engine.topk_len) == ("subspec_sd", preset["max_depth"], preset["topk_len"])
-    assert engine.max_length == 1024 and "using subspec_sd as --method asks" in note
+    assert engine.max_length == 1024 and any("using subspec_sd as asked" in note for note in planned.notes)
 
-    settings, _ = planned_settings(profile(gpu_plan(layers_on_gpu=10), FAKE_GPU), "/models/m", "subspec_sd", False)
+    settings, _ = plan_settings("/models/m", None, None, profiler_of(gpu_plan(layers_on_gpu=10), FAKE_GPU), quiet,
+                                False, gpu=True)
     engine = settings.engine
     assert (engine.llm_path, engine.keep_first_n_layers_on_gpu, engine.offload_slots) == ("/models/m", 10, 3)
     assert (engine.substitute_bits, engine.substitute_group_size, engine.max_depth) == (4, 64, 16)
@@ -668,7 +677,8 @@ async def test_profile_screen_lists_models_off_the_ui_thread(monkeypatch):
         await pilot.press("f4")
         await pilot.pause()
         assert "layers on GPU  30 of 30" in static_text(app.screen, "#profile-plan")
-        assert [t is threading.main_thread() for t in listing_threads] == [False]  # once, in a worker
+        # in workers: the app's own listing at start (command palette) and the screen's
+        assert listing_threads and not any(t is threading.main_thread() for t in listing_threads)
 
 
 async def test_profile_screen_listing_error_is_a_notification(monkeypatch):
@@ -720,3 +730,180 @@ async def test_subspec_chat_with_the_real_bundled_model_equals_vanilla_greedy(bu
     shown = re.search(r"tau last/mean  (\d+) / (\d+\.\d\d)", figures)
     assert shown is not None, figures
     assert shown[2] == f"{reply.stats['tau']:.2f}" and reply.stats["tau"] > 1.0  # drafts were accepted
+
+
+# ---------------------------------------------------------------- a new user's first start (issues 19, 26)
+
+
+@pytest.mark.parametrize(("method", "draft", "message"), [
+    ("eagle_sd", None, "eagle_sd is not available yet"),
+    ("classic_sd", None, "classic_sd needs a draft model"),
+])
+async def test_an_unavailable_method_is_refused_before_any_measurement(method, draft, message):
+    profiler = FakeProfiler(steps=("measuring",))
+    loader = fake_loader()
+    app = make_app(loader=loader, profiler=profiler, method=method, draft_model_path=draft)
+    async with app.run_test(size=(120, 36)) as pilot:
+        chat = await ready(app, pilot)
+        assert profiler.calls == [] and loader.configs == []
+        assert any(message in text for text in chat.alerts.texts)
+
+
+async def test_classic_sd_takes_its_draft_from_the_command_line():
+    loader = fake_loader()
+    app = make_app(loader=loader, method="classic_sd", draft_model_path="/models/draft")
+    async with app.run_test(size=(120, 36)) as pilot:
+        await ready(app, pilot)
+        assert (loader.configs[-1].method, loader.configs[-1].draft_model_path) == ("classic_sd", "/models/draft")
+    assert build_parser().parse_args(["--draft-model-path", "/d"]).draft_model_path == "/d"
+
+
+async def test_the_method_can_be_switched_in_the_app_and_is_remembered():
+    profiler = FakeProfiler()
+    loader = fake_loader()
+    store = ChatStore(Path(":memory:"))
+    app = make_app(loader=loader, profiler=profiler, store=store)
+    async with app.run_test(size=(120, 36)) as pilot:
+        chat = await ready(app, pilot)
+        app.use_method("vanilla")
+        await ready(app, pilot)
+        assert loader.configs[-1].method == "vanilla" and profiler.calls[-1] == (None, "vanilla", False)
+        assert static_text(chat, "#chat-status").startswith("fake-model · vanilla")
+        app.use_method("classic_sd")  # no draft model given: refused with a line that stays
+        await pilot.pause()
+        assert any("needs a draft model" in text for text in chat.alerts.texts) and len(loader.configs) == 2
+        assert store.get_preference("method") == "vanilla"
+        app.use_method(None)  # back to the profile's choice
+        await ready(app, pilot)
+        assert profiler.calls[-1] == (None, None, False)
+        assert store.get_preference("method") == ""
+
+
+async def test_the_status_line_names_the_profile_s_method_not_a_default():
+    gate = threading.Event()
+    profiler = FakeProfiler(cpu_plan("vanilla"), steps=("measuring vanilla",), gate=gate)
+    app = make_app(profiler=profiler)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await wait_until(pilot, lambda: app.measuring)
+        assert "(method from the profile)" in static_text(app.chat_screen(), "#chat-status")
+        gate.set()
+        chat = await ready(app, pilot)
+        assert static_text(chat, "#chat-status") == "fake-model · vanilla · new chat"
+
+
+async def test_a_prompt_typed_while_the_model_loads_is_kept_and_sent_when_ready():
+    gate = threading.Event()
+    engine = FakeEngine(reply="Paris.")
+    app = make_app(engine, profiler=FakeProfiler(steps=("measuring",), gate=gate))
+    async with app.run_test(size=(120, 36)) as pilot:
+        await wait_until(pilot, lambda: app.measuring)
+        await pilot.press("f2")
+        chat = app.chat_screen()
+        prompt = chat.query_one(PromptInput)
+        prompt.focus()
+        prompt.value = "Capital of France?"
+        await pilot.press("enter")
+        await pilot.pause()
+        (waiting,) = chat.query(UserTurn)
+        assert "waiting for the model to load" in str(waiting.render())
+        assert engine.seen_messages == []
+        gate.set()
+        await ready(app, pilot)
+        await wait_until(pilot, lambda: chat.chat is not None and len(app.store.get_chat(chat.chat.id).messages) == 2)
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert transcript(chat) == [("user", "Capital of France?"), ("assistant", "Paris.")]
+        assert engine.seen_messages[-1] == [{"role": "user", "content": "Capital of France?"}]
+
+
+async def test_a_reply_cut_short_by_a_kill_is_marked_when_the_chat_is_reopened():
+    store = ChatStore(Path(":memory:"))
+    chat = store.create_chat("poem", model=None, method="vanilla")
+    store.add_message(chat.id, "user", "a poem please")
+    store.add_message(chat.id, "assistant", "Roses are red")  # streaming when the app was killed: no finish reason
+    app = make_app(store=store)
+    async with app.run_test(size=(120, 36)) as pilot:
+        screen = await ready(app, pilot)
+        screen.show_chat(store.get_chat(chat.id))
+        await pilot.pause()
+        notice = screen.query_one(AssistantTurn).query_one(".turn-notice", Static)
+        assert notice.display and "interrupted" in str(notice.render())
+
+
+async def test_single_newlines_in_a_reply_are_line_breaks():
+    app = make_app(FakeEngine(reply="Roses are red,\nviolets are blue.", piece_words=10))
+    async with app.run_test(size=(120, 36)) as pilot:
+        chat = await ready(app, pilot)
+        await send(pilot, "a poem")
+        paragraph = chat.query_one(AssistantTurn).query_one("MarkdownParagraph")
+        assert paragraph.size.height == 2  # two lines, not one paragraph line
+
+
+async def test_a_new_chat_keeps_the_settings_just_chosen():
+    engine = FakeEngine(reply="ok")
+    app = make_app(engine)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await ready(app, pilot)
+        await send(pilot, "first")
+        await pilot.press("f5")
+        await pilot.pause()
+        app.screen.query_one("#max-new-tokens", Input).value = "33"
+        app.screen.query_one("#save").press()
+        await pilot.pause()
+        await pilot.press("ctrl+n")
+        await send(pilot, "second")
+        assert engine.seen_sampling[-1].max_new_tokens == 33
+
+
+async def test_use_model_entries_exist_before_the_models_screen_was_opened(monkeypatch):
+    monkeypatch.setattr(models, "list_models", fixed_models)
+    app = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(app, pilot)
+        await app.workers.wait_for_complete()
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        await pilot.press(*"Use model Qwen")
+        await pilot.pause(0.3)
+        options = [str(option.prompt) for option in app.screen.query_one("CommandList").options]
+        assert any("Use model Qwen/Qwen2.5-7B-Instruct" in option for option in options)
+        assert not app.get_screen("models").is_mounted
+
+
+async def test_the_rate_graph_is_empty_until_there_are_rates():
+    gate = threading.Event()
+    app = make_app(FakeEngine(reply="a b c d", piece_words=1, gate=gate))
+    async with app.run_test(size=(120, 36)) as pilot:
+        chat = await ready(app, pilot)
+        assert chat.query_one(Sparkline).data == []  # not one full-height bar (it scales to its own range)
+        prompt = chat.query_one(PromptInput)
+        prompt.focus()
+        prompt.value = "go"
+        await pilot.press("enter")
+        for _ in range(4):
+            gate.set()
+            await pilot.pause(0.05)
+        await app.workers.wait_for_complete()
+        await pilot.pause(0.3)
+        assert len(chat.query_one(Sparkline).data) >= 2
+
+
+async def test_a_history_that_stops_accepting_writes_is_one_alert_and_the_chat_goes_on(tmp_path):
+    store = ChatStore(tmp_path / "h.sqlite3")
+    app = make_app(FakeEngine(reply="still here"), store=store)
+    async with app.run_test(size=(120, 36)) as pilot:
+        chat = await ready(app, pilot)
+        store.db.execute("PRAGMA query_only = ON")  # the file became read-only
+        await send(pilot, "hello")
+        assert transcript(chat) == [("user", "hello"), ("assistant", "still here")]
+        (alert,) = chat.alerts.texts
+        assert alert.endswith("chats are not saved this session") and app.is_running
+
+
+def test_chat_titles_are_cut_at_a_word():
+    from subspec_tui.screens.chat import chat_title
+
+    assert chat_title("What is the capital of France and why is it there, historically speaking?") == \
+        "What is the capital of France and why is it…"
+    assert chat_title("short  question") == "short question"
+    assert len(chat_title("x" * 100)) == 49

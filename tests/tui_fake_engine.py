@@ -131,7 +131,7 @@ def gpu_plan(layers_on_gpu: int = 30, max_depth: int = 16) -> ModelPlan:
 class FakeProfiler:
     """Stands in for profiles.run_profile: records each call, reports `steps` as progress (a
     measurement; no steps = a stored profile read back), then raises `error` or returns `plan`
-    (default: a CPU plan for the method asked for). With `gate`, it waits for the test after the
+    (default: a CPU plan for the method asked for, subspec_sd when the profile chooses). With `gate`, it waits for the test after the
     first step."""
 
     def __init__(self, plan: ModelPlan | None = None, steps: tuple[str, ...] = (),
@@ -145,7 +145,7 @@ class FakeProfiler:
         self.messages = messages
         self.calls: list[tuple[str | None, str, bool]] = []
 
-    def __call__(self, model, vram_limit_gb, method, progress, force) -> Profile:
+    def __call__(self, model, vram_limit_gb, method, progress, force, **_options) -> Profile:
         self.calls.append((model, method, force))
         for index, step in enumerate(self.steps):
             progress(step)
@@ -153,6 +153,6 @@ class FakeProfiler:
                 self.gate.wait(timeout=10)
         if self.error is not None:
             raise self.error
-        plan = self.plan or cpu_plan(method)
+        plan = self.plan or cpu_plan(method or "subspec_sd")
         return Profile(self.device, model or "bundled:SmolLM2-135M-Instruct", method, plan, None,
                        reused=not self.steps, messages=list(self.messages))

@@ -18,7 +18,7 @@ from textual.worker import Worker, WorkerState
 
 from engine import EngineError, Generation, SamplingConfig
 from subspec_tui.history import Chat
-from subspec_tui.widgets.alerts import AlertBar
+from subspec_tui.widgets.alerts import AlertBar, ScreenAlerts
 from subspec_tui.widgets.chat_log import AssistantTurn, PromptInput, UserTurn
 from subspec_tui.widgets.stats_panel import LiveStats, StatsPanel
 
@@ -53,7 +53,7 @@ def context_notice(max_length: int) -> str:
     return f"⚠ reply cut off: the context limit ({max_length} tokens) is full; start a new chat (ctrl+n)"
 
 
-class ChatScreen(Screen):
+class ChatScreen(ScreenAlerts, Screen):
     AUTO_FOCUS = "#prompt"
     BINDINGS = [
         Binding("escape", "stop", "Stop", id="chat.stop"),
@@ -104,12 +104,9 @@ class ChatScreen(Screen):
             yield StatsPanel(self.live, id="stats")
         yield Footer()
 
-    @property
-    def alerts(self) -> AlertBar:
-        return self.query_one(AlertBar)
-
     def on_mount(self) -> None:
         self.query_one("#transcript", VerticalScroll).anchor()
+        self.show_early_alerts()
         self.update_status()
 
     # ------------------------------------------------------------ status

@@ -169,6 +169,6 @@ class HelpScreen(ModalScreen[None]):
             lines += [f"## {title}", "", "| key | action | id |", "|---|---|---|"]
             lines += [f"| `{key}` | {description} | {binding_id} |" for key, description, binding_id in rows]
             lines.append("")
-        lines.append("Command palette: `ctrl+p` (every action above, plus *Use model …*).")
+        lines.append("Command palette: `ctrl+p` (every action above, plus *Use model …* and *Use method …*).")
         with Vertical(classes="dialog", id="help"):
             yield Markdown("\n".join(lines))

@@ -18,7 +18,7 @@ from engine import EngineError
 from profiles import ModelShapeError, estimate_plan
 from subspec_tui import models
 from subspec_tui.models import LocalModel, PullProgress, PullResult, format_bytes, format_params
-from subspec_tui.widgets.alerts import AlertBar
+from subspec_tui.widgets.alerts import AlertBar, ScreenAlerts
 
 if TYPE_CHECKING:
     from subspec_tui.app import SubSpecChatApp
@@ -48,7 +48,7 @@ def progress_text(progress: PullProgress) -> str:
     )
 
 
-class ModelsScreen(Screen):
+class ModelsScreen(ScreenAlerts, Screen):
     BINDINGS = [
         Binding("enter", "use", "Use model", id="models.use", show=True),
         Binding("delete", "delete", "Delete", id="models.delete"),
@@ -84,14 +84,11 @@ class ModelsScreen(Screen):
             yield Static("", id="pull-status")
         yield Footer()
 
-    @property
-    def alerts(self) -> AlertBar:
-        return self.query_one(AlertBar)
-
     def on_mount(self) -> None:
         table = self.query_one("#models-table", DataTable)
         table.add_columns("model", "family", "params", "size", f"fits {self.gpu_label()}")
         self.query_one("#pull-progress", ProgressBar).display = False  # shown once a pull reports bytes
+        self.show_early_alerts()
         self.action_refresh()
 
     def gpu_label(self) -> str:
@@ -247,7 +244,7 @@ class ModelsScreen(Screen):
                 self.query_one("#pull-status", Static).update("")
             error = worker.error
             message = str(error) if isinstance(error, EngineError) else f"internal error: {error!r}"
-            self.alerts.add(message)  # stays until dismissed: a toast would vanish in seconds
+            self.alert(message)  # stays until dismissed: a toast would vanish in seconds
 
     def _pull_done(self) -> None:
         self.query_one("#cancel-pull", Button).disabled = True

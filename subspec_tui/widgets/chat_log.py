@@ -11,8 +11,18 @@ from textual.widgets.markdown import MarkdownStream
 
 def reply_parser() -> MarkdownIt:
     """Markdown as chat models write it: a single newline is a line break (a poem keeps its lines),
-    where CommonMark would join the lines into one paragraph."""
-    return MarkdownIt("gfm-like", {"breaks": True})
+    where CommonMark would join the lines into one paragraph. markdown-it's `breaks` option only
+    changes its HTML output, so the soft breaks become hard ones in the token stream Textual reads."""
+    parser = MarkdownIt("gfm-like")
+    parser.core.ruler.push("soft_breaks_are_hard", _soft_breaks_are_hard)
+    return parser
+
+
+def _soft_breaks_are_hard(state) -> None:
+    for token in state.tokens:
+        for child in token.children or ():
+            if child.type == "softbreak":
+                child.type = "hardbreak"
 
 
 class UserTurn(Static):

@@ -1,0 +1,122 @@
+"""profiles.choose_plan: the one decision every front end loads with (flags, profile, estimate),
+the profile's method unless the user chose one, notes for the user; trial prompts made of ids."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from tui_fake_engine import FAKE_CPU, FAKE_GPU, FakeProfiler, cpu_plan, gpu_plan
+
+import profiles.runner
+from engine import EngineConfig
+from profiles import ProfileError
+from profiles.choose import choose_plan
+from profiles.fit import reply_prompt, trial_ids
+from profiles.store import ModelPlan
+
+
+def test_explicit_resident_layers_are_the_plan_and_nothing_is_measured():
+    profiler = FakeProfiler()
+    planned = choose_plan(EngineConfig(keep_first_n_layers_on_gpu=3), {"keep_first_n_layers_on_gpu"},
+                          profiler=profiler, gpu=True)
+    assert (planned.source, planned.overrides, profiler.calls) == ("flags", {}, [])
+    # the CPU asked for on a machine with a GPU: the user's choice, not a GPU plan
+    planned = choose_plan(EngineConfig(device="cpu"), {"device"}, profiler=profiler, gpu=True)
+    assert (planned.source, profiler.calls) == ("flags", [])
+
+
+def test_the_profile_chooses_the_method_unless_the_user_did():
+    vanilla_fastest = FakeProfiler(cpu_plan("vanilla"), steps=("measuring",))
+    planned = choose_plan(EngineConfig(method="subspec_sd"), set(), profiler=vanilla_fastest, gpu=False)
+    assert planned.source == "profile" and planned.method == "vanilla"
+    assert vanilla_fastest.calls == [(None, None, False)]  # None: the profile chooses
+    assert planned.notes == ["using vanilla: the fastest method measured on this machine (--method chooses another)"]
+
+    planned = choose_plan(EngineConfig(method="subspec_sd"), {"method"}, profiler=vanilla_fastest, gpu=False)
+    assert vanilla_fastest.calls[-1] == (None, "subspec_sd", False)
+    assert "method" not in planned.overrides and planned.overrides == {"max_length": 2048}
+
+
+def test_a_reused_profile_says_nothing_a_new_one_says_why():
+    reused = FakeProfiler(cpu_plan("vanilla"))  # no steps: read back from the store
+    assert choose_plan(EngineConfig(), set(), profiler=reused, gpu=False).notes == []
+
+
+def test_the_user_s_own_settings_win_over_the_profile():
+    profiler = FakeProfiler(gpu_plan(layers_on_gpu=10), device=FAKE_GPU)
+    planned = choose_plan(EngineConfig(method="subspec_sd", max_depth=4), {"method", "max_depth"},
+                          profiler=profiler, gpu=True)
+    assert planned.overrides["keep_first_n_layers_on_gpu"] == 10 and planned.overrides["offload_slots"] == 3
+    assert "max_depth" not in planned.overrides and "method" not in planned.overrides
+
+
+def test_unavailable_methods_are_refused_before_anything_is_measured():
+    profiler = FakeProfiler()
+    with pytest.raises(ProfileError, match="eagle_sd is not available yet"):
+        choose_plan(EngineConfig(method="eagle_sd"), {"method"}, profiler=profiler, gpu=False)
+    with pytest.raises(ProfileError, match="needs a draft model"):
+        choose_plan(EngineConfig(method="classic_sd"), {"method"}, profiler=profiler, gpu=False)
+    assert profiler.calls == []
+
+
+def test_no_profile_on_a_cpu_is_an_estimate_without_measuring():
+    profiler = FakeProfiler()
+    planned = choose_plan(EngineConfig(), set(), use_profile=False, profiler=profiler, gpu=False)
+    assert (planned.source, planned.overrides, profiler.calls) == ("estimate", {}, [])
+
+
+def test_describe_reports_which_plan_ran():
+    planned = choose_plan(EngineConfig(), set(), profiler=FakeProfiler(cpu_plan("subspec_sd", 6, 2)), gpu=False)
+    config = dataclasses.replace(EngineConfig(method="subspec_sd", max_depth=6, topk_len=2), node_budget=None)
+    described = planned.describe(config, {"device": "cpu", "layers_total": 30, "layers_on_gpu": 30, "max_length": 2048})
+    assert described == {"source": "profile", "method": "subspec_sd", "device": "cpu", "layers_on_gpu": None,
+                         "layers_total": 30, "stream_buffers": 0, "tree_policy": "best_first", "node_budget": 12,
+                         "draft_batch": 16, "max_length": 2048, "profile_path": None}
+
+
+def test_a_profile_measured_on_a_busy_machine_is_measured_again_once_it_is_quiet(tmp_path, monkeypatch):
+    monkeypatch.setenv("SUBSPEC_CONFIG_DIR", str(tmp_path))
+    measured: list[str] = []
+
+    def fake_choose_cpu(model, candidates, *args, **kwargs) -> ModelPlan:
+        measured.append("cpu")
+        return cpu_plan("vanilla")
+
+    monkeypatch.setattr(profiles.runner.fit, "choose_cpu", fake_choose_cpu)
+    monkeypatch.setattr(profiles.runner, "detect", lambda: FAKE_CPU)
+    monkeypatch.setattr(profiles.runner, "config_fingerprint", lambda model: "fake")
+    monkeypatch.setattr(profiles.runner, "machine_load", lambda: 1.5)  # busy while measuring
+    busy = profiles.runner.run_profile(None, None)
+    assert busy.plan.machine_load == 1.5 and any("busy while measuring" in m for m in busy.messages)
+    assert "Load:     1.50 per core while measuring (busy" in profiles.runner.format_profile(busy)
+    assert profiles.runner.run_profile(None, None).reused  # still busy: no better figures to be had
+    monkeypatch.setattr(profiles.runner, "machine_load", lambda: 0.1)  # quiet now
+    again = profiles.runner.run_profile(None, None)
+    assert not again.reused and len(measured) == 2 and any("measuring again" in m for m in again.messages)
+    assert profiles.runner.run_profile(None, None).reused  # a quiet measurement is kept
+
+
+class WordLevelTokenizer:
+    """A checkpoint's small word-level tokenizer: English text becomes nothing it knows."""
+
+    all_special_ids = [0, 1, 2]
+
+    def __len__(self) -> int:
+        return 50
+
+
+def test_trial_prompts_are_ids_any_vocabulary_has():
+    ids = trial_ids(WordLevelTokenizer(), 300)
+    assert len(ids) == 300 and ids == trial_ids(WordLevelTokenizer(), 300)  # deterministic
+    assert set(ids) <= set(range(3, 50)) and len(set(ids)) > 20  # ordinary tokens, spread out
+
+
+def test_a_reply_prompt_falls_back_to_ids_when_the_template_gives_nothing():
+    class Engine:
+        tokenizer = WordLevelTokenizer()
+
+        def chat_ids(self, messages):
+            return [0, 0, 0]  # unknown words only
+
+    assert reply_prompt(Engine(), "Explain the sky.") == trial_ids(WordLevelTokenizer(), 48)
