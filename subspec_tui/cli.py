@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -289,13 +290,19 @@ def rerun_under_nsys(output: str, argv: Sequence[str]) -> int:
 
 
 def cmd_run_test(args: argparse.Namespace, settings: Settings) -> int:
+    started = time.perf_counter()
     settings, plan = planned(args, settings)
+    planned_at = time.perf_counter()
     engine = _load(settings)
+    loaded_at = time.perf_counter()
     try:
         warm_up(engine, settings)
         prompt_ids = engine.chat_ids([{"role": "user", "content": args.prompt}])
         stream = None if args.json else lambda piece: print(piece, end="", flush=True)
+        generation_started = time.perf_counter()
         gen = engine.generate(prompt_ids, settings.sampling, on_text=stream)
+        timings = {"plan_s": planned_at - started, "load_s": loaded_at - planned_at,
+                   "generate_s": time.perf_counter() - generation_started}
         plan_info = plan.describe(settings.engine, engine.describe())
     finally:
         engine.close()
@@ -308,6 +315,7 @@ def cmd_run_test(args: argparse.Namespace, settings: Settings) -> int:
             "token_ids": gen.token_ids,
             "stats": stats,
             "plan": plan_info,
+            "timings": timings,  # wall seconds: planning (a first run measures), loading, this generation
         })
     else:
         print()

@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", choices=METHODS, help="decoding method (default: the last one chosen, "
                         "else the fastest this machine's profile measured)")
     parser.add_argument("--draft-model-path", help="the draft model of classic_sd (same tokenizer as the model)")
+    parser.add_argument("--vram-limit-gb", type=float, help="plan for a smaller GPU than this one (GiB)")
     return parser
 
 
@@ -22,7 +23,10 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from subspec_tui.app import SubSpecChatApp
 
-    SubSpecChatApp(model_ref=args.model, method=args.method, draft_model_path=args.draft_model_path).run()
+    if args.vram_limit_gb is not None and args.vram_limit_gb <= 0:
+        build_parser().error("--vram-limit-gb must be greater than 0")
+    SubSpecChatApp(model_ref=args.model, method=args.method, draft_model_path=args.draft_model_path,
+                   vram_limit_gb=args.vram_limit_gb).run()
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ def test_run_test_json_prints_exactly_the_contract_object(engines, capsys):
     code, out, err = run(capsys, "--method", "vanilla", "run-test", "--prompt", "Capital of France?", "--json")
     assert code == 0
     result = json.loads(out)  # the whole of stdout is one JSON document
-    assert set(result) == {"method", "model", "text", "token_ids", "stats", "plan"}
+    assert set(result) == {"method", "model", "text", "token_ids", "stats", "plan", "timings"}
+    assert result["plan"]["source"] == "profile" and set(result["timings"]) == {"plan_s", "load_s", "generate_s"}
     assert (result["method"], result["model"], result["text"]) == ("vanilla", FakeEngine.model_name, REPLY)
     assert result["token_ids"] == [ord(c) for c in REPLY]
     assert CONTRACT_STATS <= set(result["stats"])
@@ -131,6 +132,8 @@ def test_bad_yaml_is_one_line_and_exit_1(engines, capsys, tmp_path):
         ["fly"],
         [],
         ["run-benchmark"],  # --benchmarks is required
+        ["run-api", "--port", "99999"],  # refused while parsing, before a model loads
+        ["run-gradio", "--port", "0"],
     ],
 )
 def test_usage_errors_exit_2(engines, capsys, argv):
@@ -145,6 +148,20 @@ def test_usage_errors_exit_2(engines, capsys, argv):
 def test_run_api_binds_loopback_by_default():
     args = cli.build_parser().parse_args(["run-api"])
     assert (args.host, args.port) == ("127.0.0.1", 8000)
+
+
+def test_a_port_in_use_is_found_before_the_model_loads(engines, capsys):
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        code, out, err = run(capsys, "run-api", "--port", str(taken.getsockname()[1]))
+    finally:
+        taken.close()
+    assert (code, out, engines) == (1, "", [])
+    assert err.startswith("subspec: error: cannot listen on 127.0.0.1:") and err.count("\n") == 1
 
 
 def test_nsys_output_without_nsys_is_a_clear_error(engines, capsys, monkeypatch, tmp_path):

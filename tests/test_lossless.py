@@ -309,3 +309,14 @@ def test_prompt_near_the_context_limit_stops_cleanly(random_folder):
     assert gen.token_ids == expected.token_ids
     assert gen.finish_reason == expected.finish_reason == "context"
     assert len(prompt) + len(gen.token_ids) == 48 + 1  # the last token needs no KV slot
+
+
+def test_a_warmed_up_engine_generates_what_a_fresh_one_does(random_folder):
+    """Warm-up (run at load on a GPU) is a throw-away generation: nothing of it reaches the next reply."""
+    config = EngineConfig(method="subspec_sd", llm_path=str(random_folder), max_depth=6, topk_len=2,
+                          compile_mode="cuda-graphs")
+    prompt = random_prompts(1, 512, seed=8)[0]
+    fresh = load_engine(config).generate(prompt, SamplingConfig(max_new_tokens=24))
+    warmed = load_engine(config)
+    assert warmed.warm_up() > 0
+    assert warmed.generate(prompt, SamplingConfig(max_new_tokens=24)).token_ids == fresh.token_ids

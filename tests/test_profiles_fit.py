@@ -303,8 +303,8 @@ def test_cpu_profile_end_to_end_with_the_bundled_model(tmp_path, monkeypatch):
     if plan.method == "subspec_sd":
         assert (plan.max_depth, plan.topk_len, plan.node_budget) == (4, 2, 8)
     stored = tomllib.loads(profile.path.read_text())
-    assert stored["models"]["bundled:SmolLM2-135M-Instruct"]["subspec_sd"]["method"] == plan.method
+    assert stored["models"]["bundled:SmolLM2-135M-Instruct"]["auto"]["method"] == plan.method  # the CPU chose
     text = format_profile(profile)
     assert "Model:    bundled:SmolLM2-135M-Instruct" in text and "tok/s" in text
     assert profile.as_dict()["engine_overrides"]["method"] == plan.method
-    assert run_profile(None, None, "subspec_sd", loader=refuse_to_load).reused
+    assert run_profile(None, None, None, loader=refuse_to_load).reused
