@@ -68,6 +68,7 @@ class Planned:
             "stream_buffers": engine_details.get("stream_buffers", 0) if on_gpu else 0,
             "tree_policy": config.tree_policy if drafts else None,
             "node_budget": config.draft_nodes() if drafts else None,
+            "max_depth": config.max_depth if drafts else None,
             "draft_batch": config.draft_batch if drafts and config.tree_policy == "best_first" else None,
             "max_length": engine_details.get("max_length", config.max_length),
             "profile_path": str(path) if path else None,
