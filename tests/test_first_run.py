@@ -54,9 +54,12 @@ def test_help_answers_before_torch_is_imported(module):
     assert result.stdout.split()[0] == "False"  # torch takes seconds to import on a CPU
 
 
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
 def readme_subspec_commands() -> list[str]:
-    """Every `subspec ...` command line in the README's code blocks, placeholders expanded."""
-    text = (ROOT / "README.md").read_text()
+    """Every `subspec ...` command line in the code blocks of the README and docs/, placeholders expanded."""
+    text = "\n".join(doc.read_text() for doc in DOCS)
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.splitlines():
@@ -68,6 +71,20 @@ def readme_subspec_commands() -> list[str]:
 
 def test_the_readme_shows_subspec_commands():
     assert len(readme_subspec_commands()) >= 8
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_relative_link_in_the_docs_exists(doc):
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text()):
+        if not target.startswith(("http://", "https://", "mailto:")):
+            assert (doc.parent / target).exists(), f"{doc.name} links to {target}, which does not exist"
+
+
+def test_ci_installs_exactly_what_the_readme_s_first_command_installs():
+    first = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.endswith("&& subspec-chat"))
+    install = first.removesuffix(" && subspec-chat")
+    ci = (ROOT / ".ci/first-run").read_text().replace(".venv-first", ".venv")
+    assert install in ci
 
 
 @pytest.mark.parametrize("command", readme_subspec_commands())

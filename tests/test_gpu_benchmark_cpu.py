@@ -128,3 +128,24 @@ def test_int4_limits_says_it_needs_a_gpu_and_its_edits_still_fit_the_kernel(monk
     monkeypatch.setitem(int4_limits.EDITS, "scales", ("no such line\n", ""))
     with pytest.raises(RuntimeError, match="re-fit the 'scales' edit"):
         int4_limits.ablated_source(("scales",))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script measures an 8B shape: minutes")
+def test_the_product_walk_runs_on_cpu_through_every_entry_point(tmp_path):
+    """benchmarks/product_gpu.py on the tiny shape: a checkpoint on disk, profile, run-test (new
+    processes), run-api with the openai client, subspec-chat, the same plan in memory."""
+    out = tmp_path / "product.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "product_gpu.py"), "--out", str(tmp_path / "work"),
+                    "--new-tokens", "8", "--long-prompt-tokens", "200", "--json", str(out)],
+                   cwd=ROOT, check=True, timeout=900, capture_output=True, text=True)
+    report = json.loads(out.read_text())
+    assert report["shape"] == "tiny" and not report["profile"]["reused"]
+    runs = report["run_test"]
+    assert set(runs) == {"vanilla/short", "vanilla/long", "subspec_sd/short", "subspec_sd/long"}
+    for name, run in runs.items():
+        assert run["plan"]["source"] == "profile" and run["plan"]["profile_path"], name
+        assert run["plan"]["method"] == name.split("/")[0]
+    assert runs["vanilla/long"]["prompt_tokens"] >= 200 > runs["vanilla/short"]["prompt_tokens"]
+    assert report["api"]["plan"]["source"] == "profile" and report["api"]["first"]["chunks"] > 0
+    assert report["app"]["reply"] and report["app"]["plan_source"] == "profile" and report["app"]["profile_reused"]
+    assert set(report["in_memory"]) == {"vanilla", "subspec_sd"}
