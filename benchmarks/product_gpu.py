@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -252,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--long-prompt-tokens", type=int, default=1500)
     parser.add_argument("--steps", default="profile,run-test,api,app,in-memory")
+    parser.add_argument("--plans-from", type=Path, help="a report of an earlier run: its run-test plans for in-memory")
     parser.add_argument("--tokenizer", type=Path, help="a tokenizer folder (default: the bundled model's)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -285,12 +285,13 @@ def main(argv: list[str] | None = None) -> int:
         report["api"] = api(model, cap, env, args.new_tokens)
     if "app" in steps:
         report["app"] = app(model, cap_gb, env, args.new_tokens)
-    if "in-memory" in steps and "run_test" in report:
-        plans = {m: report["run_test"][f"{m}/short"]["plan"] for m in ("vanilla", "subspec_sd")}
+    earlier = json.loads(args.plans_from.read_text()) if args.plans_from else report
+    if "in-memory" in steps and "run_test" in earlier:
+        plans = {m: earlier["run_test"][f"{m}/short"]["plan"] for m in ("vanilla", "subspec_sd")}
         ids = [(7 + 31 * k) % 1000 for k in range(32)]
         report["in_memory"] = in_memory(args.shape, model, plans, cap_gb, ids, args.new_tokens, device)
         for method, key in (("vanilla", "ms_per_token"), ("subspec_sd", "iteration_ms")):
-            product, bench = report["run_test"][f"{method}/short"][key], report["in_memory"][method][key]
+            product, bench = earlier["run_test"][f"{method}/short"][key], report["in_memory"][method][key]
             if product and bench:
                 print(f"{method}: product path {product:.1f} ms vs in memory {bench:.1f} ms "
                       f"({key.replace('_', ' ')}): {product / bench:.3f}x", flush=True)

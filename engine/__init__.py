@@ -30,7 +30,10 @@ _EXPORTS = {
     "IterationStats": "engine.stats",
 }
 
-__all__ = list(_EXPORTS)
+__all__ = [
+    "METHODS", "Engine", "EngineConfig", "EngineError", "Generation", "GenerationStats", "IterationStats",
+    "SamplingConfig", "load_engine",
+]
 
 if TYPE_CHECKING:
     from engine.config import METHODS, EngineConfig, SamplingConfig

@@ -134,14 +134,14 @@ class Engine:
             torch.cuda.empty_cache()
 
 
-def load_engine(config: EngineConfig, progress: Callable[[str], None] | None = None) -> Engine:
-    """Load the model(s) named by `config`, warmed up on a GPU (Engine.warm_up). Raises
-    EngineError with one clear line on bad input."""
+def load_engine(config: EngineConfig, progress: Callable[[str], None] | None = None, warm_up: bool = True) -> Engine:
+    """Load the model(s) named by `config`, warmed up on a GPU (Engine.warm_up) unless `warm_up`
+    is False. Raises EngineError with one clear line on bad input."""
     from engine.build import build_engine
 
     persistent_kernel_caches()
     engine = build_engine(config, progress)
-    if engine.target.transformer.device.type == "cuda":
+    if warm_up and engine.target.transformer.device.type == "cuda":
         engine._details["warm_up_s"] = engine.warm_up(progress)
     return engine
 

@@ -106,7 +106,8 @@ def reply_prompt(engine: Engine, question: str) -> list[int]:
 
 
 def engine_loader(config: EngineConfig, progress: Progress) -> Engine:
-    return load_engine(config, progress)
+    # No warm-up at load: every trial's first generation compiles and captures, and is not timed.
+    return load_engine(config, progress, warm_up=False)
 
 
 @dataclass

@@ -9,7 +9,7 @@ import gradio as gr
 import pytest
 from tui_fake_engine import FakeEngine
 
-from engine import EngineConfig, SamplingConfig
+from engine import SamplingConfig
 from subspec_tui import cli
 from subspec_tui.gradio_ui import chat_messages, responder
 
