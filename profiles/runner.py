@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -20,9 +21,10 @@ from profiles.store import ModelPlan, ProfileError, ProfileStore
 CPU_NEW_TOKENS = 16
 GPU_METHOD = "subspec_sd"  # what a GPU profile fits when no method is asked for: offloaded, it wins
 AUTO = "auto"  # the plan key of a CPU profile that chose the method itself
-# Load average per core (other programs) above which a profile's timings are suspect: it is stored
-# with a note, and measured again once the machine is quieter (below half that load).
+# CPU use of other programs per core while measuring above which a profile's timings are suspect:
+# it is stored with a note, and measured again once the machine is quieter (below half that load).
 BUSY_LOAD_PER_CORE = 0.5
+LOAD_SAMPLE_S = 0.25  # how long a start that reads a busy profile looks at the machine
 
 
 @dataclass
@@ -90,19 +92,17 @@ def run_profile(
     stored, messages = store.read(device.key)
     if device.gpu is None and vram_limit_gb is not None:
         messages.append("no CUDA GPU: --vram-limit-gb does not apply, profiling the CPU")
-    load = machine_load()
     if stored is not None and not force:
         plan = stored.plans.get(key, {}).get(method_key)
         if plan and (plan.config_fingerprint, plan.vram_limit_gb, plan.max_context) == (fingerprint, cap, max_context):
-            if not _disturbed(plan, load):
+            load_now = machine_load() if _was_busy(plan) else 0.0  # only a busy profile costs a look
+            if not (_was_busy(plan) and load_now < plan.machine_load / 2):
                 return Profile(stored.device, key, method, plan, store.path(device.key), True, messages)
-            messages.append(f"the stored profile was measured on a busy machine (load {plan.machine_load:.2f} per core, "
-                            f"now {load:.2f}): measuring again")
+            messages.append(f"the stored profile was measured on a busy machine (other programs {plan.machine_load:.2f} "
+                            f"per core, now {load_now:.2f}): measuring again")
 
     say(f"profiling {key} ({method or 'fastest method'}) on {device.describe()}")
-    if load >= BUSY_LOAD_PER_CORE:
-        messages.append(f"the machine was busy while measuring (load {load:.2f} per core): timings may be low; "
-                        "the profile is measured again once it is quieter")
+    meter = LoadMeter()
     if device.gpu is None:
         candidates = fit.cpu_candidates_for(method, draft_model_path, cpu_candidates)
         plan = fit.choose_cpu(model, candidates, max_context, cpu_new_tokens, fingerprint, say, loader,
@@ -115,7 +115,11 @@ def run_profile(
             model, method or GPU_METHOD, model_config(model), vram_budget(device.gpu.index, cap), cap,
             max_context, fingerprint, say, loader, draft_model_path=draft_model_path,
         )
-    plan = dataclasses.replace(plan, machine_load=round(load, 2))
+    load = meter.per_core()
+    if load is not None and load >= BUSY_LOAD_PER_CORE:
+        messages.append(f"the machine was busy while measuring (other programs used {load:.2f} per core): timings "
+                        "may be low; the profile is measured again once it is quieter")
+    plan = dataclasses.replace(plan, machine_load=None if load is None else round(load, 2))
     try:
         path, save_messages = store.save_plan(device, key, method_key, plan)
     except ProfileError as err:
@@ -133,17 +137,43 @@ def plan_key(method: str | None, draft_model_path: str | None, gpu: bool) -> str
     return method
 
 
+class LoadMeter:
+    """The CPU time other programs used since this meter started, per core: the system's busy time
+    (/proc/stat) less this process's own. Unlike the load average it neither lags nor counts the
+    commands that just ran before this one. None where /proc/stat does not exist."""
+
+    def __init__(self) -> None:
+        self._start = _cpu_seconds()
+
+    def per_core(self) -> float | None:
+        end = _cpu_seconds()
+        if self._start is None or end is None:
+            return None
+        (busy0, own0, wall0), (busy1, own1, wall1) = self._start, end
+        elapsed = wall1 - wall0
+        return max(0.0, (busy1 - busy0) - (own1 - own0)) / (elapsed * (os.cpu_count() or 1)) if elapsed > 0 else 0.0
+
+
 def machine_load() -> float:
-    """The 1-minute load average per core: how busy other programs keep this machine."""
+    """Other programs' CPU use per core right now (a short sample)."""
+    meter = LoadMeter()
+    time.sleep(LOAD_SAMPLE_S)
+    return meter.per_core() or 0.0
+
+
+def _cpu_seconds() -> tuple[float, float, float] | None:
+    """(the system's busy CPU seconds, this process's CPU seconds, wall seconds)."""
     try:
-        return os.getloadavg()[0] / max(1, os.cpu_count() or 1)
-    except OSError:  # not available on this platform
-        return 0.0
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq + steal) / ticks, time.process_time(), time.monotonic()
 
 
-def _disturbed(plan: ModelPlan, load_now: float) -> bool:
-    """A plan measured on a busy machine is measured again once the machine is quieter."""
-    return plan.machine_load is not None and plan.machine_load >= BUSY_LOAD_PER_CORE and load_now < plan.machine_load / 2
+def _was_busy(plan: ModelPlan) -> bool:
+    return plan.machine_load is not None and plan.machine_load >= BUSY_LOAD_PER_CORE
 
 
 def vram_budget(index: int, vram_limit_gb: float | None) -> int:
@@ -192,7 +222,7 @@ def format_profile(profile: Profile) -> str:
         lines.append(f"Measured: {speeds}")
     if plan.machine_load is not None:
         busy = " (busy: timings may be low)" if plan.machine_load >= BUSY_LOAD_PER_CORE else ""
-        lines.append(f"Load:     {plan.machine_load:.2f} per core while measuring{busy}")
+        lines.append(f"Load:     other programs used {plan.machine_load:.2f} per core while measuring{busy}")
     origin = "reused" if profile.reused else "measured"
     lines.append(f"Profile:  {origin} {plan.measured_at:%Y-%m-%d %H:%M} UTC, " + (f"stored in {profile.path}" if profile.path else "not saved"))
     return "\n".join(lines)

@@ -82,7 +82,7 @@ class ModelPlan:
     verify_ms_by_nodes: dict[int, float] = field(default_factory=dict)  # forward cost by tokens
     # What was tried: methods and trees (CPU), tree budgets and draft widths (GPU).
     tok_per_s_by_candidate: dict[str, float] = field(default_factory=dict)
-    machine_load: float | None = None  # load average per core when measuring: a busy machine's timings are suspect
+    machine_load: float | None = None  # other programs' CPU use per core while measuring: a busy machine's timings are suspect
 
     def engine_overrides(self) -> dict[str, Any]:
         """EngineConfig fields this plan decides (a front end applies them over its defaults)."""

@@ -75,7 +75,7 @@ def _add_global_options(parser: argparse.ArgumentParser, default: Any = None) ->
     """The settings options. They go before the command (the reference's order) and after it:
     each engine command repeats them with `default=SUPPRESS`, so a value given before the command
     is not reset by the command's own parser, and one given after it wins."""
-    g = parser.add_argument_group("settings (method preset < --config YAML < these options)")
+    g = parser.add_argument_group("settings (method preset < the plan < --config YAML < these options)")
 
     def add(*flags: str, **kwargs: Any) -> None:
         g.add_argument(*flags, default=default, **kwargs)

@@ -30,6 +30,11 @@ def quiet_machine(monkeypatch):
     own load is not a test input (tests of that rule set the load they need)."""
     import profiles.runner
 
+    class QuietMeter:
+        def per_core(self) -> float:
+            return 0.0
+
+    monkeypatch.setattr(profiles.runner, "LoadMeter", QuietMeter)
     monkeypatch.setattr(profiles.runner, "machine_load", lambda: 0.0)
 
 

@@ -15,6 +15,8 @@ from profiles.choose import choose_plan
 from profiles.fit import reply_prompt, trial_ids
 from profiles.store import ModelPlan
 
+REAL_LOAD_METER = profiles.runner.LoadMeter  # tests/conftest.py stands a quiet one in for it
+
 
 def test_explicit_resident_layers_are_the_plan_and_nothing_is_measured():
     profiler = FakeProfiler()
@@ -86,12 +88,19 @@ def test_a_profile_measured_on_a_busy_machine_is_measured_again_once_it_is_quiet
     monkeypatch.setattr(profiles.runner.fit, "choose_cpu", fake_choose_cpu)
     monkeypatch.setattr(profiles.runner, "detect", lambda: FAKE_CPU)
     monkeypatch.setattr(profiles.runner, "config_fingerprint", lambda model: "fake")
-    monkeypatch.setattr(profiles.runner, "machine_load", lambda: 1.5)  # busy while measuring
+    class Meter:
+        load = 1.5  # other programs busy while measuring
+
+        def per_core(self) -> float:
+            return Meter.load
+
+    monkeypatch.setattr(profiles.runner, "LoadMeter", Meter)
+    monkeypatch.setattr(profiles.runner, "machine_load", lambda: Meter.load)
     busy = profiles.runner.run_profile(None, None)
     assert busy.plan.machine_load == 1.5 and any("busy while measuring" in m for m in busy.messages)
-    assert "Load:     1.50 per core while measuring (busy" in profiles.runner.format_profile(busy)
+    assert "Load:     other programs used 1.50 per core while measuring (busy" in profiles.runner.format_profile(busy)
     assert profiles.runner.run_profile(None, None).reused  # still busy: no better figures to be had
-    monkeypatch.setattr(profiles.runner, "machine_load", lambda: 0.1)  # quiet now
+    Meter.load = 0.1  # quiet now
     again = profiles.runner.run_profile(None, None)
     assert not again.reused and len(measured) == 2 and any("measuring again" in m for m in again.messages)
     assert profiles.runner.run_profile(None, None).reused  # a quiet measurement is kept
@@ -120,3 +129,20 @@ def test_a_reply_prompt_falls_back_to_ids_when_the_template_gives_nothing():
             return [0, 0, 0]  # unknown words only
 
     assert reply_prompt(Engine(), "Explain the sky.") == trial_ids(WordLevelTokenizer(), 48)
+
+
+def test_the_load_meter_counts_other_programs_not_this_one(monkeypatch):
+    readings = iter([(10.0, 5.0, 100.0), (13.0, 6.5, 101.0)])  # (system busy s, own CPU s, wall s)
+    monkeypatch.setattr(profiles.runner, "_cpu_seconds", lambda: next(readings))
+    monkeypatch.setattr(profiles.runner.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(profiles.runner, "LoadMeter", REAL_LOAD_METER)
+    # 3 s busy in 1 s on 2 cores, 1.5 s of it this process's own: others used 0.75 per core
+    assert REAL_LOAD_METER().per_core() == pytest.approx(0.75)
+
+
+def test_the_load_is_read_from_this_machine_where_it_can_be():
+    reading = profiles.runner._cpu_seconds()
+    if reading is None:
+        pytest.skip("no /proc/stat on this machine: the load is not measured")
+    busy, own, wall = reading
+    assert busy > 0 and own > 0 and wall > 0

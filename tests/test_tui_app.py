@@ -216,6 +216,15 @@ async def test_unexpected_engine_exception_does_not_kill_the_app():
         assert any("internal error" in n.message and "boom" in n.message for n in app._notifications)
 
 
+async def test_a_long_error_wraps_in_the_status_line_instead_of_being_cut():
+    reason = "model folder /a/very/long/path/to/some/model/that/is/not/there does not exist: " + "detail " * 20
+    app = make_app(loader=fake_loader(error=reason.strip()))
+    async with app.run_test(size=(100, 36)) as pilot:
+        chat = await ready(app, pilot)
+        status = chat.query_one("#chat-status", Static)
+        assert reason.strip() in str(status.render()) and status.size.height > 1
+
+
 async def test_model_load_failure_is_a_notification_and_sending_is_refused():
     app = make_app(loader=fake_loader(error="model folder /nope does not exist"))
     async with app.run_test(size=(120, 36)) as pilot:
