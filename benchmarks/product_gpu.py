@@ -8,6 +8,8 @@ runs the measured plan). On a GPU:
 3. `subspec run-test` with no layer flags for vanilla and subspec_sd, a short and a ~1500-token
    prompt, each a new process: the stored profile is reused (vanilla's is measured on its first use);
 4. `subspec run-api` driven by the official `openai` client, streaming; /health shows the plan;
+   then a conversation through it: a ~1500-token first turn and three short ones, each turn's time
+   to first token against one stream of the offloaded layers (later turns reuse the cache);
 5. `subspec-chat` for one reply (benchmarks/app_reply.py: the real app, its engine, its panel);
 6. the same shape and plan in memory, in this process, as benchmarks/offload_gpu.py builds it
    (random layers, engine_from_model): vanilla ms/token and the subspec iteration, warm. The
@@ -182,6 +184,47 @@ def api(model: Path, cap: list[str], env: dict, new_tokens: int) -> dict:
     return result
 
 
+def conversation(model: Path, cap: list[str], env: dict, first_turn: str, new_tokens: int, turns: int = 4) -> dict:
+    """A conversation through `subspec run-api`: a long first turn, then short ones; each turn's
+    time to the first token (the server's prefill_ms) and how much of its prompt was reused."""
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "subspec_tui.cli", *cap, "--llm-path", str(model), "run-api",
+                               "--port", str(port)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if server.poll() is not None:
+                raise SystemExit(f"run-api exited: {server.stderr.read()[-3000:]}")
+            try:
+                health = httpx.get(f"{url}/health", timeout=1).json()
+                break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        messages, rows = [], []
+        follow_ups = ["Summarise that in two sentences.", "Now give one example.", "And a counter-example?"]
+        for turn in range(turns):
+            messages.append({"role": "user", "content": first_turn if turn == 0 else follow_ups[(turn - 1) % 3]})
+            reply = httpx.post(f"{url}/v1/chat/completions", timeout=600, json={
+                "model": health["model"], "messages": messages, "max_tokens": new_tokens}).json()
+            stats = reply["subspec_stats"]
+            rows.append({"prompt_tokens": stats["prompt_tokens"], "reused_tokens": stats["reused_tokens"],
+                         "ttft_ms": stats["prefill_ms"], "stream_bound_ms": stats["stream_bound_ms"]})
+            messages.append({"role": "assistant", "content": reply["choices"][0]["message"]["content"]})
+            r = rows[-1]
+            print(f"conversation turn {turn + 1}: prompt {r['prompt_tokens']} tokens, {r['reused_tokens']} reused; "
+                  f"TTFT {r['ttft_ms']:.0f} ms (one stream of the offloaded layers: {r['stream_bound_ms'] or 0:.0f} ms)",
+                  flush=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    return {"plan": health["plan"], "turns": rows}
+
+
 def app(model: Path, cap_gb: float | None, env: dict, new_tokens: int) -> dict:
     command = [sys.executable, str(ROOT / "benchmarks/app_reply.py"), "--model", str(model),
                "--max-new-tokens", str(new_tokens), "--prompt", SHORT_PROMPT]
@@ -250,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="checkpoint, profiles and chats go here")
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--long-prompt-tokens", type=int, default=1500)
-    parser.add_argument("--steps", default="profile,run-test,api,app,in-memory")
+    parser.add_argument("--steps", default="profile,run-test,api,conversation,app,in-memory")
+    parser.add_argument("--layers", type=int, help="--keep-first-n-layers-on-gpu for every command (skips profiling)")
     parser.add_argument("--plans-from", type=Path, help="a report of an earlier run: its run-test plans for in-memory")
     parser.add_argument("--tokenizer", type=Path, help="a tokenizer folder (default: the bundled model's)")
     parser.add_argument("--json", type=Path)
@@ -259,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if gpu else "cpu")
     cap_gb = args.vram_limit_gb if gpu else None
     cap = ["--vram-limit-gb", str(cap_gb)] if cap_gb else []
+    if args.layers is not None:
+        cap += ["--keep-first-n-layers-on-gpu", str(args.layers)]
     steps = set(args.steps.split(","))
     tokenizer_folder = args.tokenizer or resolve_source(None, lambda _msg: None)[0]  # the bundled model's
     env = {**os.environ, "SUBSPEC_CONFIG_DIR": str(args.out / "config"), "SUBSPEC_DATA_DIR": str(args.out / "data"),
@@ -283,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         report["run_test"] = run_tests(model, cap, env, prompts, args.new_tokens)
     if "api" in steps:
         report["api"] = api(model, cap, env, args.new_tokens)
+    if "conversation" in steps:
+        report["conversation"] = conversation(model, cap, env, prompts["long"], args.new_tokens)
     if "app" in steps:
         report["app"] = app(model, cap_gb, env, args.new_tokens)
     earlier = json.loads(args.plans_from.read_text()) if args.plans_from else report

@@ -26,6 +26,9 @@ class KVCache:
         self.kv = torch.zeros((num_layers, 2, num_kv_heads, max_length, head_dim), dtype=dtype, device=device)
         self.max_length = max_length
         self.length = 0  # committed tokens
+        # Bumped by every change of what the slots hold: whoever remembers which tokens the cache
+        # holds (the engine, for the next turn) checks that nothing else has written since.
+        self.version = 0
 
     @property
     def nbytes(self) -> int:
@@ -52,7 +55,9 @@ class KVCache:
             src = torch.tensor(path_slots).to(self.kv.device, non_blocking=True)
             self.kv[:, :, :, start : start + count] = self.kv[:, :, :, src]
         self.length = start + count
+        self.version += 1
 
     def truncate(self, length: int) -> None:
         """Forget everything after slot `length` (entries are overwritten by later writes)."""
         self.length = length
+        self.version += 1

@@ -22,6 +22,9 @@ class EngineConfig:
     keep_first_n_layers_on_gpu: int | None = None  # None = all layers resident (or the profile's plan)
     max_length: int = 2048  # KV cache slots: prompt + generated tokens (+ tree scratch)
     prefill_chunk: int = 512
+    # Keep the KV of the last generation's tokens and prefill only what a new prompt adds to them
+    # (a conversation's next turn). Output is unchanged: the cache holds what a prefill would write.
+    reuse_prefix: bool = True
     # Stream offloaded layers through CPU buffers on a machine without a GPU (a fake device that
     # exercises the offloader's slot logic; tests and development only).
     emulate_offload: bool = False

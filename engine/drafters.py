@@ -29,7 +29,8 @@ class _Cancelled(Exception):
 
 
 class Drafter(Protocol):
-    def prefill(self, prompt: torch.Tensor, chunk: int) -> None: ...
+    # `kept`: the first tokens of `prompt` the target's cache still holds from the last generation.
+    def prefill(self, prompt: torch.Tensor, chunk: int, kept: int = 0) -> None: ...
 
     # Returns the draft forwards it ran; stops early (a partial tree) once `cancel` is set.
     def draft(self, tree: Tree, shape: TreeShape, cancel: threading.Event | None = None) -> int: ...
@@ -38,7 +39,7 @@ class Drafter(Protocol):
 
 
 class VanillaDrafter:
-    def prefill(self, prompt: torch.Tensor, chunk: int) -> None:
+    def prefill(self, prompt: torch.Tensor, chunk: int, kept: int = 0) -> None:
         pass
 
     def draft(self, tree: Tree, shape: TreeShape, cancel: threading.Event | None = None) -> int:
@@ -67,10 +68,12 @@ class TreeDrafter:
     _missing: list[tuple[int, int]] = field(default_factory=list)  # (slot, token) without draft KV
     _cancel: threading.Event | None = None  # the current draft's stop request
 
-    def prefill(self, prompt: torch.Tensor, chunk: int) -> None:
-        self._missing = []  # left over from the previous generation: not this prompt's
+    def prefill(self, prompt: torch.Tensor, chunk: int, kept: int = 0) -> None:
         if self.owns_cache:
-            self.transformer.prefill(self.stack, self.cache, prompt, chunk)
+            # Its own cache holds the same tokens as the target's, but for a tail it never drafted.
+            valid = self._missing[0][0] if self._missing else self.cache.length
+            self.transformer.prefill(self.stack, self.cache, prompt, chunk, kept=min(kept, valid))
+        self._missing = []  # left over from the previous generation: not this prompt's
 
     def draft(self, tree: Tree, shape: TreeShape, cancel: threading.Event | None = None) -> int:
         self._catch_up()

@@ -52,6 +52,10 @@ class Engine:
         self._eos_ids = eos_ids
         self._stream_bound_ms = stream_bound_ms
         self._details = details
+        # The token ids the target's cache holds from the last generation, and the cache's version
+        # then: the next prompt reuses their common prefix (a conversation's earlier turns).
+        self._held: list[int] = []
+        self._held_version = -1
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a chat (role/content dicts) with the generation prompt appended."""
@@ -94,17 +98,37 @@ class Engine:
         emitter = Emitter(self.tokenizer, self._eos_ids, sampling.max_new_tokens, sampling.stop, on_text)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        kept = self._reusable(prompt_ids)
+        stats.reused_tokens = kept
+        self.forget()  # until this generation has finished, the cache holds nothing known
         try:
-            run(self.target, self.drafter, self.config, prompt_ids, sampling, emitter, stats, on_iteration, cancel)
+            held = run(self.target, self.drafter, self.config, prompt_ids, sampling, emitter, stats, on_iteration,
+                       cancel, kept)
         except torch.cuda.OutOfMemoryError:
             raise EngineError(
                 "out of GPU memory while generating: lower --max-length, the tree size, "
                 "or --keep-first-n-layers-on-gpu"
             ) from None
+        self._held, self._held_version = held, self.target.cache.version
         if device.type == "cuda":
             stats.peak_gpu_bytes = torch.cuda.max_memory_allocated(device)
         stats.new_tokens = len(emitter.token_ids)
         return Generation(emitter.token_ids, emitter.text, emitter.finish_reason or "length", stats)
+
+    def _reusable(self, prompt_ids: list[int]) -> int:
+        """How many leading tokens of `prompt_ids` the cache holds from the last generation (at
+        least one token is always computed: its logits choose the first new token)."""
+        if not self.config.reuse_prefix or self._held_version != self.target.cache.version:
+            return 0
+        limit = min(len(self._held), len(prompt_ids) - 1)
+        kept = 0
+        while kept < limit and self._held[kept] == prompt_ids[kept]:
+            kept += 1
+        return kept
+
+    def forget(self) -> None:
+        """Reuse nothing of the cache in the next generation (timings that must prefill it all)."""
+        self._held, self._held_version = [], -1
 
     def warm_up(self, progress: Callable[[str], None] | None = None) -> float:
         """Run one short generation that compiles and captures what a first reply would (the draft
@@ -118,6 +142,7 @@ class Engine:
         vocab = max(2, min(len(self.tokenizer), self.target.transformer.vocab_size))
         prompt = [(7 + 31 * k) % vocab for k in range(16)]  # ordinary ids: any tokenizer, no template
         self.generate(prompt, SamplingConfig(max_new_tokens=depth + 2))
+        self.forget()
         return time.perf_counter() - started
 
     def describe(self) -> dict:

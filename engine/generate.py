@@ -48,7 +48,11 @@ def run(
     stats: GenerationStats,
     on_iteration: Callable[[IterationStats], None] | None = None,
     cancel: threading.Event | None = None,
-) -> None:
+    kept: int = 0,
+) -> list[int]:
+    """Generate after `prompt_ids`, whose first `kept` tokens the cache already holds (an earlier
+    turn). Returns the token ids the cache holds afterwards, slot by slot (the next turn's `kept`
+    is their common prefix with its prompt)."""
     device = target.transformer.device
     cache = target.cache
     generator = _generator(sampling, device)
@@ -57,8 +61,9 @@ def run(
 
     started = time.perf_counter()
     prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device)
-    last_logits = target.transformer.prefill(target.stack, cache, prompt, config.prefill_chunk)
-    drafter.prefill(prompt, config.prefill_chunk)
+    last_logits = target.transformer.prefill(target.stack, cache, prompt, config.prefill_chunk, kept, target.ops)
+    drafter.prefill(prompt, config.prefill_chunk, kept)
+    held = list(prompt_ids)
     root = int(choose(last_logits[None], sampling, generator)[0])
     target.transfer_ms()  # the prefill's copies are not a verification's
     stats.prefill_ms = (time.perf_counter() - started) * 1e3
@@ -93,9 +98,11 @@ def run(
             tokens, parents, chosen_ids = tree.host_view(chosen)
             result = walk(tokens, parents, chosen_ids)
         path_slots = [cache.length] + [cache.length + node for node in result.path]
+        path_tokens = [tokens[0]] + [tokens[node] for node in result.path]
         with nvtx_range("commit", config.nvtx_profiling):
             cache.commit(path_slots)
-            drafter.commit(path_slots, [tokens[0]] + [tokens[node] for node in result.path])
+            drafter.commit(path_slots, path_tokens)
+        held += path_tokens
         accepted = [tokens[node] for node in result.path] + [result.bonus]
         emitted = emitter.push(accepted)  # tau counts what reached the user, not what ran past EOS
         timings = timer.collect()
@@ -115,6 +122,7 @@ def run(
         root = result.bonus
 
     stats.decode_s = time.perf_counter() - decode_started
+    return held
 
 
 def _verify(

@@ -105,15 +105,19 @@ class Transformer:
                 x, h = ops.add_rms_norm(x, mlp, *next_norm)
         return ops.linear(h[: tokens.shape[0]][logits_rows], self.lm_head.weight, self.lm_head.bias).float()
 
-    def prefill(self, stack: Stack, cache: KVCache, prompt: torch.Tensor, chunk: int) -> torch.Tensor:
-        """Run the prompt in causal chunks from slot 0; returns the last token's logits [V]."""
-        cache.truncate(0)
-        for start in range(0, prompt.numel(), chunk):
+    def prefill(self, stack: Stack, cache: KVCache, prompt: torch.Tensor, chunk: int, kept: int = 0,
+                ops: Pointwise = EAGER) -> torch.Tensor:
+        """Run the prompt in causal chunks from slot `kept` (slots [0, kept) already hold the KV of
+        its first `kept` tokens, reused from an earlier generation); returns the last token's
+        logits [V]. `ops`: the row-invariant target computes each row as a one-token forward would,
+        so reused and freshly computed KV are the same numbers."""
+        cache.truncate(kept)
+        for start in range(kept, prompt.numel(), chunk):
             end = min(start + chunk, prompt.numel())
             slots = torch.arange(start, end, device=self.device)
             # Row r (slot start + r) sees every slot up to and including its own.
             mask = torch.arange(end, device=self.device)[None] <= slots[:, None]
-            logits = self.forward(stack, cache, prompt[start:end], slots, slots, mask, end, slice(-1, None))
+            logits = self.forward(stack, cache, prompt[start:end], slots, slots, mask, end, slice(-1, None), ops=ops)
         cache.truncate(prompt.numel())
         return logits[0]
 

@@ -29,6 +29,7 @@ class GenerationStats:
     method: str
     lossy: bool = False
     prompt_tokens: int = 0
+    reused_tokens: int = 0  # of the prompt: KV kept from the last generation, not prefilled again
     new_tokens: int = 0
     prefill_ms: float = 0.0
     decode_s: float = 0.0
@@ -71,6 +72,7 @@ class GenerationStats:
             "peak_gpu_bytes": self.peak_gpu_bytes,
             "lossy": self.lossy,
             "prompt_tokens": self.prompt_tokens,
+            "reused_tokens": self.reused_tokens,
             "prefill_ms": self.prefill_ms,
         }
 

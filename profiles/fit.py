@@ -406,6 +406,7 @@ def _forward_ms(engine: Engine, prompt: list[int]) -> tuple[float, int]:
     best = math.inf
     peak = 0
     for _ in range(TIMING_REPEATS):
+        engine.forget()  # the whole prompt, every time: a forward over `prompt`, not a reused prefix
         _synchronize()
         started = time.perf_counter()
         generation = engine.generate(prompt, SamplingConfig(max_new_tokens=1))

@@ -95,6 +95,9 @@ class FakeEngine:
         return {"device": "cpu", "dtype": "float32", "method": self.config.method, "layers_on_gpu": 0,
                 "layers_total": 2}
 
+    def forget(self) -> None:
+        pass
+
     def close(self) -> None:
         self.closed = True
 

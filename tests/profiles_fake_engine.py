@@ -75,6 +75,9 @@ class FakeEngine:
     def describe(self) -> dict:
         return {"layers_total": 28}
 
+    def forget(self) -> None:
+        pass
+
     def close(self) -> None:
         self.closed = True
 

@@ -147,5 +147,8 @@ def test_the_product_walk_runs_on_cpu_through_every_entry_point(tmp_path):
         assert run["plan"]["method"] == name.split("/")[0]
     assert runs["vanilla/long"]["prompt_tokens"] >= 200 > runs["vanilla/short"]["prompt_tokens"]
     assert report["api"]["plan"]["source"] == "profile" and report["api"]["first"]["chunks"] > 0
+    turns = report["conversation"]["turns"]
+    assert len(turns) == 4 and turns[0]["reused_tokens"] == 0
+    assert all(later["reused_tokens"] >= earlier["prompt_tokens"] for earlier, later in zip(turns, turns[1:]))
     assert report["app"]["reply"] and report["app"]["plan_source"] == "profile" and report["app"]["profile_reused"]
     assert set(report["in_memory"]) == {"vanilla", "subspec_sd"}

@@ -81,6 +81,9 @@ class FakeEngine:
                 "layers_on_gpu": layers if self.device == "cpu" else 12, "offloaded_bytes": 0,
                 "max_length": self.max_length, "h2d_gbps": None, "stream_bound_ms": None}
 
+    def forget(self) -> None:
+        pass
+
     def close(self) -> None:
         self.closed = True
 
