@@ -916,3 +916,54 @@ def test_chat_titles_are_cut_at_a_word():
         "What is the capital of France and why is it…"
     assert chat_title("short  question") == "short question"
     assert len(chat_title("x" * 100)) == 49
+
+
+async def test_a_conversation_that_outgrows_the_context_can_go_on_without_its_oldest_turns():
+    # FakeEngine counts a token per word (+1); 150 tokens of context, 128 of them kept for the reply.
+    engine = FakeEngine(reply="short answer here", max_length=150)
+    app = make_app(engine)
+    async with app.run_test(size=(120, 36)) as pilot:
+        chat = await ready(app, pilot)
+        await send(pilot, "first " * 8)
+        assert "context" in static_text(chat, "#chat-status") and "of 150 tokens" in static_text(chat, "#chat-status")
+        await send(pilot, "second " * 8)
+        await send(pilot, "third " * 8)  # the whole conversation no longer fits: asked first
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        assert "Continue with the oldest turns left out?" in str(app.screen.query_one("#confirm-question").render())
+        app.screen.query_one("#yes").press()
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        sent = engine.seen_messages[-1]
+        assert sent[-1] == {"role": "user", "content": ("third " * 8).strip()}
+        assert {"role": "user", "content": ("first " * 8).strip()} not in sent  # the oldest turn left out
+        notice = chat.query(AssistantTurn).last().query_one(".turn-notice", Static)
+        assert "were left out to fit the context" in str(notice.render())
+        stored = app.store.get_chat(chat.chat.id).messages
+        assert [m.role for m in stored] == ["user", "assistant"] * 3  # the chat keeps every turn
+
+
+async def test_declining_to_leave_turns_out_keeps_the_message_and_says_why():
+    engine = FakeEngine(reply="ok", max_length=140)
+    app = make_app(engine)
+    async with app.run_test(size=(120, 36)) as pilot:
+        chat = await ready(app, pilot)
+        await send(pilot, "first " * 10)
+        calls = len(engine.seen_sampling)
+        await send(pilot, "second " * 10)
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        app.screen.query_one("#no").press()
+        await pilot.pause(0.2)
+        assert len(engine.seen_sampling) == calls and not chat.generating
+        assert any("not sent: the conversation is" in text for text in chat.alerts.texts)
+        assert [m.role for m in app.store.get_chat(chat.chat.id).messages] == ["user", "assistant", "user"]
+
+
+def test_trim_to_context_keeps_the_system_prompt_and_the_last_message():
+    from subspec_tui.screens.chat import trim_to_context
+
+    messages = [{"role": "system", "content": "s"}] + [{"role": r, "content": f"{r}{i}"} for i in range(3)
+                                                       for r in ("user", "assistant")] + [{"role": "user", "content": "last"}]
+    kept, dropped = trim_to_context(messages, len, 4)  # counts messages as tokens
+    assert kept == [messages[0], *messages[-3:]] and dropped == 4
+    with pytest.raises(ValueError):
+        trim_to_context(messages, len, 1)

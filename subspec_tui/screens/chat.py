@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from textual import on, work
 from textual.app import ComposeResult
@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 SAVE_INTERVAL_S = 0.5  # a killed app loses at most this much of a streaming reply
 TITLE_LENGTH = 48
+# A prompt must leave the reply this many tokens of context (or max_new_tokens, if fewer): below
+# that the app offers to leave the oldest turns out rather than answer in a few words.
+REPLY_ROOM = 128
 
 FINISH_NOTICES = {
     "length": "reply stopped at the max new tokens limit (chat settings: F5)",
@@ -47,6 +50,21 @@ def chat_title(prompt: str, limit: int = TITLE_LENGTH) -> str:
     if words[limit] != " " and " " in cut:  # the limit falls inside a word: drop that word
         cut = cut.rsplit(" ", 1)[0]
     return cut.rstrip(" ,.;:") + "…"
+
+
+def trim_to_context(
+    messages: list[dict[str, str]], count_tokens: Callable[[list[dict[str, str]]], int], limit: int
+) -> tuple[list[dict[str, str]], int]:
+    """The messages without their oldest turns (the system prompt and the last message always
+    kept) until they count at most `limit` tokens; and how many messages were left out. Raises
+    ValueError when even the system prompt and the last message do not fit."""
+    head = [m for m in messages[:1] if m["role"] == "system"]
+    turns = messages[len(head):]
+    for dropped in range(len(turns)):
+        kept = head + turns[dropped:]
+        if count_tokens(kept) <= limit:
+            return kept, dropped
+    raise ValueError("the last message alone is longer than the context")
 
 
 def context_notice(max_length: int) -> str:
@@ -78,6 +96,13 @@ class ChatScreen(ScreenAlerts, Screen):
             super().__init__()
             self.error = error
 
+    class ContextFull(Message):
+        """The conversation no longer fits the context: ask before leaving turns out."""
+
+        def __init__(self, needed: int, limit: int, messages: list[dict[str, str]], sampling: SamplingConfig) -> None:
+            super().__init__()
+            self.needed, self.limit, self.messages, self.sampling = needed, limit, messages, sampling
+
     app: "SubSpecChatApp"
 
     def __init__(self) -> None:
@@ -91,6 +116,8 @@ class ChatScreen(ScreenAlerts, Screen):
         self._reply_text = ""
         self._last_save = 0.0
         self._waiting: str | None = None  # a prompt sent while the model was still loading
+        self._context_used: int | None = None  # tokens of the context the conversation fills, after a reply
+        self._left_out = 0  # messages of this conversation the last reply was generated without
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -120,6 +147,8 @@ class ChatScreen(ScreenAlerts, Screen):
         else:
             chat = f"chat: {self.chat.title}" if self.chat else "new chat"
             text = f"{app.engine.model_name} · {app.engine.config.method} · {chat}"
+            if self._context_used is not None:
+                text += f" · context {self._context_used} of {app.engine.max_length} tokens"
         self.query_one("#chat-status", Static).update(text)
         self.query_one(StatsPanel).set_engine(app.engine.describe() if app.engine else None)
 
@@ -128,6 +157,7 @@ class ChatScreen(ScreenAlerts, Screen):
     def show_chat(self, chat: Chat | None) -> None:
         """Display a stored chat (None = a fresh one, created on the first message)."""
         self.chat = chat
+        self._context_used = None
         transcript = self.query_one("#transcript", VerticalScroll)
         transcript.remove_children()
         for message in chat.messages if chat else []:
@@ -265,20 +295,55 @@ class ChatScreen(ScreenAlerts, Screen):
         self.generate(self.chat.engine_messages(), self.sampling())
 
     @work(thread=True, exclusive=True, group="generate", exit_on_error=False)
-    def generate(self, messages: list[dict[str, str]], sampling: SamplingConfig) -> None:
+    def generate(self, messages: list[dict[str, str]], sampling: SamplingConfig, leave_out_oldest: bool = False) -> None:
         engine = self.app.engine
+        room = min(sampling.max_new_tokens, REPLY_ROOM)
+        limit = engine.max_length - room
         try:
+            self._left_out = 0
+            if leave_out_oldest:
+                messages, self._left_out = trim_to_context(messages, lambda m: len(engine.chat_ids(m)), limit)
             ids = engine.chat_ids(messages)
+            if len(ids) > limit:
+                self.post_message(self.ContextFull(len(ids), engine.max_length, messages, sampling))
+                return
             generation = engine.generate(
                 ids, sampling,
                 on_text=lambda text: self.post_message(self.Chunk(text)),
                 on_iteration=self.live.add,
                 cancel=self.cancel,
             )
+        except ValueError as err:  # trim_to_context: not even the last message fits
+            self.post_message(self.Failed(f"{err} ({engine.max_length} tokens): start a new chat (ctrl+n)"))
+            return
         except EngineError as err:
             self.post_message(self.Failed(str(err)))
             return
         self.post_message(self.Finished(generation))
+
+    async def on_chat_screen_context_full(self, message: ContextFull) -> None:
+        """Say so, and offer to go on without the oldest turns (the stored chat keeps them)."""
+        from subspec_tui.screens.dialogs import ConfirmScreen
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.generating = True
+                self.generate(message.messages, message.sampling, leave_out_oldest=True)
+            else:
+                self.alert(f"not sent: the conversation is {message.needed} tokens and the context holds "
+                           f"{message.limit} with room for a reply; start a new chat (ctrl+n) or leave out "
+                           "the oldest turns", "warning")
+                self.call_later(self._abandon_reply)
+
+        self.generating = False
+        question = (f"This conversation is {message.needed} tokens; the context holds {message.limit}, with room "
+                    "for a reply. Continue with the oldest turns left out? (The chat keeps them.)")
+        await self.app.push_screen(ConfirmScreen(question), answered)
+
+    async def _abandon_reply(self) -> None:
+        if self._reply is not None:
+            await self._reply.remove()
+        self._end_generation()
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         # An exception other than EngineError is an engine bug: report it, keep the app alive.
@@ -309,7 +374,11 @@ class ChatScreen(ScreenAlerts, Screen):
         if self._reply_id is None:
             self._reply_id = self.app.store.add_message(self.chat.id, "assistant", gen.text)
         self.app.store.update_message(self._reply_id, gen.text, finish_reason=gen.finish_reason, stats=stats)
+        self._context_used = stats["prompt_tokens"] + stats["new_tokens"]
         notice = self._notice(gen.finish_reason)
+        if self._left_out:
+            left_out = f"the oldest {self._left_out} messages were left out to fit the context"
+            notice = f"{notice} · {left_out}" if notice else left_out
         if gen.finish_reason == "context":
             self.notify(notice, severity="warning")
         if self._reply is not None:
