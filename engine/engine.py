@@ -131,10 +131,10 @@ class Engine:
         self._held, self._held_version = [], -1
 
     def warm_up(self, progress: Callable[[str], None] | None = None) -> float:
-        """Run one short generation that compiles and captures what a first reply would (the draft
-        steps' compiled math and CUDA graphs at every draft width the tree uses, the Triton kernels
-        of draft and target), so the user's first reply runs at speed. Leaves nothing behind: the
-        next generation starts from an empty cache. Returns the seconds it took."""
+        """Run one throw-away generation that compiles and captures what a first reply would (the
+        draft steps' compiled math and CUDA graphs at every draft width the tree uses, the Triton
+        kernels of draft and target, prefill chunks included), so the user's first reply runs at
+        speed. Leaves nothing behind: the next generation reuses none of it. Returns its seconds."""
         started = time.perf_counter()
         if progress is not None:
             progress("warming up: compiling kernels and capturing CUDA graphs (kernels are cached on disk)")
