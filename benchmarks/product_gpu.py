@@ -24,12 +24,14 @@ anything there, it keeps the script and the entry points working.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -138,60 +140,15 @@ def run_tests(model: Path, cap: list[str], env: dict, prompts: dict[str, str], n
     return results
 
 
-def api(model: Path, cap: list[str], env: dict, new_tokens: int) -> dict:
-    """`subspec run-api` and the official openai client, streaming."""
+@contextlib.contextmanager
+def served(model: Path, cap: list[str], env: dict) -> Iterator[tuple[str, dict, float]]:
+    """`subspec run-api` in its own process until the block ends: (its URL, its /health, seconds to ready)."""
     import httpx
-    import openai
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     started = time.perf_counter()
-    server = subprocess.Popen([sys.executable, "-m", "subspec_tui.cli", *cap, "--llm-path", str(model), "run-api",
-                               "--port", str(port)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"run-api exited: {server.stderr.read()[-3000:]}")
-            try:
-                health = httpx.get(f"{url}/health", timeout=1).json()
-                break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        ready_s = time.perf_counter() - started
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
-        replies = []
-        for _ in range(2):  # the first request of the process, then a warm one
-            sent = time.perf_counter()
-            first, pieces = None, []
-            for chunk in client.chat.completions.create(model=health["model"], stream=True, max_tokens=new_tokens,
-                                                        messages=[{"role": "user", "content": SHORT_PROMPT}]):
-                if chunk.choices and chunk.choices[0].delta.content:
-                    first = first or time.perf_counter()
-                    pieces.append(chunk.choices[0].delta.content)
-            replies.append({"ttft_ms": ((first or time.perf_counter()) - sent) * 1000,
-                            "total_s": time.perf_counter() - sent, "chunks": len(pieces)})
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-    result = {"ready_s": ready_s, "plan": health["plan"], "first": replies[0], "second": replies[1]}
-    print(f"run-api: ready in {ready_s:.1f} s, plan {health['plan']['source']} "
-          f"({health['plan']['method']}, {health['plan']['layers_on_gpu']} layers on the GPU); streamed reply: "
-          f"first request TTFT {replies[0]['ttft_ms']:.0f} ms, total {replies[0]['total_s']:.2f} s; second TTFT "
-          f"{replies[1]['ttft_ms']:.0f} ms, total {replies[1]['total_s']:.2f} s", flush=True)
-    return result
-
-
-def conversation(model: Path, cap: list[str], env: dict, first_turn: str, new_tokens: int, turns: int = 4) -> dict:
-    """A conversation through `subspec run-api`: a long first turn, then short ones; each turn's
-    time to the first token (the server's prefill_ms) and how much of its prompt was reused."""
-    import httpx
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "subspec_tui.cli", *cap, "--llm-path", str(model), "run-api",
                                "--port", str(port)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
@@ -205,8 +162,45 @@ def conversation(model: Path, cap: list[str], env: dict, first_turn: str, new_to
                 break
             except httpx.HTTPError:
                 time.sleep(0.5)
-        messages, rows = [], []
-        follow_ups = ["Summarise that in two sentences.", "Now give one example.", "And a counter-example?"]
+        yield url, health, time.perf_counter() - started
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def api(model: Path, cap: list[str], env: dict, new_tokens: int) -> dict:
+    """`subspec run-api` and the official openai client, streaming."""
+    import openai
+
+    with served(model, cap, env) as (url, health, ready_s):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+        replies = []
+        for _ in range(2):  # the first request of the process, then a warm one
+            sent = time.perf_counter()
+            first, pieces = None, []
+            for chunk in client.chat.completions.create(model=health["model"], stream=True, max_tokens=new_tokens,
+                                                        messages=[{"role": "user", "content": SHORT_PROMPT}]):
+                if chunk.choices and chunk.choices[0].delta.content:
+                    first = first or time.perf_counter()
+                    pieces.append(chunk.choices[0].delta.content)
+            replies.append({"ttft_ms": ((first or time.perf_counter()) - sent) * 1000,
+                            "total_s": time.perf_counter() - sent, "chunks": len(pieces)})
+    result = {"ready_s": ready_s, "plan": health["plan"], "first": replies[0], "second": replies[1]}
+    print(f"run-api: ready in {ready_s:.1f} s, plan {health['plan']['source']} "
+          f"({health['plan']['method']}, {health['plan']['layers_on_gpu']} layers on the GPU); streamed reply: "
+          f"first request TTFT {replies[0]['ttft_ms']:.0f} ms, total {replies[0]['total_s']:.2f} s; second TTFT "
+          f"{replies[1]['ttft_ms']:.0f} ms, total {replies[1]['total_s']:.2f} s", flush=True)
+    return result
+
+
+def conversation(model: Path, cap: list[str], env: dict, first_turn: str, new_tokens: int, turns: int = 4) -> dict:
+    """A conversation through `subspec run-api`: a long first turn, then short ones; each turn's
+    time to the first token (the server's prefill_ms) and how much of its prompt was reused."""
+    import httpx
+
+    follow_ups = ["Summarise that in two sentences.", "Now give one example.", "And a counter-example?"]
+    messages, rows = [], []
+    with served(model, cap, env) as (url, health, _ready_s):
         for turn in range(turns):
             messages.append({"role": "user", "content": first_turn if turn == 0 else follow_ups[(turn - 1) % 3]})
             reply = httpx.post(f"{url}/v1/chat/completions", timeout=600, json={
@@ -219,9 +213,6 @@ def conversation(model: Path, cap: list[str], env: dict, first_turn: str, new_to
             print(f"conversation turn {turn + 1}: prompt {r['prompt_tokens']} tokens, {r['reused_tokens']} reused; "
                   f"TTFT {r['ttft_ms']:.0f} ms (one stream of the offloaded layers: {r['stream_bound_ms'] or 0:.0f} ms)",
                   flush=True)
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
     return {"plan": health["plan"], "turns": rows}
 
 
