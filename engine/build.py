@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from engine.config import COMPILE_MODES, METHODS, EngineConfig, row_invariant_by_default
+from engine.config import COMPILE_MODES, METHODS, EngineConfig, method_unavailable, row_invariant_by_default
 from engine.drafters import Drafter, TreeDrafter, VanillaDrafter
 from engine.engine import Engine
 from engine.errors import EngineError
@@ -192,10 +192,8 @@ def _keep_on_gpu(config: EngineConfig, device: torch.device, num_layers: int) ->
 def _check_config(config: EngineConfig) -> None:
     if config.method not in METHODS:
         raise EngineError(f"unknown method {config.method!r}: use one of {', '.join(METHODS)}")
-    if config.method == "eagle_sd":
-        raise EngineError("eagle_sd is not available yet: use subspec_sd, classic_sd or vanilla")
-    if config.method == "classic_sd" and not config.draft_model_path:
-        raise EngineError("classic_sd needs a draft model: pass --draft-model-path")
+    if (problem := method_unavailable(config.method, config.draft_model_path)) is not None:
+        raise EngineError(problem)
     if config.compile_mode not in COMPILE_MODES:
         raise EngineError(f"unknown compile mode {config.compile_mode!r}: use auto, cuda-graphs or none")
     if config.max_length < 2:

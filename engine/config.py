@@ -88,6 +88,16 @@ class SamplingConfig:
         return not self.do_sample or self.temperature <= 0.0
 
 
+def method_unavailable(method: str, draft_model_path: str | None) -> str | None:
+    """Why `method` cannot run with this draft (one line for the user), or None when it can: the
+    engine refuses it at load, and profiles and front ends before measuring anything."""
+    if method == "eagle_sd":
+        return "eagle_sd is not available yet: use subspec_sd, classic_sd or vanilla"
+    if method == "classic_sd" and not draft_model_path:
+        return "classic_sd needs a draft model: pass --draft-model-path"
+    return None
+
+
 def row_invariant_by_default(dtype_bytes: int) -> bool:
     """EngineConfig.row_invariant when left unset: on in the 16-bit dtypes, off in float32."""
     return dtype_bytes == 2

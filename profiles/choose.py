@@ -18,11 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, method_unavailable
 from profiles.runner import Profile, vram_budget
 from profiles.store import ProfileError
+
+if TYPE_CHECKING:
+    from profiles.memory import Plan
 
 PlanSource = Literal["flags", "profile", "estimate"]
 Progress = Callable[[str], None]
@@ -48,11 +51,6 @@ class Planned:
     def warnings(self) -> list[str]:
         """The notes that are problems (a profile moved aside, one that cannot be saved)."""
         return list(self.profile.messages) if self.profile else []
-
-    @property
-    def method(self) -> str | None:
-        """The method the plan chose, None when it leaves the method to the user's settings."""
-        return self.overrides.get("method")
 
     def describe(self, config: EngineConfig, engine_details: dict[str, Any]) -> dict[str, Any]:
         """Which plan ran: the `plan` object of run-test's JSON, benchmark records and /health."""
@@ -108,10 +106,8 @@ def choose_plan(
 
 def check_method(config: EngineConfig) -> None:
     """Refuse what cannot run before anything is measured or loaded."""
-    if config.method == "eagle_sd":
-        raise ProfileError("eagle_sd is not available yet: use subspec_sd, classic_sd or vanilla")
-    if config.method == "classic_sd" and not config.draft_model_path:
-        raise ProfileError("classic_sd needs a draft model: pass --draft-model-path")
+    if (problem := method_unavailable(config.method, config.draft_model_path)) is not None:
+        raise ProfileError(problem)
 
 
 def _from_profile(profile: Profile, method: str | None, explicit: Collection[str]) -> Planned:
@@ -137,18 +133,8 @@ def _estimate(config: EngineConfig, on_gpu: bool) -> Planned:
         return Planned("estimate", {}, notes=["no GPU: every layer runs on the CPU (--no-profile: not measured)"])
     import torch
 
-    from profiles.memory import ModelShapeError, estimate_plan
-    from profiles.source import model_config
-
-    draft = model_config(config.draft_model_path) if config.method == "classic_sd" else None
     index = torch.device(config.device if config.device != "auto" else "cuda").index or 0
-    try:
-        plan = estimate_plan(model_config(config.llm_path), vram_budget(index, config.vram_limit_gb), config.method,
-                             max_context=config.max_length, tree_nodes=1 + config.draft_nodes(),
-                             substitute_bits=config.substitute_bits, substitute_group=config.substitute_group_size,
-                             draft_config=draft)
-    except ModelShapeError as err:
-        raise ProfileError(f"cannot plan {config.llm_path or 'the bundled model'}: {err}") from None
+    plan = memory_estimate(config, vram_budget(index, config.vram_limit_gb))
     if not plan.fits:
         raise ProfileError(f"the model does not fit this GPU with {config.method}: {plan.reason}")
     overrides: dict[str, Any] = {"keep_first_n_layers_on_gpu": plan.layers_on_gpu}
@@ -157,3 +143,20 @@ def _estimate(config: EngineConfig, on_gpu: bool) -> Planned:
     note = (f"--no-profile: the memory model's estimate ({plan.layers_on_gpu} of {plan.layers_total} layers on "
             "the GPU), not measured")
     return Planned("estimate", overrides, notes=[note])
+
+
+def memory_estimate(config: EngineConfig, vram_bytes: int, download: bool = False) -> Plan:
+    """The memory model's plan of `config` (its model, method, tree, substitute, context) on a card
+    of `vram_bytes`, from config.json alone (with `download`, a hub model's config.json is fetched,
+    never its weights). Raises ProfileError (one line) for a model it cannot plan."""
+    from profiles.memory import ModelShapeError, estimate_plan
+    from profiles.source import model_config
+
+    draft = model_config(config.draft_model_path) if config.method == "classic_sd" else None
+    try:
+        return estimate_plan(model_config(config.llm_path, download=download), vram_bytes, config.method,
+                             max_context=config.max_length, tree_nodes=1 + config.draft_nodes(),
+                             substitute_bits=config.substitute_bits, substitute_group=config.substitute_group_size,
+                             draft_config=draft)
+    except ModelShapeError as err:
+        raise ProfileError(f"cannot plan {config.llm_path or 'the bundled model'}: {err}") from None

@@ -24,6 +24,7 @@ import torch
 
 from engine import Engine, EngineConfig, EngineError, GenerationStats, SamplingConfig, load_engine
 from profiles.memory import DEFAULT_PREFILL_CHUNK, STREAM_BUFFER_FALLBACK, Plan, estimate_plan
+from profiles.source import model_config as read_model_config  # fit_gpu takes the target's as `model_config`
 from profiles.store import ModelPlan, ProfileError
 
 Progress = Callable[[str], None]
@@ -131,7 +132,7 @@ def fit_gpu(
 ) -> ModelPlan:
     """The largest resident-layer count (with as many stream buffers as fit, up to 3) whose measured
     peak fits `vram_bytes`, and a tree budget."""
-    draft_config = model_config_of(draft_model_path) if method == "classic_sd" else None
+    draft_config = read_model_config(draft_model_path) if method == "classic_sd" else None
     estimate = _trial_estimate(model_config, vram_bytes, method, max_context, draft_config)
     if not estimate.fits:
         raise ProfileError(f"the model does not fit this GPU with {method}: {estimate.reason}"
@@ -220,12 +221,6 @@ def _trial_estimate(model_config: dict, vram_bytes: int, method: str, max_contex
     """The memory model's plan for the first trial load's tree."""
     return estimate_plan(model_config, vram_bytes, method, max_context=max_context, tree_nodes=1 + TRIAL_DEPTH * TOPK,
                          draft_config=draft_config)
-
-
-def model_config_of(source: str | None) -> dict:
-    from profiles.source import model_config
-
-    return model_config(source)
 
 
 def _shorter_context_hint(model_config: dict, vram_bytes: int, method: str, max_context: int, draft_config: dict | None = None) -> str:

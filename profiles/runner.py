@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import torch
 
+from engine.config import method_unavailable
 from engine.offload import measure_h2d_gbps
 from profiles import fit
 from profiles.hardware import DeviceInfo, detect
@@ -81,8 +82,8 @@ def run_profile(
     say = progress or (lambda _msg: None)
     if vram_limit_gb is not None and vram_limit_gb <= 0:
         raise ProfileError(f"--vram-limit-gb must be positive, got {vram_limit_gb}")
-    if method == "classic_sd" and not draft_model_path:
-        raise ProfileError("classic_sd needs a draft model: pass --draft-model-path")
+    if method is not None and (problem := method_unavailable(method, draft_model_path)) is not None:
+        raise ProfileError(problem)
     store = store or ProfileStore()
     device = detect()
     key = model_key(model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -396,7 +397,7 @@ def cmd_profile(args: argparse.Namespace, settings: Settings) -> int:
     model = args.model or settings.engine.llm_path
     method = settings.engine.method if "method" in settings.explicit else None
     if settings.engine.vram_limit_gb is not None and not _has_gpu():
-        return _print_estimate(args, model, method or "subspec_sd", settings.engine)
+        return _print_estimate(args, dataclasses.replace(settings.engine, llm_path=model))
     # --max-length is the plan's context: its KV cache and workspace are part of what must fit.
     profile = profiles.run_profile(model, settings.engine.vram_limit_gb, method, _progress, args.force,
                                    max_context=settings.engine.max_length,
@@ -416,22 +417,17 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def _print_estimate(args: argparse.Namespace, model: str | None, method: str, config: EngineConfig) -> int:
+def _print_estimate(args: argparse.Namespace, config: EngineConfig) -> int:
     """A CPU-only machine asked to plan for a card: the memory model's plan from config.json alone
     (nothing to measure here, and no weights downloaded for it)."""
-    from profiles import GIB, ModelShapeError, estimate_plan
-    from profiles.source import model_config
+    from profiles import GIB
+    from profiles.choose import memory_estimate
 
-    draft = model_config(config.draft_model_path) if method == "classic_sd" else None
-    try:
-        plan = estimate_plan(model_config(model, download=True), int(config.vram_limit_gb * GIB), method,
-                             max_context=config.max_length, draft_config=draft)
-    except ModelShapeError as err:
-        raise CliError(f"cannot plan {model or 'the bundled model'}: {err}") from None
+    plan = memory_estimate(config, int(config.vram_limit_gb * GIB), download=True)
     note = (f"no CUDA GPU here: the memory model's estimate for a {config.vram_limit_gb:g} GiB card, from config.json "
             "alone; on that GPU, `subspec profile` measures it")
     if args.json:
-        _print_json({"source": "estimate", "model": model, "note": note, "plan": plan.as_dict()})
+        _print_json({"source": "estimate", "model": config.llm_path, "note": note, "plan": plan.as_dict()})
     else:
         _progress(note)
         print(plan.summary())

@@ -31,7 +31,7 @@ def test_explicit_resident_layers_are_the_plan_and_nothing_is_measured():
 def test_the_profile_chooses_the_method_unless_the_user_did():
     vanilla_fastest = FakeProfiler(cpu_plan("vanilla"), steps=("measuring",))
     planned = choose_plan(EngineConfig(method="subspec_sd"), set(), profiler=vanilla_fastest, gpu=False)
-    assert planned.source == "profile" and planned.method == "vanilla"
+    assert planned.source == "profile" and planned.overrides["method"] == "vanilla"
     assert vanilla_fastest.calls == [(None, None, False)]  # None: the profile chooses
     assert planned.notes == ["using vanilla: the fastest method measured on this machine (--method chooses another)"]
 
