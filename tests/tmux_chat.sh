@@ -6,7 +6,7 @@ set -euo pipefail
 
 METHOD="${METHOD:-vanilla}"
 # The console script once the package is installed; the module from a plain checkout.
-if command -v subspec-chat >/dev/null; then APP="subspec-chat"; else APP="python -m subspec_tui.app"; fi
+if command -v subspec-chat >/dev/null; then APP="subspec-chat"; else APP="python -m subspec_tui.start"; fi
 SESSION="subspec-chat-check-$$"
 WORK="$(mktemp -d)"
 export SUBSPEC_DATA_DIR="$WORK/data"   # isolated chat history
