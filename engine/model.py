@@ -94,32 +94,57 @@ class Transformer:
         h = ops.rms_norm(x, *self.norms[0][0])
         with sdpa_kernel(FIXED_SHAPE_ATTENTION if fixed_shape else ANY_LENGTH_ATTENTION, set_priority=True):
             for i in range(stack.num_layers):
-                weights = stack.weights(i)
-                _, post_norm, q_norm, k_norm = self.norms[i]
-                attended = self._attention(weights, cache, i, h, cos, sin, slots, attn_mask, kv_end, q_norm, k_norm, ops)
-                x, h = ops.add_rms_norm(x, attended, *post_norm)
-                gate, up = _projections(weights, "gate_up_proj", ("gate_proj", "up_proj"), self.gate_up_sizes, h, ops)
-                mlp = _linear(weights, "down_proj", ops.gated(self.act, gate, up), ops)
+                x, h = self._layer(stack.weights(i), cache, i, x, h, cos, sin, slots, attn_mask, kv_end, ops)
                 stack.done(i)
-                next_norm = self.norms[i + 1][0] if i + 1 < stack.num_layers else self.final_norm
-                x, h = ops.add_rms_norm(x, mlp, *next_norm)
-        return ops.linear(h[: tokens.shape[0]][logits_rows], self.lm_head.weight, self.lm_head.bias).float()
+        return self._logits(h[: tokens.shape[0]][logits_rows], ops)
 
+    @torch.inference_mode()
     def prefill(self, stack: Stack, cache: KVCache, prompt: torch.Tensor, chunk: int, kept: int = 0,
                 ops: Pointwise = EAGER) -> torch.Tensor:
-        """Run the prompt in causal chunks from slot `kept` (slots [0, kept) already hold the KV of
-        its first `kept` tokens, reused from an earlier generation); returns the last token's
-        logits [V]. `ops`: the row-invariant target computes each row as a one-token forward would,
-        so reused and freshly computed KV are the same numbers."""
+        """Run the prompt from slot `kept` (slots [0, kept) already hold the KV of its first `kept`
+        tokens, reused from an earlier generation); returns the last token's logits [V].
+
+        Layer by layer, each over every causal chunk of `chunk` new tokens: an offloaded layer
+        crosses PCIe once per prefill however long the prompt (chunk by chunk through all layers,
+        a 1500-token prompt streamed the weights three times). The chunks bound the workspace; the
+        residual stream of every new token (two hidden-sized rows each) is what this costs.
+        `ops`: the row-invariant target computes each row as a one-token forward would, so reused
+        and freshly computed KV are the same numbers whatever the chunking."""
         cache.truncate(kept)
-        for start in range(kept, prompt.numel(), chunk):
-            end = min(start + chunk, prompt.numel())
-            slots = torch.arange(start, end, device=self.device)
-            # Row r (slot start + r) sees every slot up to and including its own.
-            mask = torch.arange(end, device=self.device)[None] <= slots[:, None]
-            logits = self.forward(stack, cache, prompt[start:end], slots, slots, mask, end, slice(-1, None), ops=ops)
+        spans = [(start, min(start + chunk, prompt.numel())) for start in range(kept, prompt.numel(), chunk)]
+        rows = [self._prefill_rows(prompt, start, end, ops) for start, end in spans]  # (x, h, cos, sin) per chunk
+        with sdpa_kernel(ANY_LENGTH_ATTENTION, set_priority=True):
+            for i in range(stack.num_layers):
+                weights = stack.weights(i)
+                for k, (start, end) in enumerate(spans):
+                    x, h, cos, sin = rows[k]
+                    slots = torch.arange(start, end, device=self.device)
+                    mask = ops.causal_mask(slots, end, self.dtype)
+                    rows[k] = (*self._layer(weights, cache, i, x, h, cos, sin, slots, mask, end, ops), cos, sin)
+                stack.done(i)
         cache.truncate(prompt.numel())
-        return logits[0]
+        last = spans[-1][1] - spans[-1][0] - 1
+        return self._logits(rows[-1][1][last : last + 1], ops)[0]
+
+    def _prefill_rows(self, prompt: torch.Tensor, start: int, end: int, ops: Pointwise) -> tuple[torch.Tensor, ...]:
+        """The first layer's input of prompt[start:end]: (x, h = its input norm, cos, sin), padded."""
+        positions = torch.arange(start, end, device=self.device)
+        x, cos, sin = (pad_rows(t, ops.rows) for t in (self.embed(prompt[start:end]), self.cos[positions], self.sin[positions]))
+        return x, ops.rms_norm(x, *self.norms[0][0]), cos, sin
+
+    def _layer(self, weights, cache, i, x, h, cos, sin, slots, attn_mask, kv_end, ops):
+        """Decoder layer i over hidden states x (h: x under the layer's input norm); returns the
+        next layer's (x, h)."""
+        _, post_norm, q_norm, k_norm = self.norms[i]
+        attended = self._attention(weights, cache, i, h, cos, sin, slots, attn_mask, kv_end, q_norm, k_norm, ops)
+        x, h = ops.add_rms_norm(x, attended, *post_norm)
+        gate, up = _projections(weights, "gate_up_proj", ("gate_proj", "up_proj"), self.gate_up_sizes, h, ops)
+        mlp = _linear(weights, "down_proj", ops.gated(self.act, gate, up), ops)
+        next_norm = self.norms[i + 1][0] if i + 1 < self.num_layers else self.final_norm
+        return ops.add_rms_norm(x, mlp, *next_norm)
+
+    def _logits(self, h: torch.Tensor, ops: Pointwise) -> torch.Tensor:
+        return ops.linear(h, self.lm_head.weight, self.lm_head.bias).float()
 
     def _attention(self, weights, cache, layer, h, cos, sin, slots, attn_mask, kv_end, q_norm, k_norm, ops):
         T = slots.shape[0]  # h's rows may be padded (Pointwise.rows)

@@ -85,6 +85,11 @@ class LayerStack:
         return sum(h.nbytes for h in self._host)
 
     @property
+    def layers_streamed(self) -> int:
+        """Offloaded layers computed so far, over all forwards (each crossed PCIe once)."""
+        return self._computed
+
+    @property
     def resident_bytes(self) -> int:
         return sum(t.nbytes for w in self.resident for t in w.values()) + sum(
             s.flat.nbytes for s in self._slots

@@ -114,6 +114,19 @@ def visible_keys(mask: torch.Tensor, dtype: torch.dtype) -> VisibleKeys:
     return VisibleKeys(torch.argsort(hidden, dim=1, stable=True).to(torch.int32), mask.sum(1, dtype=torch.int32))
 
 
+def causal_bias(slots: torch.Tensor, kv_end: int, dtype: torch.dtype) -> torch.Tensor:
+    """attention_bias of a causal chunk: row r (slot slots[r]) sees the slots up to its own."""
+    return attention_bias(torch.arange(kv_end, device=slots.device)[None] <= slots[:, None], dtype)
+
+
+def causal_visible_keys(slots: torch.Tensor, kv_end: int, dtype: torch.dtype) -> VisibleKeys:
+    """visible_keys of a causal chunk without its sort: every row sees the slots 0 .. its own in
+    order, so all rows share one list (broadcast, no memory per row; a prefill makes one per layer
+    and chunk)."""
+    order = torch.arange(kv_end, dtype=torch.int32, device=slots.device).expand(slots.numel(), kv_end)
+    return VisibleKeys(order, (slots + 1).to(torch.int32))
+
+
 def row_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: VisibleKeys | None) -> torch.Tensor:
     """sdpa_attention computed row by row, each token over only the keys it sees, gathered in slot
     order: a tree node's prefix and ancestors are exactly the keys its token sees in plain decoding,
@@ -178,6 +191,7 @@ class Pointwise:
     gated: Callable = gated
     attend: Callable = sdpa_attention
     attention_mask: Callable = attention_bias  # what `attend` takes for the [T, kv_end] boolean mask
+    causal_mask: Callable = causal_bias  # the same for a causal chunk: (slots, kv_end, dtype)
     partial_sums: bool = False
     rms_norm: Callable = rms_norm
     linear: Callable = F.linear  # the dense matmuls (the target's, lm_head)
@@ -204,6 +218,7 @@ def row_invariant(rows: int, attend: Callable = row_attention) -> Pointwise:
         store_attention_inputs=stored(rows_of(attention_inputs, rows, row_args=3)),  # Qwen3's per-head norms
         attend=attend,
         attention_mask=visible_keys,
+        causal_mask=causal_visible_keys,
         rms_norm=rows_of(rms_norm, rows),
         linear=rows_of(F.linear, rows),
         rows=rows,

@@ -171,6 +171,12 @@ class ModelShape:
         hidden = 4 * padded(tokens) * self.hidden * dtype_bytes
         return max(forward_logits, choosing) + scores + mask + mlp + qkv + hidden
 
+    def prefill_rows_bytes(self, tokens: int, dtype_bytes: int = 2) -> int:
+        """What a prefill keeps of every new token between layers (engine/model.py runs it layer by
+        layer over all its chunks): the residual stream and its norm (hidden-sized each) and the
+        token's rotary rows (head_dim-sized cos and sin)."""
+        return tokens * 2 * (self.hidden + self.head_dim) * dtype_bytes
+
     def draft_workspace_bytes(self, rows: int = DRAFT_ROWS, dtype_bytes: int = 2) -> int:
         """What draft steps keep while a tree is verified: their CUDA graphs' memory pool holds the
         widest forward's logits (compute dtype, fp32, scaled, log-softmax) and one output per
@@ -338,7 +344,9 @@ def estimate_plan(
     row_chunk = GPU_ROWS if row_invariant_by_default(dtype_bytes) else None
     workspace = max(
         shape.workspace_bytes(nodes, max_context, nodes, dtype_bytes, row_chunk),  # one tree verification
-        shape.workspace_bytes(min(prefill_chunk, max_context), max_context, 1, dtype_bytes),  # one prefill chunk
+        # one prefill chunk's transients while the whole prompt's rows wait for the next layer
+        shape.workspace_bytes(min(prefill_chunk, max_context), max_context, 1, dtype_bytes)
+        + shape.prefill_rows_bytes(max_context, dtype_bytes),
     ) + (shape.draft_workspace_bytes(dtype_bytes=dtype_bytes) if drafts else 0)
     margin = safety_margin_bytes(vram_bytes)
 

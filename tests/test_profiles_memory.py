@@ -135,8 +135,9 @@ def test_qwen25_7b_at_8gb_subspec_streams_every_layer_through_2_buffers():
     three = estimate_plan(QWEN25_7B, 8 * GIB, "subspec_sd", stream_buffers=3)
     assert not three.fits and three.reason.startswith("needs 8.05 GiB with every layer streamed through 3 buffers")
     # Without the substitute (vanilla): embeddings 2.18 + KV 0.12 + three buffers 1.40 + workspace
-    # 0.20 (a 512-token prefill chunk) + context and margin 0.87 = 4.76 GB = 4.43 GiB fixed;
-    # (8 - 4.43) / 0.434 = 8.2 -> 8 bf16 layers resident.
+    # 0.23 (a 512-token prefill chunk, 2048 tokens' rows between layers) + context and margin 0.87 =
+    # 4.80 GB = 4.47 GiB fixed;
+    # (8 - 4.47) / 0.434 = 8.1 -> 8 bf16 layers resident.
     vanilla = estimate_plan(QWEN25_7B, 8 * GIB, "vanilla")
     assert (vanilla.layers_on_gpu, vanilla.stream_buffers) == (8, 3)
 
@@ -144,16 +145,17 @@ def test_qwen25_7b_at_8gb_subspec_streams_every_layer_through_2_buffers():
 def test_qwen25_32b_at_24gb_falls_back_to_2_buffers():
     plan = estimate_plan(QWEN25_32B, 24 * GIB, "subspec_sd", max_context=2048)
     # A 32B layer is 0.975 GB bf16 and 0.274 GB as 4-bit g64: 64 substitute layers are 17.56 GB,
-    # embeddings + head 3.11 GB, KV 2048 x 262144 B = 0.54 GB, workspace 0.31 GB + 0.13 GB of draft
-    # graphs, context + 4% margin 1.56 GB. With three 0.975 GB buffers (2.93 GB) that is 26.13 GB =
-    # 24.34 GiB > 24 GiB with no layer resident; with two (1.95 GB) 25.15 GB = 23.43 GiB fits. The
-    # 0.57 GiB left is less than one 0.908 GiB bf16 layer: 0 resident, 2 buffers.
+    # embeddings + head 3.11 GB, KV 2048 x 262144 B = 0.54 GB, workspace 0.33 GB (a 512-token prefill
+    # chunk's and 2048 tokens' rows between layers, above the tree's 0.32) + 0.13 GB of draft graphs,
+    # context + 4% margin 1.56 GB. With three 0.975 GB buffers (2.93 GB) that is 26.15 GB = 24.35 GiB
+    # > 24 GiB with no layer resident; with two (1.95 GB) 25.17 GB = 23.44 GiB fits. The 0.56 GiB left
+    # is less than one 0.908 GiB bf16 layer: 0 resident, 2 buffers.
     assert plan.fits
     assert (plan.layers_on_gpu, plan.layers_total, plan.stream_buffers) == (0, 64, 2)
-    assert plan.total_bytes / GIB == pytest.approx(23.43, abs=0.01)
+    assert plan.total_bytes / GIB == pytest.approx(23.44, abs=0.01)
     three = estimate_plan(QWEN25_32B, 24 * GIB, "subspec_sd", stream_buffers=3)  # no fallback when asked
     assert not three.fits
-    assert three.reason.startswith("needs 24.34 GiB with every layer streamed through 3 buffers")
+    assert three.reason.startswith("needs 24.35 GiB with every layer streamed through 3 buffers")
     # Each layer streams: 62.4 GB per verification, ~1.1 s at 55 GB/s pinned.
     assert plan.stream_bound_ms(55.0) == pytest.approx(64 * 0.975210496 / 55.0 * 1000, rel=1e-6)
 
