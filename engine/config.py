@@ -20,7 +20,7 @@ class EngineConfig:
     dtype: str = "auto"  # "auto" = bfloat16 on CUDA, float32 on CPU
     vram_limit_gb: float | None = None  # emulate a smaller card
     keep_first_n_layers_on_gpu: int | None = None  # None = all layers resident (or the profile's plan)
-    max_length: int = 2048  # KV cache slots: prompt + generated tokens (+ tree scratch)
+    max_length: int = 8192  # KV cache slots: prompt + generated tokens (+ tree scratch)
     prefill_chunk: int = 512
     # Keep the KV of the last generation's tokens and prefill only what a new prompt adds to them
     # (a conversation's next turn). Output is unchanged: the cache holds what a prefill would write.

@@ -95,12 +95,14 @@ def choose_plan(
     if "keep_first_n_layers_on_gpu" in explicit or (gpu and not on_gpu):
         return Planned("flags", {})
     if not use_profile:
-        return _estimate(config, on_gpu)
+        return _estimate(config, on_gpu, "max_length" in explicit)
     if profiler is None:
         from profiles.runner import run_profile as profiler
     method = config.method if "method" in explicit else None
+    # No context asked for: the profile plans it (8192 tokens where that costs no stream buffer).
+    context = config.max_length if "max_length" in explicit else None
     profile = profiler(config.llm_path, config.vram_limit_gb, method, progress or (lambda _text: None), force,
-                       max_context=config.max_length, draft_model_path=config.draft_model_path)
+                       max_context=context, draft_model_path=config.draft_model_path)
     return _from_profile(profile, method, explicit)
 
 
@@ -127,17 +129,20 @@ def _from_profile(profile: Profile, method: str | None, explicit: Collection[str
     return Planned("profile", kept, profile, notes)
 
 
-def _estimate(config: EngineConfig, on_gpu: bool) -> Planned:
-    """The memory model's plan, from config.json alone (instant, not measured)."""
+def _estimate(config: EngineConfig, on_gpu: bool, context_chosen: bool) -> Planned:
+    """The memory model's plan, from config.json alone (instant, not measured); the context as
+    the profile would plan it unless the user chose one."""
     if not on_gpu:
         return Planned("estimate", {}, notes=["no GPU: every layer runs on the CPU (--no-profile: not measured)"])
     import torch
 
     index = torch.device(config.device if config.device != "auto" else "cuda").index or 0
-    plan = memory_estimate(config, vram_budget(index, config.vram_limit_gb))
+    plan = memory_estimate(config, vram_budget(index, config.vram_limit_gb), plan_context=not context_chosen)
     if not plan.fits:
         raise ProfileError(f"the model does not fit this GPU with {config.method}: {plan.reason}")
     overrides: dict[str, Any] = {"keep_first_n_layers_on_gpu": plan.layers_on_gpu}
+    if not context_chosen:
+        overrides["max_length"] = plan.max_context
     if plan.stream_buffers:
         overrides["offload_slots"] = plan.stream_buffers
     note = (f"--no-profile: the memory model's estimate ({plan.layers_on_gpu} of {plan.layers_total} layers on "
@@ -145,18 +150,24 @@ def _estimate(config: EngineConfig, on_gpu: bool) -> Planned:
     return Planned("estimate", overrides, notes=[note])
 
 
-def memory_estimate(config: EngineConfig, vram_bytes: int, download: bool = False) -> Plan:
+def memory_estimate(config: EngineConfig, vram_bytes: int, download: bool = False, plan_context: bool = False) -> Plan:
     """The memory model's plan of `config` (its model, method, tree, substitute, context) on a card
     of `vram_bytes`, from config.json alone (with `download`, a hub model's config.json is fetched,
-    never its weights). Raises ProfileError (one line) for a model it cannot plan."""
-    from profiles.memory import ModelShapeError, estimate_plan
+    never its weights). With `plan_context`, the context is the one a profile would plan
+    (profiles.memory.longest_context), not config.max_length. Raises ProfileError (one line) for
+    a model it cannot plan."""
+    from profiles.memory import ModelShapeError, estimate_plan, longest_context
     from profiles.source import model_config
 
     draft = model_config(config.draft_model_path) if config.method == "classic_sd" else None
-    try:
-        return estimate_plan(model_config(config.llm_path, download=download), vram_bytes, config.method,
-                             max_context=config.max_length, tree_nodes=1 + config.draft_nodes(),
+    model = model_config(config.llm_path, download=download)
+
+    def plan_at(context: int) -> Plan:
+        return estimate_plan(model, vram_bytes, config.method, max_context=context, tree_nodes=1 + config.draft_nodes(),
                              substitute_bits=config.substitute_bits, substitute_group=config.substitute_group_size,
                              draft_config=draft)
+
+    try:
+        return plan_at(longest_context(plan_at, model) if plan_context else config.max_length)
     except ModelShapeError as err:
         raise ProfileError(f"cannot plan {config.llm_path or 'the bundled model'}: {err}") from None

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from engine import Engine, EngineConfig, EngineError, GenerationStats, SamplingConfig, load_engine
-from profiles.memory import DEFAULT_PREFILL_CHUNK, STREAM_BUFFER_FALLBACK, Plan, estimate_plan
+from profiles.memory import DEFAULT_PREFILL_CHUNK, STREAM_BUFFER_FALLBACK, Plan, estimate_plan, longest_context
 from profiles.source import model_config as read_model_config  # fit_gpu takes the target's as `model_config`
 from profiles.store import ModelPlan, ProfileError
 
@@ -221,6 +221,13 @@ def _trial_estimate(model_config: dict, vram_bytes: int, method: str, max_contex
     """The memory model's plan for the first trial load's tree."""
     return estimate_plan(model_config, vram_bytes, method, max_context=max_context, tree_nodes=1 + TRIAL_DEPTH * TOPK,
                          draft_config=draft_config)
+
+
+def planned_context(model_config: dict, vram_bytes: int, method: str, draft_model_path: str | None = None) -> int:
+    """The context to plan when the user chose none: profiles.memory.longest_context of the trial's plans."""
+    draft_config = read_model_config(draft_model_path) if method == "classic_sd" else None
+    return longest_context(lambda context: _trial_estimate(model_config, vram_bytes, method, context, draft_config),
+                           model_config)
 
 
 def _shorter_context_hint(model_config: dict, vram_bytes: int, method: str, max_context: int, draft_config: dict | None = None) -> str:

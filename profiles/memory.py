@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from engine.config import row_invariant_by_default
 from engine.pointwise import GPU_ROWS
@@ -37,8 +37,14 @@ STREAM_BUFFER_FALLBACK = (3, 2, 1)
 # The reference tree: max_depth 32, top-6 per depth, plus the root.
 DEFAULT_TREE_NODES = 1 + 32 * 6
 DEFAULT_PREFILL_CHUNK = 512
-DEFAULT_MAX_CONTEXT = 2048
+# The context a chat gets when the user does not choose one: the longest of these that costs the
+# plan no stream buffer (longest_context).
+CONTEXT_CHOICES = (8192, 4096, 2048)
+DEFAULT_MAX_CONTEXT = CONTEXT_CHOICES[0]
 FP32_BYTES = 4
+# A row-invariant forward's visible slots per token x slot (engine.pointwise.visible_keys): the
+# bool mask, its uint8 key, argsort's int64 and the int32 copy.
+VISIBLE_KEY_BYTES = 1 + 1 + 8 + 4
 # The widest draft forward planned for: the profile tries 6, 16 and 32 tokens per forward.
 DRAFT_ROWS = 32
 
@@ -145,18 +151,21 @@ class ModelShape:
         return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
 
     def workspace_bytes(self, tokens: int, context: int, logits_tokens: int, dtype_bytes: int = 2,
-                        row_chunk: int | None = None) -> int:
+                        row_chunk: int | None = None, causal: bool = False) -> int:
         """Transient memory of one forward over `tokens` new tokens attending to `context` slots,
-        with logits for `logits_tokens` of them (every node of a tree; the last token of a prefill
-        chunk, as engine/model.py's prefill asks), and of the target's choice from those logits.
+        with logits for `logits_tokens` of them (every node of a tree; the last token of a prefill),
+        and of the target's choice from those logits.
 
         The logits dominate a tree verification: nodes * vocab in the compute dtype and again as
         fp32, then, while a token is chosen, the fp32 logits and the temporaries of ROWS_AT_ONCE rows
-        (engine.verify: softmax, top-p's sort). Then attention scores where SDPA falls back to its
-        math path and materializes them (fp32, heads * tokens * context) and the tree/causal mask
-        (tokens * context); the MLP's gate, up and product and a few hidden-sized tensors are small.
-        A row-invariant target (`row_chunk`, engine.pointwise.row_invariant) pads its rows to whole
-        chunks: its hidden-sized tensors and its logits in the compute dtype have that many rows.
+        (engine.verify: softmax, top-p's sort). Then attention: a row-invariant target (`row_chunk`,
+        engine.pointwise.row_invariant) attends with a kernel that holds no scores, from each row's
+        sorted visible slots (bool mask, uint8 key, int64 argsort, int32 copy: 14 bytes per
+        token x slot; a `causal` chunk's are one shared row, nothing per token); any other target
+        with torch's attention, whose math fallback materializes fp32 scores (heads * tokens *
+        context) next to the bool mask and its additive bias. The MLP's gate, up and product and a
+        few hidden-sized tensors are small. A row-invariant target pads its rows to whole chunks:
+        its hidden-sized tensors and its logits in the compute dtype have that many rows.
         """
         def padded(rows: int) -> int:
             return -(-rows // row_chunk) * row_chunk if row_chunk else rows
@@ -164,12 +173,14 @@ class ModelShape:
         forward_logits = self.vocab * (padded(logits_tokens) * dtype_bytes + logits_tokens * FP32_BYTES)
         temporaries = min(logits_tokens, ROWS_AT_ONCE) * self.vocab * TEMPORARY_BYTES_PER_LOGIT
         choosing = logits_tokens * self.vocab * FP32_BYTES + temporaries
-        scores = self.heads * tokens * context * FP32_BYTES
-        mask = tokens * context * dtype_bytes
+        if row_chunk:
+            attention = 0 if causal else tokens * context * VISIBLE_KEY_BYTES
+        else:
+            attention = tokens * context * (self.heads * FP32_BYTES + 1 + dtype_bytes)
         mlp = 3 * padded(tokens) * self.intermediate * dtype_bytes
         qkv = padded(tokens) * (self.heads + 2 * self.kv_heads) * self.head_dim * dtype_bytes
         hidden = 4 * padded(tokens) * self.hidden * dtype_bytes
-        return max(forward_logits, choosing) + scores + mask + mlp + qkv + hidden
+        return max(forward_logits, choosing) + attention + mlp + qkv + hidden
 
     def prefill_rows_bytes(self, tokens: int, dtype_bytes: int = 2) -> int:
         """What a prefill keeps of every new token between layers (engine/model.py runs it layer by
@@ -345,7 +356,7 @@ def estimate_plan(
     workspace = max(
         shape.workspace_bytes(nodes, max_context, nodes, dtype_bytes, row_chunk),  # one tree verification
         # one prefill chunk's transients while the whole prompt's rows wait for the next layer
-        shape.workspace_bytes(min(prefill_chunk, max_context), max_context, 1, dtype_bytes)
+        shape.workspace_bytes(min(prefill_chunk, max_context), max_context, 1, dtype_bytes, row_chunk, causal=True)
         + shape.prefill_rows_bytes(max_context, dtype_bytes),
     ) + (shape.draft_workspace_bytes(dtype_bytes=dtype_bytes) if drafts else 0)
     margin = safety_margin_bytes(vram_bytes)
@@ -394,3 +405,23 @@ def estimate_plan(
         f"the card has {vram_bytes / GIB:.2f} GiB"
     )
     return replace(smallest, fits=False, reason=reason)
+
+
+def longest_context(plan_for: Callable[[int], Plan], model_config: Any = None) -> int:
+    """The longest of CONTEXT_CHOICES (within the model's max_position_embeddings) whose plan fits
+    with as many stream buffers as the shortest's, or every layer resident: a longer context may
+    cost resident layers (one layer of L streams 1/L more bytes per token), never a stream buffer
+    (2 buffers streamed a 7B at 0.82 of the PCIe bound, 3 at 1.00). The shortest when none fits
+    (the profile then says why). `plan_for(context)` is the method's plan at that context."""
+    data = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config or {})
+    longest = int(data.get("max_position_embeddings") or CONTEXT_CHOICES[0])
+    contexts = sorted({min(context, longest) for context in CONTEXT_CHOICES}, reverse=True)
+    plans = [plan_for(context) for context in contexts]
+
+    def buffers(plan: Plan) -> int:
+        return plan.stream_buffers if plan.layers_on_gpu < plan.layers_total else max(STREAM_BUFFER_FALLBACK)
+
+    for context, plan in zip(contexts, plans):
+        if plan.fits and buffers(plan) >= buffers(plans[-1]):
+            return context
+    return contexts[-1]

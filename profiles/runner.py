@@ -63,7 +63,7 @@ def run_profile(
     progress: Callable[[str], None] | None = None,
     force: bool = False,
     *,
-    max_context: int = DEFAULT_MAX_CONTEXT,
+    max_context: int | None = None,
     draft_model_path: str | None = None,
     store: ProfileStore | None = None,
     cpu_candidates: tuple[fit.CpuCandidate, ...] = fit.CPU_CANDIDATES,
@@ -75,7 +75,9 @@ def run_profile(
     `method` None lets the profile choose: a GPU fits subspec_sd, a CPU measures vanilla and
     subspec_sd trees and keeps the fastest; a method given is the only one measured.
     Reused from the store when it matches (same device file, model fingerprint, method, cap and
-    context, measured on a quiet machine) unless `force`; otherwise measured and saved. A store
+    context, measured on a quiet machine) unless `force`; otherwise measured and saved. The context
+    is `max_context`, or when None the planned one: DEFAULT_MAX_CONTEXT on a CPU, on a GPU the
+    longest that costs no stream buffer on this card or cap (fit.planned_context). A store
     that cannot be written leaves the profile in memory with a message. Raises ProfileError /
     EngineError (one line) when the model cannot be found or does not fit at all.
     """
@@ -91,6 +93,8 @@ def run_profile(
     cap = vram_limit_gb if device.gpu else None
     method_key = plan_key(method, draft_model_path, device.gpu is not None)
     stored, messages = store.read(device.key)
+    if max_context is None:
+        max_context = _planned_context(model, device, cap, method, draft_model_path, messages)
     if device.gpu is None and vram_limit_gb is not None:
         messages.append("no CUDA GPU: --vram-limit-gb does not apply, profiling the CPU")
     if stored is not None and not force:
@@ -175,6 +179,20 @@ def _cpu_seconds() -> tuple[float, float, float] | None:
 
 def _was_busy(plan: ModelPlan) -> bool:
     return plan.machine_load is not None and plan.machine_load >= BUSY_LOAD_PER_CORE
+
+
+def _planned_context(model: str | None, device: DeviceInfo, cap: float | None, method: str | None,
+                     draft_model_path: str | None, messages: list[str]) -> int:
+    """The context when the user chose none (run_profile). Planned for the whole card or the cap,
+    not what other programs leave free now: the same on every run, so the stored profile is found."""
+    if device.gpu is None:
+        return DEFAULT_MAX_CONTEXT
+    vram_bytes = int(cap * GIB) if cap else device.gpu.total_vram_bytes
+    context = fit.planned_context(model_config(model), vram_bytes, method or GPU_METHOD, draft_model_path)
+    if context < DEFAULT_MAX_CONTEXT:
+        messages.append(f"context {context} tokens: {DEFAULT_MAX_CONTEXT} would cost a stream buffer on this GPU "
+                        f"(--max-length {DEFAULT_MAX_CONTEXT} asks for it anyway)")
+    return context
 
 
 def vram_budget(index: int, vram_limit_gb: float | None) -> int:

@@ -53,14 +53,15 @@ def detect_gpu() -> GpuInfo:
 
 def plan_settings(
     model_ref: str | None, method: str | None, draft_model_path: str | None, profiler: Profiler,
-    progress: Progress, force: bool, gpu: bool, vram_limit_gb: float | None = None,
+    progress: Progress, force: bool, gpu: bool, vram_limit_gb: float | None = None, max_length: int | None = None,
 ) -> tuple[Settings, Planned]:
     """What the app loads with, decided as for every front end (profiles.choose_plan): the method
     the user chose, else the profile's; the profile's plan over the method's preset."""
-    chosen = {"llm_path": model_ref, "draft_model_path": draft_model_path, "vram_limit_gb": vram_limit_gb}
+    chosen = {"llm_path": model_ref, "draft_model_path": draft_model_path, "vram_limit_gb": vram_limit_gb,
+              "max_length": max_length}
     chosen |= {"method": method} if method else {}
     asked = resolve_settings(None, {k: v for k, v in chosen.items() if v is not None})
-    explicit = {"method"} if method else set()
+    explicit = {key for key in ("method", "max_length") if chosen.get(key)}
     planned = choose_plan(asked.engine, explicit, force=force, progress=progress, profiler=profiler, gpu=gpu)
     settings = resolve_settings(None, {k: v for k, v in chosen.items() if v is not None}, planned.overrides,
                                 planned.origin)
@@ -137,9 +138,11 @@ class SubSpecChatApp(App):
         profiler: Profiler = run_profile,
         draft_model_path: str | None = None,
         vram_limit_gb: float | None = None,
+        max_length: int | None = None,  # the context the user chose; None: the profile's
     ) -> None:
         super().__init__()
         self.vram_limit_gb = vram_limit_gb
+        self.max_length = max_length
         self.engine_loader = engine_loader
         self.profiler = profiler
         self.store_warning: str | None = None
@@ -259,7 +262,8 @@ class SubSpecChatApp(App):
     def profile_worker(self, force: bool) -> tuple[Settings, Planned]:
         progress = lambda text: self.post_message(self.ProfileProgress(text))  # noqa: E731
         return plan_settings(self.model_ref, self.method, self.draft_model_path, self.profiler, progress, force,
-                             gpu=self.gpu_vram_bytes is not None, vram_limit_gb=self.vram_limit_gb)
+                             gpu=self.gpu_vram_bytes is not None, vram_limit_gb=self.vram_limit_gb,
+                             max_length=self.max_length)
 
     def on_sub_spec_chat_app_profile_progress(self, message: ProfileProgress) -> None:
         # run_profile reports progress only while it measures; a stored profile comes back silently.

@@ -397,10 +397,13 @@ def cmd_profile(args: argparse.Namespace, settings: Settings) -> int:
     model = args.model or settings.engine.llm_path
     method = settings.engine.method if "method" in settings.explicit else None
     if settings.engine.vram_limit_gb is not None and not _has_gpu():
-        return _print_estimate(args, dataclasses.replace(settings.engine, llm_path=model))
-    # --max-length is the plan's context: its KV cache and workspace are part of what must fit.
+        return _print_estimate(args, dataclasses.replace(settings.engine, llm_path=model),
+                               plan_context="max_length" not in settings.explicit)
+    # --max-length is the plan's context (its KV cache and workspace are part of what must fit);
+    # without it the profile plans one.
+    context = settings.engine.max_length if "max_length" in settings.explicit else None
     profile = profiles.run_profile(model, settings.engine.vram_limit_gb, method, _progress, args.force,
-                                   max_context=settings.engine.max_length,
+                                   max_context=context,
                                    draft_model_path=settings.engine.draft_model_path)
     if args.json:
         _print_json(profile.as_dict())
@@ -417,13 +420,13 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def _print_estimate(args: argparse.Namespace, config: EngineConfig) -> int:
+def _print_estimate(args: argparse.Namespace, config: EngineConfig, plan_context: bool) -> int:
     """A CPU-only machine asked to plan for a card: the memory model's plan from config.json alone
     (nothing to measure here, and no weights downloaded for it)."""
     from profiles import GIB
     from profiles.choose import memory_estimate
 
-    plan = memory_estimate(config, int(config.vram_limit_gb * GIB), download=True)
+    plan = memory_estimate(config, int(config.vram_limit_gb * GIB), download=True, plan_context=plan_context)
     note = (f"no CUDA GPU here: the memory model's estimate for a {config.vram_limit_gb:g} GiB card, from config.json "
             "alone; on that GPU, `subspec profile` measures it")
     if args.json:

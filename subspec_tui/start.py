@@ -16,6 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "else the fastest this machine's profile measured)")
     parser.add_argument("--draft-model-path", help="the draft model of classic_sd (same tokenizer as the model)")
     parser.add_argument("--vram-limit-gb", type=float, help="plan for a smaller GPU than this one (GiB)")
+    parser.add_argument("--max-length", type=int, help="context in tokens, prompt and reply (default: the profile's, "
+                        "8192 where it costs no stream buffer)")
     return parser
 
 
@@ -25,8 +27,10 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.vram_limit_gb is not None and args.vram_limit_gb <= 0:
         build_parser().error("--vram-limit-gb must be greater than 0")
+    if args.max_length is not None and args.max_length < 2:
+        build_parser().error("--max-length must be at least 2")
     SubSpecChatApp(model_ref=args.model, method=args.method, draft_model_path=args.draft_model_path,
-                   vram_limit_gb=args.vram_limit_gb).run()
+                   vram_limit_gb=args.vram_limit_gb, max_length=args.max_length).run()
 
 
 if __name__ == "__main__":

@@ -260,8 +260,8 @@ def test_profile_command_passes_model_cap_method_and_force(capsys, monkeypatch):
     assert (code, json.loads(out)) == (0, StoredProfile().as_dict())
     code, out, err = run(capsys, "--max-length", "1024", "profile", "--model", "other/model")
     assert (code, out) == (0, "Model: bundled\n")
-    # No --method: the profile chooses (None), as every front end lets it.
-    assert calls == [("org/model", 8.0, "vanilla", True, 2048), ("other/model", None, None, False, 1024)]
+    # No --method / --max-length: the profile chooses (None), as every front end lets it.
+    assert calls == [("org/model", 8.0, "vanilla", True, None), ("other/model", None, None, False, 1024)]
 
 
 def test_profile_for_a_card_on_a_cpu_only_machine_is_the_config_only_estimate(capsys, monkeypatch, tmp_path):

@@ -37,7 +37,16 @@ def test_the_profile_chooses_the_method_unless_the_user_did():
 
     planned = choose_plan(EngineConfig(method="subspec_sd"), {"method"}, profiler=vanilla_fastest, gpu=False)
     assert vanilla_fastest.calls[-1] == (None, "subspec_sd", False)
-    assert "method" not in planned.overrides and planned.overrides == {"max_length": 2048}
+    assert "method" not in planned.overrides and planned.overrides == {"max_length": 8192}
+
+
+def test_the_profile_plans_the_context_unless_the_user_chose_one():
+    profiler = FakeProfiler(cpu_plan("vanilla", max_context=8192))
+    planned = choose_plan(EngineConfig(), set(), profiler=profiler, gpu=True)
+    assert profiler.contexts == [None] and planned.overrides["max_length"] == 8192
+    shorter = FakeProfiler(cpu_plan("vanilla", max_context=4096))
+    planned = choose_plan(EngineConfig(max_length=4096), {"max_length"}, profiler=shorter, gpu=True)
+    assert shorter.contexts == [4096] and "max_length" not in planned.overrides  # the user's own value stands
 
 
 def test_a_reused_profile_says_nothing_a_new_one_says_why():

@@ -3,6 +3,7 @@ end with the bundled model."""
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 
 import pytest
@@ -10,9 +11,9 @@ import torch
 
 from engine import EngineConfig, EngineError
 from profiles import GIB, Profile, ProfileError, ProfileStore, estimate_plan, format_profile, run_profile
-from profiles import fit
+from profiles import fit, runner
 from profiles_fake_engine import FakeGpu
-from test_profiles_memory import QWEN25_7B, QWEN25_14B
+from test_profiles_memory import LLAMA31_8B, QWEN25_7B, QWEN25_14B
 from test_profiles_store import GPU_DEVICE, gpu_plan
 
 SLOW_FORWARD_S = 0.15
@@ -41,7 +42,7 @@ def test_shrink_gives_up_resident_layers_before_stream_buffers():
 
 
 def seven_b_estimate(gib: float = 8):
-    return estimate_plan(QWEN25_7B, int(gib * GIB), "subspec_sd", tree_nodes=193)
+    return estimate_plan(QWEN25_7B, int(gib * GIB), "subspec_sd", tree_nodes=193, max_context=2048)
 
 
 def fit_7b(gpu: FakeGpu, gib: float = 8):
@@ -56,7 +57,7 @@ def test_over_budget_peak_lowers_the_resident_layers_first():
     estimate = seven_b_estimate(10)
     allowed = fit.allocation_budget(estimate)
     layer = estimate.layer_bytes
-    # The memory model's start at 10 GiB: 7.98 GiB fixed with 3 buffers, (10 - 7.98) / 0.434 = 4.6
+    # The memory model's start at 10 GiB: 8.01 GiB fixed with 3 buffers, (10 - 8.01) / 0.434 = 4.6
     # -> 4 layers resident (test_profiles_memory has the terms).
     assert (estimate.layers_on_gpu, estimate.stream_buffers) == (4, 3)
     # Measured: 4 layers + 3 buffers come out half a layer over budget; one layer fewer fits.
@@ -77,7 +78,7 @@ def test_over_budget_peak_lowers_the_resident_layers_first():
 
 
 def test_with_no_layer_resident_an_over_budget_peak_drops_a_stream_buffer():
-    estimate = seven_b_estimate(8.25)  # 3 buffers need 8.05 GiB (test_profiles_memory), no layer fits beside them
+    estimate = seven_b_estimate(8.25)  # 3 buffers need 8.01 GiB (test_profiles_memory), no layer fits beside them
     allowed = fit.allocation_budget(estimate)
     layer = estimate.layer_bytes
     assert (estimate.layers_on_gpu, estimate.stream_buffers) == (0, 3)
@@ -217,14 +218,14 @@ def test_a_plan_that_never_fits_is_refused():
     with pytest.raises(ProfileError, match="even with every layer streamed through one buffer"):
         fit_7b(gpu, 8.25)
     assert loaded(gpu) == [(0, 3), (0, 2), (0, 1)]  # 1 buffer and no layer resident: the last resort
-    # The memory model alone rules out Qwen2.5-14B with a 4-bit substitute on 11 GiB (12.03 GiB even
+    # The memory model alone rules out Qwen2.5-14B with a 4-bit substitute on 11 GiB (11.98 GiB even
     # through one buffer, test_profiles_memory): no load at all.
     gpu = FakeGpu(peak_bytes=lambda layers, slots, depth: 0, forward_s=lambda tokens: 0.0)
-    with pytest.raises(ProfileError, match=r"does not fit this GPU with subspec_sd: needs 12\.03 GiB") as refused:
+    with pytest.raises(ProfileError, match=r"does not fit this GPU with subspec_sd: needs 11\.98 GiB") as refused:
         fit.fit_gpu(None, "subspec_sd", QWEN25_14B, 11 * GIB, 11.0, 2048, "fp", lambda _m: None, gpu.load)
     assert "--max-length" not in str(refused.value)  # not even 256 tokens of context make it fit
-    # On 12 GiB it needs 12.07 GiB at 2048 tokens; half the context (KV cache, attention scores) fits.
-    with pytest.raises(ProfileError, match=r"needs 12\.07 GiB.*; it fits with --max-length 1024$"):
+    # On 12 GiB it needs 12.02 GiB at 2048 tokens; half the context (KV cache, workspace) fits.
+    with pytest.raises(ProfileError, match=r"needs 12\.02 GiB.*; it fits with --max-length 1024$"):
         fit.fit_gpu(None, "subspec_sd", QWEN25_14B, 12 * GIB, 12.0, 2048, "fp", lambda _m: None, gpu.load)
     assert gpu.loads == []
 
@@ -308,3 +309,31 @@ def test_cpu_profile_end_to_end_with_the_bundled_model(tmp_path, monkeypatch):
     assert "Model:    bundled:SmolLM2-135M-Instruct" in text and "tok/s" in text
     assert profile.as_dict()["engine_overrides"]["method"] == plan.method
     assert run_profile(None, None, None, loader=refuse_to_load).reused
+
+
+@pytest.mark.parametrize("config, context", [(QWEN25_7B, 8192), (LLAMA31_8B, 2048)])
+def test_a_gpu_profile_plans_the_longest_context_that_costs_no_stream_buffer(tmp_path, monkeypatch, config, context):
+    # An 8 GiB cap: Qwen2.5-7B streams through 2 buffers at 8192 tokens as at 2048; Llama-3.1-8B
+    # would drop to 1 buffer at 4096 (test_profiles_memory): it gets 2048, and the user is told.
+    measured = []
+
+    def fake_fit_gpu(model, method, model_config, vram_bytes, cap, max_context, *args, **kwargs):
+        measured.append(max_context)
+        return dataclasses.replace(gpu_plan(0, 2), max_context=max_context, vram_limit_gb=cap, config_fingerprint="fp")
+
+    monkeypatch.setattr(fit, "fit_gpu", fake_fit_gpu)
+    monkeypatch.setattr(runner, "detect", lambda: GPU_DEVICE)
+    monkeypatch.setattr(runner, "model_config", lambda model: config)
+    monkeypatch.setattr(runner, "config_fingerprint", lambda model: "fp")
+    monkeypatch.setattr(runner, "measure_h2d_gbps", lambda device: 50.0)
+    monkeypatch.setattr(runner, "vram_budget", lambda index, cap: int(cap * GIB))
+    store = ProfileStore(tmp_path)
+    profile = run_profile("m", 8.0, None, store=store)
+    assert measured == [context] and profile.plan.max_context == context
+    shortened = [m for m in profile.messages if "would cost a stream buffer" in m]
+    assert shortened == ([] if context == 8192 else ["context 2048 tokens: 8192 would cost a stream buffer on this "
+                                                      "GPU (--max-length 8192 asks for it anyway)"])
+    again = run_profile("m", 8.0, None, store=store)
+    assert again.reused and measured == [context]  # the planned context finds the stored profile
+    asked = run_profile("m", 8.0, None, store=store, max_context=8192)  # --max-length 8192: the user's
+    assert asked.reused == (context == 8192) and measured[-1] == asked.plan.max_context == 8192

@@ -11,6 +11,7 @@ import torch
 
 from engine.offload import linear_tensors
 from profiles.memory import (
+    CONTEXT_CHOICES,
     CUDA_CONTEXT_BYTES,
     GB,
     GIB,
@@ -18,6 +19,7 @@ from profiles.memory import (
     ModelShapeError,
     estimate_plan,
     hqq_linear_bytes,
+    longest_context,
 )
 
 QWEN25_7B = {
@@ -121,97 +123,95 @@ def test_qwen25_7b_at_8gb_subspec_streams_every_layer_through_2_buffers():
     # layers x 0.131 GB = 3.67 GB, KV 2048 x 57344 B = 0.12 GB, the workspace of a 193-node
     # verification (fp32 logits and 16 rows' sampling temporaries, 193 x 152064 x 4 B + 16 x 152064
     # x 32 B = 0.20 GB, dominate; the row-invariant target's hidden-sized tensors padded to 256
-    # rows) = 0.28 GB and of the draft steps'
-    # graphs (32 rows x 152064 x 26 B) = 0.13 GB, CUDA context 0.52 GB and a 4% margin 0.34 GB.
-    # Three 0.466 GB stream buffers (a layer's bf16 linears) make 8.05 GiB, over the 8 GiB; two
-    # make 7.61 GiB, and the 0.39 GiB left is less than one 0.434 GiB bf16 layer: 0 resident, all 28
+    # rows, its attention's visible slots 193 x 2048 x 14 B, no scores) = 0.24 GB and of the draft
+    # steps' graphs (32 rows x 152064 x 26 B) = 0.13 GB, CUDA context 0.52 GB and a 4% margin 0.34 GB.
+    # Three 0.466 GB stream buffers (a layer's bf16 linears) make 8.01 GiB, over the 8 GiB; two
+    # make 7.58 GiB, and the 0.42 GiB left is less than one 0.434 GiB bf16 layer: 0 resident, all 28
     # stream (13.1 GB per forward) through 2 buffers.
     assert plan.fits
     assert (plan.layers_on_gpu, plan.layers_total, plan.stream_buffers) == (0, 28, 2)
     assert plan.substitute_bytes == 28 * plan.substitute_layer_bytes
     assert plan.stream_buffer_bytes == 2 * ModelShape.from_config(QWEN25_7B).linear_bytes()
-    assert plan.total_bytes / GIB == pytest.approx(7.61, abs=0.01)
+    assert plan.total_bytes / GIB == pytest.approx(7.58, abs=0.01)
     assert plan.vram_bytes - plan.total_bytes < plan.layer_bytes
-    three = estimate_plan(QWEN25_7B, 8 * GIB, "subspec_sd", stream_buffers=3)
-    assert not three.fits and three.reason.startswith("needs 8.05 GiB with every layer streamed through 3 buffers")
+    three = estimate_plan(QWEN25_7B, 8 * GIB, "subspec_sd", stream_buffers=3, max_context=2048)
+    assert not three.fits and three.reason.startswith("needs 8.01 GiB with every layer streamed through 3 buffers")
     # Without the substitute (vanilla): embeddings 2.18 + KV 0.12 + three buffers 1.40 + workspace
-    # 0.23 (a 512-token prefill chunk, 2048 tokens' rows between layers) + context and margin 0.87 =
-    # 4.80 GB = 4.47 GiB fixed;
-    # (8 - 4.47) / 0.434 = 8.1 -> 8 bf16 layers resident.
-    vanilla = estimate_plan(QWEN25_7B, 8 * GIB, "vanilla")
+    # 0.15 (a 512-token prefill chunk, 2048 tokens' rows between layers) + context and margin 0.87 =
+    # 4.71 GB = 4.39 GiB fixed; (8 - 4.39) / 0.434 = 8.3 -> 8 bf16 layers resident.
+    vanilla = estimate_plan(QWEN25_7B, 8 * GIB, "vanilla", max_context=2048)
     assert (vanilla.layers_on_gpu, vanilla.stream_buffers) == (8, 3)
 
 
 def test_qwen25_32b_at_24gb_falls_back_to_2_buffers():
     plan = estimate_plan(QWEN25_32B, 24 * GIB, "subspec_sd", max_context=2048)
     # A 32B layer is 0.975 GB bf16 and 0.274 GB as 4-bit g64: 64 substitute layers are 17.56 GB,
-    # embeddings + head 3.11 GB, KV 2048 x 262144 B = 0.54 GB, workspace 0.33 GB (a 512-token prefill
-    # chunk's and 2048 tokens' rows between layers, above the tree's 0.32) + 0.13 GB of draft graphs,
-    # context + 4% margin 1.56 GB. With three 0.975 GB buffers (2.93 GB) that is 26.15 GB = 24.35 GiB
-    # > 24 GiB with no layer resident; with two (1.95 GB) 25.17 GB = 23.44 GiB fits. The 0.56 GiB left
-    # is less than one 0.908 GiB bf16 layer: 0 resident, 2 buffers.
+    # embeddings + head 3.11 GB, KV 2048 x 262144 B = 0.54 GB, workspace 0.26 GB (a 193-node tree's)
+    # + 0.13 GB of draft graphs, context + 4% margin 1.56 GB. With three 0.975 GB buffers (2.93 GB)
+    # that is 26.07 GB = 24.28 GiB > 24 GiB with no layer resident; with two (1.95 GB) 25.10 GB =
+    # 23.37 GiB fits. The 0.63 GiB left is less than one 0.908 GiB bf16 layer: 0 resident, 2 buffers.
     assert plan.fits
     assert (plan.layers_on_gpu, plan.layers_total, plan.stream_buffers) == (0, 64, 2)
-    assert plan.total_bytes / GIB == pytest.approx(23.44, abs=0.01)
-    three = estimate_plan(QWEN25_32B, 24 * GIB, "subspec_sd", stream_buffers=3)  # no fallback when asked
+    assert plan.total_bytes / GIB == pytest.approx(23.37, abs=0.01)
+    three = estimate_plan(QWEN25_32B, 24 * GIB, "subspec_sd", stream_buffers=3, max_context=2048)  # no fallback when asked
     assert not three.fits
-    assert three.reason.startswith("needs 24.35 GiB with every layer streamed through 3 buffers")
+    assert three.reason.startswith("needs 24.28 GiB with every layer streamed through 3 buffers")
     # Each layer streams: 62.4 GB per verification, ~1.1 s at 55 GB/s pinned.
     assert plan.stream_bound_ms(55.0) == pytest.approx(64 * 0.975210496 / 55.0 * 1000, rel=1e-6)
 
 
-def test_llama31_8b_at_12gb_keeps_8_layers():
+def test_llama31_8b_at_12gb_keeps_9_layers():
     plan = estimate_plan(LLAMA31_8B, 12 * GIB, "subspec_sd", max_context=2048)
     # Layer 0.436 GB bf16 (no biases), 0.123 GB as 4-bit: 32 substitutes 3.93 GB; embeddings +
     # head 2 x 128256 x 4096 x 2 B = 2.10 GB; KV 2048 x 131072 B = 0.27 GB; three buffers 1.31 GB;
-    # workspace 0.24 GB + 0.11 GB of draft graphs (32 x 128256 x 26 B); context + margin 1.04 GB:
-    # 8.99 GB = 8.38 GiB fixed. (12 - 8.38) / 0.406 GiB = 8.9 -> 8 bf16 layers resident, 24 stream
+    # workspace 0.20 GB + 0.11 GB of draft graphs (32 x 128256 x 26 B); context + margin 1.04 GB:
+    # 8.96 GB = 8.34 GiB fixed. (12 - 8.34) / 0.406 GiB = 9.0 -> 9 bf16 layers resident, 23 stream
     # through 3 buffers.
     assert plan.fits
-    assert (plan.layers_on_gpu, plan.stream_buffers) == (8, 3)
+    assert (plan.layers_on_gpu, plan.stream_buffers) == (9, 3)
     fixed = plan.total_bytes - plan.resident_layers_bytes
-    assert fixed / GIB == pytest.approx(8.38, abs=0.01)
-    assert (12 * GIB - fixed) // plan.layer_bytes == 8
+    assert fixed / GIB == pytest.approx(8.34, abs=0.01)
+    assert (12 * GIB - fixed) // plan.layer_bytes == 9
 
 
 def test_qwen25_14b_at_12gb_fits_3bit_not_4bit():
     plan = estimate_plan(QWEN25_14B, 12 * GIB, "subspec_sd", max_context=2048)
     # 48 substitute layers x 0.155 GB (4-bit) = 7.43 GB + embeddings/head 3.11 GB + KV 0.40 GB +
-    # workspace 0.29 GB + draft graphs 0.13 GB + context/margin 1.04 GB = 12.41 GB before buffers:
-    # one 0.55 GB buffer makes 12.96 GB = 12.07 GiB, over 12 GiB with every bf16 layer streamed.
+    # workspace 0.24 GB + draft graphs 0.13 GB + context/margin 1.04 GB = 12.35 GB before buffers:
+    # one 0.55 GB buffer makes 12.90 GB = 12.02 GiB, over 12 GiB with every bf16 layer streamed.
     assert not plan.fits
-    assert plan.reason.startswith("needs 12.07 GiB with every layer streamed through 1 buffer (")
+    assert plan.reason.startswith("needs 12.02 GiB with every layer streamed through 1 buffer (")
     # At 3 bits (ten values per int32 -> 3.2 bits + 4 bytes per group) a substitute layer is
-    # 0.127 GB: 1.32 GB less in all, room for all three buffers: 12.73 GB = 11.86 GiB with no
-    # layer resident (the 0.14 GiB left is less than a 0.513 GiB bf16 layer).
-    three_bit = estimate_plan(QWEN25_14B, 12 * GIB, "subspec_sd", substitute_bits=3)
+    # 0.127 GB: 1.32 GB less in all, room for all three buffers: 12.68 GB = 11.81 GiB with no
+    # layer resident (the 0.19 GiB left is less than a 0.513 GiB bf16 layer).
+    three_bit = estimate_plan(QWEN25_14B, 12 * GIB, "subspec_sd", substitute_bits=3, max_context=2048)
     assert three_bit.fits
     assert (three_bit.layers_on_gpu, three_bit.stream_buffers) == (0, 3)
-    assert three_bit.total_bytes / GIB == pytest.approx(11.86, abs=0.01)
+    assert three_bit.total_bytes / GIB == pytest.approx(11.81, abs=0.01)
 
 
 @pytest.mark.parametrize(
     "vram_gib, buffers, needed_gib",
     [
-        # 12.40 GB without buffers + 3 x 0.55 GB; the 4% margin grows by 0.04 GiB per GiB of card.
-        (13.25, 3, 13.14),
-        (13.0, 2, 12.62),  # 3 buffers would need 13.13 GiB
-        (12.5, 1, 12.09),  # 2 would need 12.60 GiB
+        # 12.35 GB without buffers + 3 x 0.55 GB; the 4% margin grows by 0.04 GiB per GiB of card.
+        (13.25, 3, 13.09),
+        (13.0, 2, 12.57),  # 3 buffers would need 13.08 GiB
+        (12.5, 1, 12.04),  # 2 would need 12.55 GiB
     ],
 )
 def test_stream_buffers_fall_back_from_3_to_2_to_1(vram_gib, buffers, needed_gib):
-    plan = estimate_plan(QWEN25_14B, int(vram_gib * GIB), "subspec_sd")
+    plan = estimate_plan(QWEN25_14B, int(vram_gib * GIB), "subspec_sd", max_context=2048)
     assert plan.fits and (plan.layers_on_gpu, plan.stream_buffers) == (0, buffers)
     assert plan.total_bytes / GIB == pytest.approx(needed_gib, abs=0.01)
 
 
 def test_not_even_1_buffer_fits_and_the_reason_says_so():
-    # 11 GiB: the 12.36 GB before buffers (a smaller card, a smaller margin) already fill it; one
-    # 0.55 GB buffer makes 12.03 GiB.
-    plan = estimate_plan(QWEN25_14B, 11 * GIB, "subspec_sd")
+    # 11 GiB: the 12.31 GB before buffers (a smaller card, a smaller margin) already fill it; one
+    # 0.55 GB buffer makes 11.98 GiB.
+    plan = estimate_plan(QWEN25_14B, 11 * GIB, "subspec_sd", max_context=2048)
     assert not plan.fits
     assert (plan.layers_on_gpu, plan.stream_buffers) == (0, 1)
-    assert plan.reason.startswith("needs 12.03 GiB with every layer streamed through 1 buffer (")
+    assert plan.reason.startswith("needs 11.98 GiB with every layer streamed through 1 buffer (")
     assert plan.reason.endswith("the card has 11.00 GiB")
 
 
@@ -238,7 +238,7 @@ def test_longer_context_and_bigger_tree_cost_memory():
 def test_classic_sd_counts_the_whole_draft_model():
     draft = {**QWEN25_7B, "hidden_size": 1536, "intermediate_size": 8960, "num_attention_heads": 12,
              "num_key_value_heads": 2, "tie_word_embeddings": True}  # Qwen2.5-1.5B
-    plan = estimate_plan(QWEN25_7B, 24 * GIB, "classic_sd", draft_config=draft)
+    plan = estimate_plan(QWEN25_7B, 24 * GIB, "classic_sd", draft_config=draft, max_context=2048)
     shape = ModelShape.from_config(draft)
     assert plan.draft_bytes == (
         28 * shape.layer_bytes() + shape.embedding_bytes() + 2048 * shape.kv_bytes_per_token()
@@ -262,10 +262,41 @@ def test_unusable_configs_get_one_line_errors():
 
 
 def test_summary_is_one_line_with_the_breakdown():
-    plan = estimate_plan(LLAMA31_8B, 12 * GIB, "subspec_sd")
+    plan = estimate_plan(LLAMA31_8B, 12 * GIB, "subspec_sd", max_context=2048)
     line = plan.summary()
     assert "\n" not in line
-    assert "(3 stream buffers and workspace), 8 of 32 layers on GPU" in line and line.endswith("fits")
+    assert "(3 stream buffers and workspace), 9 of 32 layers on GPU" in line and line.endswith("fits")
     data = plan.as_dict()
     assert data["total_bytes"] == plan.total_bytes
     assert data["cuda_context_bytes"] == CUDA_CONTEXT_BYTES
+
+
+@pytest.mark.parametrize(
+    "config, vram_gib, method, context",
+    [
+        # 8192 tokens cost 7B vanilla one resident layer (8 -> 7), no buffer: the longest is kept.
+        (QWEN25_7B, 8, "vanilla", 8192),
+        # 7B subspec_sd streams everything through 2 buffers at 2048 and at 8192 (7.92 GiB).
+        (QWEN25_7B, 8, "subspec_sd", 8192),
+        # Llama-3.1-8B subspec_sd: 2 buffers at 2048, 1 at 4096 and 8192 does not fit: 2048.
+        (LLAMA31_8B, 8, "subspec_sd", 2048),
+        # Qwen2.5-32B at 24 GiB: 2 buffers at 2048 and 4096, 8192 does not fit: 4096.
+        (QWEN25_32B, 24, "subspec_sd", 4096),
+    ],
+)
+def test_the_planned_context_is_the_longest_that_costs_no_stream_buffer(config, vram_gib, method, context):
+    def plan_at(tokens: int):
+        return estimate_plan(config, vram_gib * GIB, method, max_context=tokens)
+
+    assert longest_context(plan_at, config) == context
+    chosen, shortest = plan_at(context), plan_at(CONTEXT_CHOICES[-1])
+    assert chosen.fits and chosen.stream_buffers == shortest.stream_buffers
+
+
+def test_the_planned_context_stays_within_the_model_and_falls_back_to_the_shortest():
+    def plan_at(tokens: int):
+        return estimate_plan(LLAMA31_8B, 8 * GIB, "subspec_sd", max_context=tokens)
+
+    assert longest_context(plan_at, {**LLAMA31_8B, "max_position_embeddings": 1024}) == 1024
+    assert longest_context(lambda tokens: estimate_plan(QWEN25_14B, 11 * GIB, "subspec_sd", max_context=tokens),
+                           QWEN25_14B) == CONTEXT_CHOICES[-1]  # fits at none: the profile says why

@@ -460,10 +460,13 @@ def test_command_line_options(monkeypatch):
     assert exit_info.value.code == 2
 
     started = []
-    monkeypatch.setattr(SubSpecChatApp, "run", lambda self: started.append((self.model_ref, self.method)))
+    monkeypatch.setattr(SubSpecChatApp, "run", lambda self: started.append((self.model_ref, self.method, self.max_length)))
     monkeypatch.setattr(app_module, "detect_gpu", lambda: None)
     start.main(["--model", "/models/tiny", "--method", "vanilla"])
-    assert started == [("/models/tiny", "vanilla")]
+    start.main(["--max-length", "4096"])
+    assert started[0] == ("/models/tiny", "vanilla", None) and started[1][2] == 4096
+    with pytest.raises(SystemExit):
+        start.main(["--max-length", "1"])
 
 
 def test_engine_error_type_is_the_contract():
@@ -660,6 +663,12 @@ def test_the_app_plans_as_every_front_end_does():
     engine = settings.engine
     assert (engine.llm_path, engine.keep_first_n_layers_on_gpu, engine.offload_slots) == ("/models/m", 10, 3)
     assert (engine.substitute_bits, engine.substitute_group_size, engine.max_depth) == (4, 64, 16)
+
+    # subspec-chat --max-length: the user's context is measured and used, not the profile's own.
+    chosen = profiler_of(cpu_plan("subspec_sd", max_context=2048))
+    settings, _ = plan_settings(None, None, None, chosen, quiet, False, gpu=False, max_length=2048)
+    assert chosen.contexts == [2048] and settings.engine.max_length == 2048
+    assert profiler_of(None).contexts == [] and vanilla.contexts == [None, None]
 
 
 async def test_profile_screen_lists_models_off_the_ui_thread(monkeypatch):

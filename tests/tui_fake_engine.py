@@ -106,7 +106,7 @@ def fake_loader(engine: FakeEngine | None = None, error: str | None = None, **kw
     return load
 
 
-def cpu_plan(method: str = "subspec_sd", max_depth: int = 6, topk_len: int = 2, max_context: int = 2048) -> ModelPlan:
+def cpu_plan(method: str = "subspec_sd", max_depth: int = 6, topk_len: int = 2, max_context: int = 8192) -> ModelPlan:
     """A plan as profiles.fit.choose_cpu writes it."""
     drafts = method != "vanilla"
     return ModelPlan(
@@ -147,9 +147,11 @@ class FakeProfiler:
         self.gate = gate
         self.messages = messages
         self.calls: list[tuple[str | None, str, bool]] = []
+        self.contexts: list[int | None] = []  # max_context of each call (None: the profile plans it)
 
-    def __call__(self, model, vram_limit_gb, method, progress, force, **_options) -> Profile:
+    def __call__(self, model, vram_limit_gb, method, progress, force, *, max_context=None, **_options) -> Profile:
         self.calls.append((model, method, force))
+        self.contexts.append(max_context)
         for index, step in enumerate(self.steps):
             progress(step)
             if index == 0 and self.gate is not None:
