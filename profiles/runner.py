@@ -185,7 +185,7 @@ def _planned_context(model: str | None, device: DeviceInfo, cap: float | None, m
                      draft_model_path: str | None, messages: list[str]) -> int:
     """The context when the user chose none (run_profile). Planned for the whole card or the cap,
     not what other programs leave free now: the same on every run, so the stored profile is found."""
-    if device.gpu is None:
+    if device.gpu is None:  # the engine holds no more than the model's max_position_embeddings
         return DEFAULT_MAX_CONTEXT
     vram_bytes = int(cap * GIB) if cap else device.gpu.total_vram_bytes
     context = fit.planned_context(model_config(model), vram_bytes, method or GPU_METHOD, draft_model_path)
