@@ -152,3 +152,16 @@ def test_the_product_walk_runs_on_cpu_through_every_entry_point(tmp_path):
     assert all(later["reused_tokens"] >= earlier["prompt_tokens"] for earlier, later in zip(turns, turns[1:]))
     assert report["app"]["reply"] and report["app"]["plan_source"] == "profile" and report["app"]["profile_reused"]
     assert set(report["in_memory"]) == {"vanilla", "subspec_sd"}
+
+
+def test_prefill_benchmark_runs_on_cpu(tmp_path):
+    out = tmp_path / "prefill.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prefill_gpu.py"), "--json", str(out), "--repeats", "1",
+                    "--tokens", "40,70", "--placements", "offloaded,resident"],
+                   cwd=ROOT, check=True, timeout=600, capture_output=True, text=True)
+    report = json.loads(out.read_text())
+    assert report["shape"] == "tiny" and (report["layers_on_gpu"], report["stream_buffers"]) == (2, 2)
+    cases = {(c["row_invariant"], c["placement"], c["tokens"]) for c in report["cases"]}
+    assert cases == {(r, p, t) for r in (True, False) for p in ("offloaded", "resident") for t in (40, 70)}
+    assert all(c["prefill_ms"] > 0 for c in report["cases"])
+    assert all("kernels" in c for c in report["cases"] if c["placement"] == "resident" and c["tokens"] == 70)
