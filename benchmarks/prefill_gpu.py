@@ -68,7 +68,6 @@ def main() -> None:
     parser.add_argument("--placements", default="offloaded,uncapped,resident")
     parser.add_argument("--prefill-chunk", type=int, default=EngineConfig.prefill_chunk)
     parser.add_argument("--row-invariant", default="on,off", help="on, off or both (on,off)")
-    parser.add_argument("--compile-mode", default="auto", help="auto (the target's functions compiled on a GPU) or none")
     parser.add_argument("--json")
     args = parser.parse_args()
     device = torch.device("cuda" if gpu else "cpu")
@@ -93,8 +92,7 @@ def main() -> None:
                              vram_limit_gb=args.vram_limit_gb if placement == "offloaded" and gpu else None,
                              keep_first_n_layers_on_gpu=layers_on_gpu if offloaded else None,
                              emulate_offload=offloaded and not gpu, offload_slots=buffers,
-                             prefill_chunk=args.prefill_chunk,
-                             compile_mode=None if args.compile_mode == "none" else args.compile_mode),
+                             prefill_chunk=args.prefill_chunk),
                 LoadedModel(model, _NoText(), args.shape, None))
             bound = engine.describe().get("stream_bound_ms") if offloaded else None
             for tokens in lengths:

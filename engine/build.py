@@ -18,7 +18,7 @@ from engine.graphs import DraftGraphs
 from engine.loading import LoadedModel, load_model, substitute_cache_file
 from engine.model import Transformer
 from engine.offload import LayerStack, linear_tensors, measure_h2d_gbps
-from engine.pointwise import CPU_ROWS, EAGER, GPU_ROWS, Pointwise, compiled_pointwise, row_attention, row_invariant
+from engine.pointwise import CPU_ROWS, EAGER, GPU_ROWS, Pointwise, compiled_pointwise, row_invariant
 from engine.substitute import build_substitute
 
 Progress = Callable[[str], None]
@@ -76,8 +76,7 @@ def _assemble(config: EngineConfig, loaded: LoadedModel, device: torch.device, d
     cache = transformer.new_cache(max_length)
     row_invariant = config.row_invariant if config.row_invariant is not None else row_invariant_by_default(dtype.itemsize)
     target = Target(transformer, stack, cache, stack.take_transfer_ms,
-                    target_pointwise(device, transformer.head_dim, config.compile_mode == "auto")
-                    if row_invariant else EAGER)
+                    target_pointwise(device, transformer.head_dim) if row_invariant else EAGER)
     drafter: Drafter = VanillaDrafter()
     details = {
         "method": config.method,
@@ -120,18 +119,18 @@ def _classic_drafter(config: EngineConfig, device: torch.device, dtype: torch.dt
     return TreeDrafter(transformer, stack, transformer.new_cache(max_length), owns_cache=True, config=config)
 
 
-def target_pointwise(device: torch.device, head_dim: int, compiled: bool = False) -> Pointwise:
+def target_pointwise(device: torch.device, head_dim: int) -> Pointwise:
     """The row-invariant target's functions. A GPU runs 128-row chunks (one row costs what it did
     alone, a 289-node tree's matmuls twice what they did whole, hidden under the layer stream) and
     the Triton attention kernel; the CPU, whose matmuls cost by the row, 32-row chunks and an
-    attention that walks the rows one by one, waiting on the device for each. `compiled` (a GPU's
-    compile_mode auto): the element-wise functions compiled for the chunk's shape."""
+    attention that walks the rows one by one, waiting on the device for each."""
     if device.type != "cuda":
         return row_invariant(CPU_ROWS)
     from engine import row_attention_kernel  # Triton: imported only where a GPU runs it
 
-    attend = row_attention_kernel.row_invariant_attention if row_attention_kernel.supported(head_dim) else row_attention
-    return row_invariant(GPU_ROWS, attend, compiled=compiled)
+    if row_attention_kernel.supported(head_dim):
+        return row_invariant(GPU_ROWS, row_attention_kernel.row_invariant_attention)
+    return row_invariant(GPU_ROWS)
 
 
 def draft_pointwise(dtype: torch.dtype, head_dim: int, backend: str = "inductor") -> Pointwise:

@@ -111,10 +111,6 @@ class Transformer:
         `ops`: the row-invariant target computes each row as a one-token forward would, so reused
         and freshly computed KV are the same numbers whatever the chunking."""
         cache.truncate(kept)
-        # A row-invariant target's functions split longer chunks into its row chunks (ops.rows),
-        # slicing and copying each piece: chunks of at most that size run them whole (on an H200 a
-        # 1500-token 7B prefill launched 18000 kernels in 512-token chunks, GPU busy half the time).
-        chunk = min(chunk, ops.rows) if ops.rows else chunk
         spans = [(start, min(start + chunk, prompt.numel())) for start in range(kept, prompt.numel(), chunk)]
         rows = [self._prefill_rows(prompt, start, end, ops) for start, end in spans]  # (x, h, cos, sin) per chunk
         with sdpa_kernel(ANY_LENGTH_ATTENTION, set_priority=True):

@@ -207,33 +207,22 @@ GPU_ROWS = 128
 CPU_ROWS = 32
 
 
-def row_invariant(rows: int, attend: Callable = row_attention, compiled: bool = False) -> Pointwise:
+def row_invariant(rows: int, attend: Callable = row_attention) -> Pointwise:
     """The target computing every token's row as plain decoding would, whatever the rows verified
     with it (EngineConfig.row_invariant): greedy output token-identical to plain decoding in
     bfloat16 too. Matmuls and norms run on chunks of `rows` rows (a GPU reads the weights once per
     chunk; on an H200 a 289-row 7B down projection took 0.07 ms whole, 0.16 in 128-row chunks and
-    0.43 in 32-row ones, one row 0.04 plain and 0.06 in any); `attend` takes VisibleKeys.
-    `compiled`: the element-wise functions torch.compile'd for exactly that chunk shape (each one
-    kernel, not ten: a 1500-token 7B prefill launched 18000 kernels eagerly, its GPU busy half the
-    time); every call has the same shape, so every row still computes as plain decoding's."""
-    fused = (lambda fn: _compiled(fn, "inductor", dynamic=False)) if compiled else (lambda fn: fn)
+    0.43 in 32-row ones, one row 0.04 plain and 0.06 in any); `attend` takes VisibleKeys."""
     return Pointwise(
-        add_rms_norm=rows_of(fused(add_rms_norm), rows, row_args=2),
-        store_attention_inputs=stored(rows_of(fused(attention_inputs), rows, row_args=3)),  # Qwen3's per-head norms
-        gated=_gated_on_chunks(fused(gated), rows) if compiled else gated,
+        add_rms_norm=rows_of(add_rms_norm, rows, row_args=2),
+        store_attention_inputs=stored(rows_of(attention_inputs, rows, row_args=3)),  # Qwen3's per-head norms
         attend=attend,
         attention_mask=visible_keys,
         causal_mask=causal_visible_keys,
-        rms_norm=rows_of(fused(rms_norm), rows),
+        rms_norm=rows_of(rms_norm, rows),
         linear=rows_of(F.linear, rows),
         rows=rows,
     )
-
-
-def _gated_on_chunks(fn: Callable, rows: int) -> Callable:
-    """gated (act, gate, up) on fixed chunks of `rows` rows: one compiled shape for every call."""
-    on_chunks = rows_of(lambda gate, up, act: fn(act, gate, up), rows, row_args=2)
-    return lambda act, gate, up: on_chunks(gate, up, act)
 
 
 def compiled_pointwise(backend: str | Callable = "inductor", dtype: torch.dtype | None = None) -> Pointwise:
@@ -285,8 +274,8 @@ def _gated_of_sums(dtype: torch.dtype) -> Callable:
 RECOMPILE_LIMIT = 64
 
 
-def _compiled(fn: Callable, backend: str | Callable, dynamic: bool | None = None) -> Callable:
-    compiled = torch.compile(fn, backend=backend, fullgraph=True, dynamic=dynamic)
+def _compiled(fn: Callable, backend: str | Callable) -> Callable:
+    compiled = torch.compile(fn, backend=backend, fullgraph=True)
     use = [compiled]
 
     def call(*args):

@@ -356,8 +356,7 @@ def estimate_plan(
     workspace = max(
         shape.workspace_bytes(nodes, max_context, nodes, dtype_bytes, row_chunk),  # one tree verification
         # one prefill chunk's transients while the whole prompt's rows wait for the next layer
-        shape.workspace_bytes(min(prefill_chunk, max_context, row_chunk or prefill_chunk), max_context, 1, dtype_bytes,
-                              row_chunk, causal=True)
+        shape.workspace_bytes(min(prefill_chunk, max_context), max_context, 1, dtype_bytes, row_chunk, causal=True)
         + shape.prefill_rows_bytes(max_context, dtype_bytes),
     ) + (shape.draft_workspace_bytes(dtype_bytes=dtype_bytes) if drafts else 0)
     margin = safety_margin_bytes(vram_bytes)

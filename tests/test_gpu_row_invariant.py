@@ -1,8 +1,7 @@
-"""On a GPU, the product's target (row-invariant, its element-wise functions compiled for its
-128-row chunks, streamed layers) keeps every promise the CPU tests check with the eager functions:
-chunking changes no bit, a conversation's reused cache replies as a fresh prefill, and drafting
-replies as plain decoding. Skipped without CUDA (the CPU suite covers the same promises with the
-CPU's functions); run on the device machine."""
+"""On a GPU, the product's target (row-invariant in 128-row chunks, its Triton attention, streamed
+layers) keeps every promise the CPU tests check with the CPU's functions: chunking changes no bit,
+a conversation's reused cache replies as a fresh prefill, and drafting replies as plain decoding.
+Skipped without CUDA (the CPU suite covers the same promises); run on the device machine."""
 
 from __future__ import annotations
 
@@ -13,10 +12,10 @@ from transformers import AutoModelForCausalLM
 from engine import EngineConfig, SamplingConfig
 from engine.build import engine_from_model
 from engine.loading import LoadedModel
-from engine.pointwise import gated
+from engine.row_attention_kernel import row_invariant_attention
 from tests.random_models import config_for
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the compiled target runs there")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the GPU's target runs there")
 
 STREAMED = dict(keep_first_n_layers_on_gpu=1, offload_slots=2)
 
@@ -44,10 +43,10 @@ def ids(length: int, seed: int) -> list[int]:
     return torch.randint(3, 512, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def test_the_gpu_target_is_compiled_and_chunking_changes_no_bit():
+def test_chunking_changes_no_bit_on_the_gpu():
     plain = engine()
     ops = plain.target.ops
-    assert ops.rows == 128 and ops.gated is not gated  # compiled for its chunks
+    assert ops.rows == 128 and ops.attend is row_invariant_attention
     transformer, stack = plain.target.transformer, plain.target.stack
     prompt = torch.tensor(ids(300, seed=1), device="cuda")
     results = []
