@@ -232,7 +232,7 @@ def planned_context(model_config: dict, vram_bytes: int, method: str, draft_mode
 
 def _shorter_context_hint(model_config: dict, vram_bytes: int, method: str, max_context: int, draft_config: dict | None = None) -> str:
     """'; it fits with --max-length N' for the longest of a half, a quarter or an eighth of the
-    context with which the memory model says it fits (the KV cache and attention scores shrink)."""
+    context with which the memory model says it fits (the KV cache and the workspace shrink)."""
     for context in (max_context // 2, max_context // 4, max_context // 8):
         if context >= 256 and _trial_estimate(model_config, vram_bytes, method, context, draft_config).fits:
             return f"; it fits with --max-length {context}"
