@@ -93,7 +93,8 @@ def _add_global_options(parser: argparse.ArgumentParser, default: Any = None) ->
         help="resident layers (default: this machine's profile)")
     add("--no-profile", action="store_true",
         help="plan with the memory model's instant estimate instead of the measured profile")
-    add("--max-length", type=_checked("max_length", int), help="KV cache length (prompt + output)")
+    add("--max-length", type=_checked("max_length", int),
+        help="context in tokens, prompt + output (default: the profile's, 8192 where it costs no stream buffer)")
     add("--max-new-tokens", type=_checked("max_new_tokens", int), help="tokens to generate per reply")
     add("--temperature", type=_checked("temperature", float))
     add("--do-sample", action=argparse.BooleanOptionalAction)
