@@ -52,6 +52,56 @@ def prefill_ms(engine: Engine, tokens: int, repeats: int) -> float:
     return statistics.median([prefill_once(engine, tokens) for _ in range(repeats + 1)][1:])
 
 
+class TimedStack:
+    """A LayerStack that also records, per layer, when the host issued it (perf_counter seconds)
+    and when the GPU started it (after its copy and the layer before) and finished it (events)."""
+
+    def __init__(self, stack) -> None:
+        self.stack = stack
+        self.num_layers = stack.num_layers
+        self.layers: list[dict] = []
+
+    def weights(self, i: int):
+        weights = self.stack.weights(i)  # the compute stream now waits for the layer's copy
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        self.layers.append({"host_start": time.perf_counter(), "start": start})
+        return weights
+
+    def done(self, i: int) -> None:
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self.layers[-1].update(host_end=time.perf_counter(), end=end)
+        self.stack.done(i)
+
+
+def timeline(engine: Engine, tokens: int) -> dict:
+    """One prefill's layers against its copies: where the GPU waited for a copy, where it waited
+    for the host to issue work, and how busy the copy stream was (GPU only)."""
+    target = engine.target
+    stack = TimedStack(target.stack)
+    copies_before = len(target.stack._timings)
+    prompt = torch.randint(10, min(1000, target.transformer.vocab_size), (tokens,), device="cuda")
+    torch.cuda.synchronize()
+    origin = torch.cuda.Event(enable_timing=True)
+    origin.record()
+    host_origin = time.perf_counter()
+    target.transformer.prefill(stack, target.cache, prompt, engine.config.prefill_chunk, 0, target.ops)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - host_origin) * 1e3
+    copies = [(origin.elapsed_time(a), origin.elapsed_time(b)) for a, b in target.stack._timings[copies_before:]]
+    target.transfer_ms()
+    rows = [{"host_issue": (layer["host_start"] - host_origin) * 1e3, "host_done": (layer["host_end"] - host_origin) * 1e3,
+             "gpu_start": origin.elapsed_time(layer["start"]), "gpu_end": origin.elapsed_time(layer["end"])}
+            for layer in stack.layers]
+    # A layer's GPU span that ends long after the host finished issuing it was GPU-bound; a start
+    # later than the layer before ended waited for its copy.
+    copy_wait = sum(max(0.0, r["gpu_start"] - prev["gpu_end"]) for prev, r in zip(rows, rows[1:]))
+    return {"tokens": tokens, "wall_ms": wall, "host_issue_ms": rows[-1]["host_done"] - rows[0]["host_issue"],
+            "gpu_span_ms": sum(r["gpu_end"] - r["gpu_start"] for r in rows), "gpu_waited_for_copies_ms": copy_wait,
+            "copy_busy_ms": sum(b - a for a, b in copies), "copies": copies, "layers": rows}
+
+
 def alloc_retries() -> int:
     """cudaMalloc retries so far (the allocator freeing its cache near the cap; 0 on a CPU)."""
     return torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else 0
@@ -68,6 +118,8 @@ def main() -> None:
     parser.add_argument("--placements", default="offloaded,uncapped,resident")
     parser.add_argument("--prefill-chunk", type=int, default=EngineConfig.prefill_chunk)
     parser.add_argument("--row-invariant", default="on,off", help="on, off or both (on,off)")
+    parser.add_argument("--timeline", action="store_true",
+                        help="per offloaded case, one prefill of the longest prompt layer by layer against its copies")
     parser.add_argument("--json")
     args = parser.parse_args()
     device = torch.device("cuda" if gpu else "cpu")
@@ -108,6 +160,15 @@ def main() -> None:
                 print(f"{'row-invariant' if row_invariant else 'plain':13s} {placement:9s} {tokens:5d} tokens: "
                       f"prefill {ms:7.1f} ms{against}, peak {case['peak_gb']:.2f} GB, "
                       f"{case['alloc_retries']} allocator retries", flush=True)
+                if args.timeline and gpu and offloaded and tokens == max(lengths):
+                    case["timeline"] = line = timeline(engine, tokens)
+                    print(f"    timeline: wall {line['wall_ms']:.1f} ms, host issued {line['host_issue_ms']:.1f}, "
+                          f"GPU layer spans {line['gpu_span_ms']:.1f} (waited {line['gpu_waited_for_copies_ms']:.1f} for "
+                          f"copies), copies {line['copy_busy_ms']:.1f} ms busy")
+                    for n, r in enumerate(line["layers"]):
+                        print(f"      layer {n:2d}: host {r['host_issue']:7.1f}-{r['host_done']:7.1f}  "
+                              f"GPU {r['gpu_start']:7.1f}-{r['gpu_end']:7.1f}")
+                    print("      copies: " + " ".join(f"{a:.0f}-{b:.0f}" for a, b in line["copies"]))
                 for name, ms_total, count in case.get("kernels", {}).get("top", [])[:10]:
                     print(f"    {ms_total:8.2f} ms  x{count:<5d} {name}")
             close(engine)

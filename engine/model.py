@@ -138,8 +138,10 @@ class Transformer:
         _, post_norm, q_norm, k_norm = self.norms[i]
         attended = self._attention(weights, cache, i, h, cos, sin, slots, attn_mask, kv_end, q_norm, k_norm, ops)
         x, h = ops.add_rms_norm(x, attended, *post_norm)
-        gate, up = _projections(weights, "gate_up_proj", ("gate_proj", "up_proj"), self.gate_up_sizes, h, ops)
-        mlp = _linear(weights, "down_proj", ops.gated(self.act, gate, up), ops)
+        # gate and up die with the call: the norm below holds fp32 rows of its own.
+        gated = ops.gated(self.act, *_projections(weights, "gate_up_proj", ("gate_proj", "up_proj"), self.gate_up_sizes, h, ops))
+        mlp = _linear(weights, "down_proj", gated, ops)
+        del gated
         next_norm = self.norms[i + 1][0] if i + 1 < self.num_layers else self.final_norm
         return ops.add_rms_norm(x, mlp, *next_norm)
 

@@ -18,24 +18,41 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' Llama/Qwen2/Qwen3 RMSNorm, operation for operation."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, rows: int | None = None) -> torch.Tensor:
+    """transformers' Llama/Qwen2/Qwen3 RMSNorm, operation for operation; with `rows`, its one
+    reduction runs on fixed chunks of rows (row_mean)."""
     dtype = x.dtype
     h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    h = h * torch.rsqrt(row_mean(h.pow(2), rows) + eps)
     return weight * h.to(dtype)
 
 
-def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def row_mean(x: torch.Tensor, rows: int | None) -> torch.Tensor:
+    """x.mean(-1, keepdim=True), with `rows`: on fixed chunks of `rows` rows (dim 0, the last
+    zero-padded), each written in place. A reduction's kernel sums in an order chosen by the shape
+    it sees; every other operation of a layer between its matmuls is element-wise and gives an
+    element the same bits in any shape, so only the reductions and the matmuls are chunked."""
+    if rows is None:
+        return x.mean(-1, keepdim=True)
+    count, x = x.shape[0], pad_rows(x, rows)
+    out = x.new_empty((*x.shape[:-1], 1))
+    for start in range(0, x.shape[0], rows):
+        torch.mean(x[start : start + rows], -1, keepdim=True, out=out[start : start + rows])
+    return out[:count]
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                 rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual stream after adding `delta`, and its norm (what the next block reads)."""
     x = x + delta
-    return x, rms_norm(x, weight, eps)
+    return x, rms_norm(x, weight, eps, rows)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -51,6 +68,7 @@ def attention_inputs(
     num_q_heads: int,
     q_norm: tuple[torch.Tensor, float] | None,  # Qwen3: (weight, eps) of the per-head norms
     k_norm: tuple[torch.Tensor, float] | None,
+    rows: int | None = None,  # the norms' reductions on chunks of rows (row_mean)
 ) -> torch.Tensor:
     """The same [T, H + 2 KVH, D] heads with q and k normalised per head (where the model does)
     and rotated, v as it was: one output, so a compiled draft writes it in one kernel, attention
@@ -58,7 +76,7 @@ def attention_inputs(
     num_kv_heads = (heads.shape[1] - num_q_heads) // 2
     q, k, v = heads.split((num_q_heads, num_kv_heads, num_kv_heads), dim=1)
     if q_norm is not None and k_norm is not None:
-        q, k = rms_norm(q, *q_norm), rms_norm(k, *k_norm)
+        q, k = rms_norm(q, *q_norm, rows), rms_norm(k, *k_norm, rows)
     cos, sin = cos[:, None], sin[:, None]  # the same angle for every head of a token
     return torch.cat((rotate(q, cos, sin), rotate(k, cos, sin), v), dim=1)
 
@@ -148,36 +166,26 @@ def pad_rows(x: torch.Tensor, rows: int | None) -> torch.Tensor:
     return F.pad(x, (0, 0) * (x.dim() - 1) + (0, -x.shape[0] % rows))
 
 
-def rows_of(fn: Callable, rows: int, row_args: int = 1) -> Callable:
-    """fn of `row_args` [T, ...] tensors (then other arguments) computed on fixed chunks of `rows`
-    rows, the last zero-padded: every call runs the same shapes, so a row's result does not depend
-    on the number of rows around it (kernels sum in other orders for other shapes). A forward
-    whose rows are padded already (Pointwise.rows) pads nothing here."""
+def chunked_linear(rows: int) -> Callable:
+    """F.linear on fixed chunks of `rows` rows, the last zero-padded, each chunk's product written
+    in place: every call runs the same shapes, so a row's result does not depend on the number of
+    rows around it (a matmul kernel sums in another order for another shape). A forward whose rows
+    are padded already (Pointwise.rows) pads nothing here."""
 
-    def on_chunks(*args):
-        count = args[0].shape[0]
-        if count == rows:  # one whole chunk (a padded forward's decoding step): no views to make
-            return fn(*args)
-        padded = [pad_rows(a, rows) for a in args[:row_args]]
-        total = padded[0].shape[0]
-        outs: list[torch.Tensor] = []
-        for start in range(0, total, rows):
-            result = fn(*(a[start : start + rows] for a in padded), *args[row_args:])
-            parts = result if isinstance(result, tuple) else (result,)
-            if total == rows:  # plain decoding's one row: nothing to gather
-                outs = list(parts)
-                break
-            # Each chunk straight into the output (not all of them, then a joined copy: a 289-node
-            # tree's chunked logits would be held twice).
-            outs = outs or [p.new_empty((total, *p.shape[1:])) for p in parts]
-            for out, part in zip(outs, parts):
-                out[start : start + rows] = part
-        rows_out = tuple(out[:count] for out in outs)
-        return rows_out if isinstance(result, tuple) else rows_out[0]
+    def linear_on_chunks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        count, x = x.shape[0], pad_rows(x, rows)
+        out = x.new_empty((x.shape[0], weight.shape[0]))
+        for start in range(0, x.shape[0], rows):
+            chunk = slice(start, start + rows)
+            # F.linear's own calls (addmm with a bias, else mm), straight into the output.
+            if bias is None:
+                torch.mm(x[chunk], weight.t(), out=out[chunk])
+            else:
+                torch.addmm(bias, x[chunk], weight.t(), out=out[chunk])
+        return out[:count]
 
-    on_chunks.__name__ = f"{fn.__name__}_on_chunks"
-    on_chunks.rows = rows
-    return on_chunks
+    linear_on_chunks.rows = rows
+    return linear_on_chunks
 
 
 @dataclass(frozen=True)
@@ -210,17 +218,19 @@ CPU_ROWS = 32
 def row_invariant(rows: int, attend: Callable = row_attention) -> Pointwise:
     """The target computing every token's row as plain decoding would, whatever the rows verified
     with it (EngineConfig.row_invariant): greedy output token-identical to plain decoding in
-    bfloat16 too. Matmuls and norms run on chunks of `rows` rows (a GPU reads the weights once per
-    chunk; on an H200 a 289-row 7B down projection took 0.07 ms whole, 0.16 in 128-row chunks and
-    0.43 in 32-row ones, one row 0.04 plain and 0.06 in any); `attend` takes VisibleKeys."""
+    bfloat16 too. Matmuls and the norms' reductions run on chunks of `rows` rows (a GPU reads the
+    weights once per chunk; on an H200 a 289-row 7B down projection took 0.07 ms whole, 0.16 in
+    128-row chunks and 0.43 in 32-row ones, one row 0.04 plain and 0.06 in any), the element-wise
+    math on all rows at once (a 1500-token prefill launched 18,080 kernels with every function on
+    chunks, the host issuing them was the prefill's bound); `attend` takes VisibleKeys."""
     return Pointwise(
-        add_rms_norm=rows_of(add_rms_norm, rows, row_args=2),
-        store_attention_inputs=stored(rows_of(attention_inputs, rows, row_args=3)),  # Qwen3's per-head norms
+        add_rms_norm=partial(add_rms_norm, rows=rows),
+        store_attention_inputs=stored(partial(attention_inputs, rows=rows)),  # Qwen3's per-head norms
         attend=attend,
         attention_mask=visible_keys,
         causal_mask=causal_visible_keys,
-        rms_norm=rows_of(rms_norm, rows),
-        linear=rows_of(F.linear, rows),
+        rms_norm=partial(rms_norm, rows=rows),
+        linear=chunked_linear(rows),
         rows=rows,
     )
 

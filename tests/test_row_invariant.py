@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import EngineConfig, SamplingConfig, load_engine
-from engine.pointwise import EAGER, attention_bias, row_attention, rows_of, sdpa_attention, visible_keys
+from engine.pointwise import EAGER, attention_bias, chunked_linear, row_attention, row_mean, sdpa_attention, visible_keys
 from tests.random_models import save_random_model
 from tests.test_lossless import random_prompts
 
@@ -37,23 +37,38 @@ def test_plain_kernels_round_a_row_differently_among_others():
 def test_a_row_on_fixed_chunks_is_the_same_alone_or_among_others():
     # Holds on every machine: whatever the kernels round, a row's chunk has the same shapes alone.
     weight, x, differing = gate_projection_rows()
+    bias = torch.randn(1536, dtype=BF16)
     plain = F.linear(x, weight)
-    linear = rows_of(F.linear, 32)
-    together = linear(x, weight, None)
-    assert together.shape == (289, 1536)
+    linear = chunked_linear(32)
+    together, biased = linear(x, weight), linear(x, weight, bias)
+    assert together.shape == biased.shape == (289, 1536)
     for r in (*differing, 0, 31, 32, 288):  # and the first and last of a full chunk and of the padded one
-        assert torch.equal(linear(x[r : r + 1], weight, None)[0], together[r]), r
-    assert torch.equal(linear(x[32:64], weight, None), together[32:64])  # a whole chunk at once
+        assert torch.equal(linear(x[r : r + 1], weight)[0], together[r]), r
+        assert torch.equal(linear(x[r : r + 1], weight, bias)[0], biased[r]), r
+    assert torch.equal(linear(x[32:64], weight), together[32:64])  # a whole chunk at once
     torch.testing.assert_close(together, plain, rtol=0.02, atol=0.1)
+    torch.testing.assert_close(biased, F.linear(x, weight, bias), rtol=0.02, atol=0.1)
 
 
-def test_a_whole_chunk_goes_to_the_function_as_it_is():
-    # A padded forward's decoding step: no padding, no views, no gathering around the call.
-    seen = []
-    doubled = rows_of(lambda t: seen.append(t) or t * 2, 4)
-    x = torch.arange(8.0).view(4, 2)
-    assert torch.equal(doubled(x), x * 2) and seen[-1] is x
-    assert torch.equal(doubled(x[:3]), x[:3] * 2) and seen[-1].shape == (4, 2)  # fewer rows: padded
+def test_a_whole_chunk_is_computed_as_f_linear_computes_it():
+    # mm / addmm into the output are F.linear's own calls: a 32-row chunk, 32 rows of F.linear.
+    weight, x, _ = gate_projection_rows()
+    bias = torch.randn(1536, dtype=BF16)
+    assert torch.equal(chunked_linear(32)(x[:32], weight), F.linear(x[:32], weight))
+    assert torch.equal(chunked_linear(32)(x[:32], weight, bias), F.linear(x[:32], weight, bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_a_row_mean_on_fixed_chunks_is_the_same_alone_or_among_others(dtype):
+    # The norms' one reduction: chunked as the matmuls are, the rest of a norm is element-wise.
+    torch.manual_seed(0)
+    x = torch.randn(289, 3, 576, dtype=dtype)  # [tokens, heads, dim]: Qwen3's per-head norms too
+    together = row_mean(x, 32)
+    assert together.shape == (289, 3, 1)
+    for r in (0, 31, 32, 100, 288):
+        assert torch.equal(row_mean(x[r : r + 1], 32)[0], together[r]), r
+    assert torch.equal(row_mean(x[:32], 32), x[:32].mean(-1, keepdim=True))  # a whole chunk: the plain mean
+    torch.testing.assert_close(together, x.mean(-1, keepdim=True))
 
 
 PARENTS = [-1, 0, 0, 1, 1, 2, 3]  # a 7-node tree
