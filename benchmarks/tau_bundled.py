@@ -59,7 +59,8 @@ def main() -> None:
 
     vanilla = load_engine(EngineConfig(method="vanilla", **common))
     engines = {name: load_engine(EngineConfig(method="subspec_sd", **common, **tree)) for name, tree in policies.items()}
-    rows = {name: {"iterations": 0, "emitted": 0, "identical_to_vanilla": 0, "seconds": 0.0, "draft_forwards": 0}
+    rows = {name: {"iterations": 0, "emitted": 0, "identical_to_vanilla": 0, "seconds": 0.0, "draft_forwards": 0,
+                   "tree_nodes": 0}
             for name in policies}
     described = vanilla.describe()
     results = {"device": described["device"], "dtype": described["dtype"], "row_invariant": described["row_invariant"],
@@ -80,11 +81,14 @@ def main() -> None:
             row["iterations"] += len(gen.stats.iterations)
             row["emitted"] += sum(it.emitted for it in gen.stats.iterations)
             row["draft_forwards"] += sum(it.draft_forwards for it in gen.stats.iterations)
+            row["tree_nodes"] += sum(it.tree_nodes for it in gen.stats.iterations)
             row["tau"] = row["emitted"] / row["iterations"]
             row["draft_forwards_per_verification"] = row["draft_forwards"] / row["iterations"]
+            row["nodes_per_verification"] = row["tree_nodes"] / row["iterations"]
         results["prompts"] = done
         print(f"after {done} prompts: " + "; ".join(
-            f"{name}: tau {row['tau']:.2f}, {row['draft_forwards_per_verification']:.1f} draft forwards per verification, "
+            f"{name}: tau {row['tau']:.2f}, {row['draft_forwards_per_verification']:.1f} draft forwards and "
+            f"{row['nodes_per_verification']:.0f} nodes per verification, "
             f"{row['identical_to_vanilla']}/{done} identical" for name, row in rows.items()),
             flush=True)
         if args.json:

@@ -106,6 +106,7 @@ def test_tau_benchmark_runs_on_cpu_and_counts_identical_replies(tmp_path):
     assert (result["prompts"], result["row_invariant"], result["dtype"]) == (1, True, "bfloat16")
     (row,) = result["policies"].values()
     assert row["identical_to_vanilla"] == 1 and row["tau"] > 1
+    assert row["nodes_per_verification"] >= 1
 
 
 def test_int4_limits_says_it_needs_a_gpu_and_its_edits_still_fit_the_kernel(monkeypatch, tmp_path):
@@ -163,5 +164,17 @@ def test_prefill_benchmark_runs_on_cpu(tmp_path):
     assert report["shape"] == "tiny" and (report["layers_on_gpu"], report["stream_buffers"]) == (2, 2)
     cases = {(c["row_invariant"], c["placement"], c["tokens"]) for c in report["cases"]}
     assert cases == {(r, p, t) for r in (True, False) for p in ("offloaded", "resident") for t in (40, 70)}
-    assert all(c["prefill_ms"] > 0 for c in report["cases"])
+    assert all(c["prefill_ms"] > 0 and c["first_prefill_ms"] > 0 for c in report["cases"])
     assert all("kernels" in c for c in report["cases"] if c["placement"] == "resident" and c["tokens"] == 70)
+
+
+def test_accelerate_benchmark_runs_on_cpu(tmp_path):
+    # The tiny shape without offloading (accelerate's CPU offload needs a GPU to move modules to):
+    # both sides decode the same random weights greedily, so in float32 their tokens agree.
+    out = tmp_path / "accelerate.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accelerate_gpu.py"), "--json", str(out)],
+                   cwd=ROOT, check=True, timeout=600, capture_output=True, text=True)
+    report = json.loads(out.read_text())
+    assert report["shape"] == "tiny" and report["accelerate"]["modules_on_cpu"] == []
+    assert report["engine_vanilla"]["ms_per_token"] > 0 and report["accelerate"]["ms_per_token"] > 0
+    assert report["same_first_tokens"] == len(report["engine_vanilla"]["greedy_tokens"]) == 2
