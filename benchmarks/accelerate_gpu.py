@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cpu":
         args.shape, args.tokens, args.repeats = "tiny", 2, 1
-    args.row_invariant = None  # the engine's default
+    args.row_invariant, args.compressed_streaming = None, False  # the engine's defaults
     config = SHAPES[args.shape]()
     model = random_model(config, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
     prompt = torch.randint(0, config.vocab_size, (64,), generator=torch.Generator().manual_seed(0)).tolist()

@@ -130,7 +130,8 @@ def build(model, config, args, device, method: str, vram_gb: float, **extra) -> 
     engine = engine_from_model(
         EngineConfig(method=method, device=str(device), vram_limit_gb=vram_gb if device.type == "cuda" else None,
                      keep_first_n_layers_on_gpu=keep, offload_slots=buffers, max_length=args.max_length,
-                     emulate_offload=device.type == "cpu", row_invariant=args.row_invariant, **extra),
+                     emulate_offload=device.type == "cpu", row_invariant=args.row_invariant,
+                     compressed_streaming=args.compressed_streaming, **extra),
         LoadedModel(model, _NoText(), args.shape, None),
     )
     # Where the memory model is off: what stays allocated (weights, caches, buffers) against its
@@ -549,6 +550,9 @@ def main() -> None:
     parser.add_argument("--substitute-kernel", default="auto", help="auto, triton, tinygemm, gemlite, hqq, dense")
     parser.add_argument("--row-invariant", action=argparse.BooleanOptionalAction, default=None,
                         help="EngineConfig.row_invariant for every engine (default: the engine's, on in 16-bit dtypes)")
+    parser.add_argument("--compressed-streaming", action="store_true",
+                        help="stream offloaded layers compressed (engine.compress; the plan does not count the "
+                             "staging buffers yet)")
     parser.add_argument("--json")
     args = parser.parse_args()
     args.draft_batches = [int(b) for b in args.draft_batch.split(",")]

@@ -67,9 +67,14 @@ def _assemble(config: EngineConfig, loaded: LoadedModel, device: torch.device, d
             config.substitute_kernel,
         )
     say(f"placing {keep_on_gpu} of {len(layers)} layers on {device.type}")
+    if config.compressed_streaming and dtype != torch.bfloat16:
+        raise EngineError(f"--compressed-streaming codes bfloat16 weights, and this model runs in {dtype} "
+                          "(--dtype bfloat16)")
+    if config.compressed_streaming and keep_on_gpu < len(layers):
+        say(f"compressing the {len(layers) - keep_on_gpu} streamed layers")
     stack = LayerStack(
         layers, device, keep_on_gpu, config.offload_slots, stream=True if config.emulate_offload else None,
-        nvtx=config.nvtx_profiling,
+        nvtx=config.nvtx_profiling, compressed=config.compressed_streaming,
     )
     del layers, hf
     gc.collect()
@@ -88,6 +93,7 @@ def _assemble(config: EngineConfig, loaded: LoadedModel, device: torch.device, d
         "layers_on_gpu": stack.keep_on_gpu,
         "stream_buffers": stack.num_slots,  # 0 when every layer is resident
         "offloaded_bytes": stack.offloaded_bytes,
+        "offloaded_weight_bytes": stack.weight_bytes,
         "max_length": max_length,
     }
     if substitute is not None:

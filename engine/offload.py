@@ -7,8 +7,12 @@ slot's layer has been computed, the copy of the layer that will next use that sl
 the first offloaded layers of the NEXT forward load while this one finishes (and while the drafter
 works). Waits are per event; nothing synchronizes the whole device.
 
+With `compressed`, a streamed layer is kept and copied in engine.compress's form (exponents
+Huffman-coded, ~68% of its bf16 bytes) into a staging buffer beside its slot, and decoded on the
+copy stream into the slot's bf16 buffer, bit for bit the weights it was given.
+
 A "fake device" (device = CPU with streaming forced on) runs the same bookkeeping with synchronous
-copies, so the slot logic is tested on machines without a GPU.
+copies (and the torch reference decoder), so the slot logic is tested on machines without a GPU.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine import compress
 from engine.stats import nvtx_range
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -38,9 +43,18 @@ def linear_tensors(hf_layer: torch.nn.Module) -> LayerWeights:
 
 
 @dataclass
+class _Compressed:
+    """One streamed layer in engine.compress's form: `blob` (pinned) holds its three parts."""
+
+    layer: compress.CompressedLayer  # the parts: views into `blob`
+    blob: torch.Tensor  # uint8
+
+
+@dataclass
 class _Slot:
     flat: torch.Tensor  # device buffer holding one layer
     views: LayerWeights  # named views into `flat`
+    staging: torch.Tensor | None = None  # compressed: where the layer's blob lands before decoding
     copied: torch.cuda.Event | None = None  # the layer's copy has landed
     freed: torch.cuda.Event | None = None  # the layer's compute no longer reads it
 
@@ -56,6 +70,7 @@ class LayerStack:
         num_slots: int = 2,
         stream: bool | None = None,
         nvtx: bool = False,
+        compressed: bool = False,
     ) -> None:
         self.device = device
         self._nvtx = nvtx
@@ -69,7 +84,12 @@ class LayerStack:
             self.resident += [{k: t.to(device) for k, t in w.items()} for w in offloaded]
             self.keep_on_gpu, offloaded = self.num_layers, []
         self._layout = _layout(offloaded[0]) if offloaded else {}
-        self._host = [self._pack(w) for w in offloaded]
+        self._host = [self._pack(w, pinned=self._cuda and not compressed) for w in offloaded]
+        self.weight_bytes = sum(h.nbytes for h in self._host)  # bf16 bytes of the streamed layers
+        self._compressed: list[_Compressed] = []
+        self._table: torch.Tensor | None = None
+        if compressed and self._host:
+            self._compress()
         self.num_slots = min(num_slots, len(self._host))
         self._slots = [self._new_slot() for _ in range(self.num_slots)]
         self._copy_stream = torch.cuda.Stream(device) if self._cuda and self._host else None
@@ -82,7 +102,7 @@ class LayerStack:
     @property
     def offloaded_bytes(self) -> int:
         """Bytes one forward streams: the physical floor's numerator."""
-        return sum(h.nbytes for h in self._host)
+        return sum(c.blob.nbytes for c in self._compressed) or sum(h.nbytes for h in self._host)
 
     @property
     def layers_streamed(self) -> int:
@@ -92,7 +112,7 @@ class LayerStack:
     @property
     def resident_bytes(self) -> int:
         return sum(t.nbytes for w in self.resident for t in w.values()) + sum(
-            s.flat.nbytes for s in self._slots
+            s.flat.nbytes + (s.staging.nbytes if s.staging is not None else 0) for s in self._slots
         )
 
     def weights(self, i: int) -> LayerWeights:
@@ -135,7 +155,10 @@ class LayerStack:
         slot = self._slots[n % self.num_slots]
         if not self._cuda:
             started = time.perf_counter()
-            slot.flat.copy_(host)
+            if self._compressed:
+                compress.decode_reference(self._compressed[n % len(self._host)].layer, self._table, slot.flat)
+            else:
+                slot.flat.copy_(host)
             self._cpu_transfer_s += time.perf_counter() - started
             return
         with torch.cuda.stream(self._copy_stream), nvtx_range(f"transfer layer {n % len(self._host)}", self._nvtx):
@@ -143,22 +166,69 @@ class LayerStack:
                 self._copy_stream.wait_event(slot.freed)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record(self._copy_stream)
-            slot.flat.copy_(host, non_blocking=True)
+            if self._compressed:
+                self._copy_compressed(self._compressed[n % len(self._host)], slot)
+            else:
+                slot.flat.copy_(host, non_blocking=True)
             end.record(self._copy_stream)
             slot.copied = end
             self._timings.append((start, end))
 
-    def _pack(self, weights: LayerWeights) -> torch.Tensor:
+    def _copy_compressed(self, host: _Compressed, slot: _Slot) -> None:
+        """The blob into the slot's staging buffer, then decoded into its bf16 buffer (both on the
+        copy stream: the slot's `copied` event covers the decode)."""
+        from engine import decompress_kernel  # Triton: imported only where a GPU runs it
+
+        staged = slot.staging[: host.blob.numel()]
+        staged.copy_(host.blob, non_blocking=True)
+        decompress_kernel.decode(_parts(host.layer, staged), self._table, slot.flat)
+
+    def _compress(self) -> None:
+        """Every streamed layer into engine.compress's form, with one codebook for them all; the
+        bf16 copies are dropped (the pinned memory is the compressed bytes)."""
+        lanes = compress.lanes_for(self._host[0].numel())
+        padded = lanes * compress.LANE_WEIGHTS
+        # On a GPU the encoder's whole-tensor integer math runs there (seconds for a 7B model).
+        on = self.device if self._cuda else torch.device("cpu")
+        book = compress.codebook(sum(compress.exponent_histogram(h.to(on), padded).cpu() for h in self._host))
+        for h in self._host:
+            layer = compress.compress(h.to(on), book)
+            blob = torch.cat([t.view(torch.uint8) for t in _in_blob_order(layer)])
+            blob = blob.pin_memory() if self._cuda else blob
+            self._compressed.append(_Compressed(layer=_parts(layer, blob), blob=blob))
+        self._table = book.table.to(self.device)
+        # What the slots are sized from: a padded bf16 layer (the decoder writes the padding too).
+        self._host = [torch.empty(padded, dtype=torch.bfloat16, device="meta") for _ in self._host]
+
+    def _pack(self, weights: LayerWeights, pinned: bool) -> torch.Tensor:
         dtype = next(iter(weights.values())).dtype
-        flat = torch.empty(_numel(self._layout), dtype=dtype, pin_memory=self._cuda)
+        # zeros, not empty: the gaps between tensors are compressed too (their bits must have codes).
+        flat = torch.zeros(_numel(self._layout), dtype=dtype, pin_memory=pinned)
         for name, (offset, shape) in self._layout.items():
             flat[offset : offset + shape.numel()].view(shape).copy_(weights[name])
         return flat
 
     def _new_slot(self) -> _Slot:
-        flat = torch.empty_like(self._host[0], device=self.device, pin_memory=False)
+        flat = torch.empty_like(self._host[0], device=self.device)
         views = {n: flat[o : o + s.numel()].view(s) for n, (o, s) in self._layout.items()}
-        return _Slot(flat=flat, views=views)
+        largest = max((c.blob.numel() for c in self._compressed), default=0)
+        staging = torch.empty(largest, dtype=torch.uint8, device=self.device) if self._compressed and self._cuda else None
+        return _Slot(flat=flat, views=views, staging=staging)
+
+
+def _parts(layer: compress.CompressedLayer, blob: torch.Tensor) -> compress.CompressedLayer:
+    """`layer` with its three parts as views into `blob` (their bytes laid end to end)."""
+    parts, start = [], 0
+    for t in _in_blob_order(layer):
+        parts.append(blob[start : start + t.nbytes].view(t.dtype))
+        start += t.nbytes
+    offsets, words, sign_mantissa = parts
+    return compress.CompressedLayer(layer.numel, layer.lanes, layer.lane_weights, sign_mantissa, words, offsets)
+
+
+def _in_blob_order(layer: compress.CompressedLayer) -> tuple[torch.Tensor, ...]:
+    """Widest first: every part starts at a multiple of its element size."""
+    return layer.offsets, layer.words, layer.sign_mantissa
 
 
 def _layout(weights: LayerWeights) -> dict[str, tuple[int, torch.Size]]:

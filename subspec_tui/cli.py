@@ -113,6 +113,9 @@ def _add_global_options(parser: argparse.ArgumentParser, default: Any = None) ->
     add("--row-invariant", action=argparse.BooleanOptionalAction,
         help="the target computes each token as plain decoding would: greedy output identical in 16-bit dtypes too "
              "(default: on in bfloat16/float16, off in float32)")
+    add("--compressed-streaming", action=argparse.BooleanOptionalAction,
+        help="offloaded layers cross PCIe with Huffman-coded exponents (~68%% of the bytes, the same bits "
+             "after decoding; bfloat16, GPU decoding not measured yet)")
     add("--threshold-method", choices=("entropy", "prob"))
     add("--threshold", type=_checked("threshold", float), help="lossy verification threshold")
     add("--window-size", type=_checked("window_size", int), help="lossy: exact matches needed after")
@@ -128,7 +131,7 @@ SETTING_KEYS = (
     "method", "llm_path", "draft_model_path", "device", "dtype", "vram_limit_gb", "keep_first_n_layers_on_gpu",
     "max_length", "temperature", "do_sample", "seed", "warmup_iter", "compile_mode", "max_depth",
     "topk_len", "tree_policy", "node_budget", "draft_batch", "verify_method", "row_invariant", "threshold_method", "threshold",
-    "window_size", "substitute_kernel", "nvtx_profiling", "nsys_output", "detailed_analysis", "max_new_tokens",
+    "window_size", "substitute_kernel", "compressed_streaming", "nvtx_profiling", "nsys_output", "detailed_analysis", "max_new_tokens",
 )
 
 
