@@ -178,3 +178,13 @@ def test_accelerate_benchmark_runs_on_cpu(tmp_path):
     assert report["shape"] == "tiny" and report["accelerate"]["modules_on_cpu"] == []
     assert report["engine_vanilla"]["ms_per_token"] > 0 and report["accelerate"]["ms_per_token"] > 0
     assert report["same_first_tokens"] == len(report["engine_vanilla"]["greedy_tokens"]) == 2
+
+
+def test_compress_benchmark_runs_on_cpu(tmp_path):
+    # A small layer through the encoder and the reference decoder (bit-exactness is asserted inside).
+    out = tmp_path / "compress.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compress_gpu.py"), "--json", str(out)],
+                   cwd=ROOT, check=True, timeout=600, capture_output=True, text=True)
+    report = json.loads(out.read_text())
+    assert [c["weights"] for c in report["cases"]] == ["gaussian", "student-t"]
+    assert all(0.6 < c["ratio"] < 0.75 and c["max_code_bits"] <= 12 for c in report["cases"])
