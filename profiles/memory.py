@@ -243,7 +243,7 @@ class Plan:
     draft_bytes: int  # a separate draft model (classic_sd / eagle_sd), weights and KV
     kv_cache_bytes: int
     stream_buffers: int  # device buffers offloaded layers stream through; 0 when every layer is resident
-    stream_buffer_bytes: int  # stream_buffers x one layer's bf16 linears
+    stream_buffer_bytes: int  # stream_buffers x one layer's bf16 linears (and its compressed staging)
     workspace_bytes: int
     cuda_context_bytes: int
     safety_margin_bytes: int
@@ -297,6 +297,12 @@ class Plan:
         return data
 
 
+# engine.compress's size of a layer against its bf16 bytes, rounded up from the 0.678 and 0.700
+# measured on Gaussian and row-scaled Student-t weights (benchmarks/compress_gpu.py): what the
+# staging buffer beside each stream buffer holds with compressed streaming.
+COMPRESSED_FRACTION = 0.72
+
+
 def safety_margin_bytes(vram_bytes: int) -> int:
     return max(SAFETY_MARGIN_MIN_BYTES, int(vram_bytes * SAFETY_MARGIN_FRACTION))
 
@@ -315,6 +321,7 @@ def estimate_plan(
     dtype_bytes: int = 2,
     cuda_context_bytes: int = CUDA_CONTEXT_BYTES,
     stream_buffers: int | None = None,
+    compressed_streaming: bool = False,
 ) -> Plan:
     """Plan `method` for the model of `model_config` on a card of `vram_bytes`.
 
@@ -323,7 +330,9 @@ def estimate_plan(
     the largest N whose total fits with that count. subspec_sd keeps all L substitute layers
     resident plus N bf16 layers; classic_sd/eagle_sd keep the whole draft model resident
     (`draft_config` is required for them). Stream buffers are only needed when N < L, and never
-    more than the L - N layers that stream (the engine allocates no more).
+    more than the L - N layers that stream (the engine allocates no more). With
+    `compressed_streaming` every stream buffer has a staging buffer beside it for the compressed
+    bytes (COMPRESSED_FRACTION of the layer).
     Raises ModelShapeError (a ValueError) for a config it cannot plan or a bad argument.
     """
     shape = ModelShape.from_config(model_config)
@@ -350,6 +359,8 @@ def estimate_plan(
         )
     layer = shape.layer_bytes(dtype_bytes)
     buffer = shape.linear_bytes(dtype_bytes)
+    if compressed_streaming:
+        buffer += int(buffer * COMPRESSED_FRACTION)
     substitute_layer = shape.substitute_layer_bytes(substitute_bits, substitute_group, dtype_bytes) if uses_substitute else 0
     # The target's default (EngineConfig.row_invariant): row-invariant in the 16-bit dtypes.
     row_chunk = GPU_ROWS if row_invariant_by_default(dtype_bytes) else None

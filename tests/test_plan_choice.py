@@ -155,3 +155,17 @@ def test_the_load_is_read_from_this_machine_where_it_can_be():
         pytest.skip("no /proc/stat on this machine: the load is not measured")
     busy, own, wall = reading
     assert busy > 0 and own > 0 and wall > 0
+
+
+def test_compressed_streaming_takes_the_memory_models_plan_which_counts_its_staging(monkeypatch):
+    # A profile measures bf16 streaming only: its plan has no room for the staging buffers.
+    import profiles.choose
+
+    monkeypatch.setattr(profiles.choose, "vram_budget", lambda index, cap: 950 * 2**20)  # the bundled model streams
+    profiler = FakeProfiler(gpu_plan())
+    plain = choose_plan(EngineConfig(), set(), use_profile=False, gpu=True)
+    planned = choose_plan(EngineConfig(compressed_streaming=True), {"compressed_streaming"}, profiler=profiler, gpu=True)
+    assert profiler.calls == [] and planned.source == "estimate"
+    assert planned.notes[0].startswith("compressed streaming is not profiled yet: the memory model's estimate")
+    layers = planned.overrides["keep_first_n_layers_on_gpu"]
+    assert layers < plain.overrides["keep_first_n_layers_on_gpu"]

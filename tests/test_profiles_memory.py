@@ -300,3 +300,15 @@ def test_the_planned_context_stays_within_the_model_and_falls_back_to_the_shorte
     assert longest_context(plan_at, {**LLAMA31_8B, "max_position_embeddings": 1024}) == 1024
     assert longest_context(lambda tokens: estimate_plan(QWEN25_14B, 11 * GIB, "subspec_sd", max_context=tokens),
                            QWEN25_14B) == CONTEXT_CHOICES[-1]  # fits at none: the profile says why
+
+
+def test_compressed_streaming_plans_a_staging_buffer_beside_every_stream_buffer():
+    # Vanilla 7B at 8 GiB: 8 resident layers and three 0.466 GB buffers in bf16 (test above); each
+    # buffer gains a 0.72 x 0.466 = 0.336 GB staging buffer, 1.01 GB for three: 2 layers fewer.
+    linear = ModelShape.from_config(QWEN25_7B).linear_bytes()
+    plain = estimate_plan(QWEN25_7B, 8 * GIB, "vanilla", max_context=2048)
+    compressed = estimate_plan(QWEN25_7B, 8 * GIB, "vanilla", max_context=2048, compressed_streaming=True)
+    assert compressed.stream_buffers == plain.stream_buffers == 3
+    assert compressed.stream_buffer_bytes == 3 * (linear + int(linear * 0.72))
+    assert compressed.layers_on_gpu == plain.layers_on_gpu - 2
+    assert compressed.total_bytes <= 8 * GIB
