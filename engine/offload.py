@@ -8,8 +8,9 @@ the first offloaded layers of the NEXT forward load while this one finishes (and
 works). Waits are per event; nothing synchronizes the whole device.
 
 With `compressed`, a streamed layer is kept and copied in engine.compress's form (exponents
-Huffman-coded, ~68% of its bf16 bytes) into a staging buffer beside its slot, and decoded on the
-copy stream into the slot's bf16 buffer, bit for bit the weights it was given.
+Huffman-coded, ~68% of its bf16 bytes) into a staging buffer beside its slot, and decoded on a
+decode stream into the slot's bf16 buffer, bit for bit the weights it was given, while the next
+layer's copy runs.
 
 A "fake device" (device = CPU with streaming forced on) runs the same bookkeeping with synchronous
 copies (and the torch reference decoder), so the slot logic is tested on machines without a GPU.
@@ -93,6 +94,8 @@ class LayerStack:
         self.num_slots = min(num_slots, len(self._host))
         self._slots = [self._new_slot() for _ in range(self.num_slots)]
         self._copy_stream = torch.cuda.Stream(device) if self._cuda and self._host else None
+        # Decoding runs beside the copies: the next layer's blob crosses PCIe while this one decodes.
+        self._decode_stream = torch.cuda.Stream(device) if self._cuda and self._compressed else None
         self._timings: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._cpu_transfer_s = 0.0
         self._computed = 0  # offloaded layers computed so far, over all forwards
@@ -167,21 +170,28 @@ class LayerStack:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record(self._copy_stream)
             if self._compressed:
-                self._copy_compressed(self._compressed[n % len(self._host)], slot)
+                blob = self._compressed[n % len(self._host)].blob
+                slot.staging[: blob.numel()].copy_(blob, non_blocking=True)
             else:
                 slot.flat.copy_(host, non_blocking=True)
             end.record(self._copy_stream)
             slot.copied = end
             self._timings.append((start, end))
+        if self._compressed:
+            slot.copied = self._decode(self._compressed[n % len(self._host)], slot)
 
-    def _copy_compressed(self, host: _Compressed, slot: _Slot) -> None:
-        """The blob into the slot's staging buffer, then decoded into its bf16 buffer (both on the
-        copy stream: the slot's `copied` event covers the decode)."""
+    def _decode(self, host: _Compressed, slot: _Slot) -> torch.cuda.Event:
+        """Decode the slot's staged blob into its bf16 buffer once the blob has landed; returns the
+        event the layer's compute waits for. The staging buffer is next written by the copy that
+        waits for this slot's `freed`, recorded after that compute: never while decoding."""
         from engine import decompress_kernel  # Triton: imported only where a GPU runs it
 
-        staged = slot.staging[: host.blob.numel()]
-        staged.copy_(host.blob, non_blocking=True)
-        decompress_kernel.decode(_parts(host.layer, staged), self._table, slot.flat)
+        with torch.cuda.stream(self._decode_stream):
+            self._decode_stream.wait_event(slot.copied)
+            decompress_kernel.decode(_parts(host.layer, slot.staging[: host.blob.numel()]), self._table, slot.flat)
+            decoded = torch.cuda.Event()
+            decoded.record(self._decode_stream)
+        return decoded
 
     def _compress(self) -> None:
         """Every streamed layer into engine.compress's form, with one codebook for them all; the
