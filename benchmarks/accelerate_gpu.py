@@ -23,27 +23,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from offload_gpu import SHAPES, bench_vanilla, release_cached_memory  # noqa: E402
+from offload_gpu import SHAPES, bench_vanilla, random_model, release_cached_memory  # noqa: E402
 
 from engine.offload import measure_h2d_gbps  # noqa: E402
-
-
-def random_model(config, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """Random weights on the CPU, each tensor filled on `device` (seconds for a 7B model)."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model = model.to_empty(device="cpu")
-    with torch.no_grad():
-        for tensor in list(model.parameters()) + list(model.buffers()):
-            if tensor.is_floating_point():
-                tensor.copy_(torch.empty(tensor.shape, dtype=tensor.dtype, device=device).normal_(0, 0.02))
-        model.model.rotary_emb.__init__(config)  # buffers recomputed, not random
-    return model.eval()
 
 
 def dispatch(model: torch.nn.Module, weights_gib: float) -> dict:
@@ -106,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         args.shape, args.tokens, args.repeats = "tiny", 2, 1
     args.row_invariant, args.compressed_streaming = None, False  # the engine's defaults
     config = SHAPES[args.shape]()
-    model = random_model(config, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
+    # Every layer its own tensors: accelerate moves each module it offloads.
+    model = random_model(config, torch.bfloat16 if device.type == "cuda" else torch.float32, device,
+                         shared_layers=False)
     prompt = torch.randint(0, config.vocab_size, (64,), generator=torch.Generator().manual_seed(0)).tolist()
     h2d = measure_h2d_gbps(device)
     report: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "shape": args.shape,

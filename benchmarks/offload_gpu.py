@@ -82,14 +82,14 @@ class _NoText:
         return ""
 
 
-def random_model(config, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """Random weights, filled on the device (seconds, not minutes). Every decoder layer is the same
-    module: host memory holds one layer, while the engine still packs and streams (or quantizes)
-    one copy per layer, so every byte moves as it would for a real model."""
+def random_model(config, dtype: torch.dtype, device: torch.device, shared_layers: bool = True) -> torch.nn.Module:
+    """Random weights, filled on the device (seconds, not minutes). With `shared_layers` every
+    decoder layer is the same module: host memory holds one layer, while the engine still packs and
+    streams (or quantizes) one copy per layer, so every byte moves as it would for a real model."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     layers = model.model.layers
-    for i in range(1, len(layers)):
+    for i in range(1, len(layers) if shared_layers else 0):
         layers[i] = layers[0]
     model = model.to_empty(device="cpu")
     with torch.no_grad():
