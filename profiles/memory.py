@@ -247,6 +247,7 @@ class Plan:
     workspace_bytes: int
     cuda_context_bytes: int
     safety_margin_bytes: int
+    compressed_streaming: bool = False  # streamed layers cross PCIe (and sit in host RAM) compressed
 
     @property
     def weights_bytes(self) -> int:
@@ -271,6 +272,11 @@ class Plan:
         """Weights streamed over PCIe per target forward."""
         return (self.layers_total - self.layers_on_gpu) * self.layer_bytes
 
+    @property
+    def pinned_host_bytes(self) -> int:
+        """Host RAM the streamed layers occupy, pinned (it cannot be swapped out)."""
+        return int(self.offloaded_bytes * (COMPRESSED_FRACTION if self.compressed_streaming else 1))
+
     def stream_bound_ms(self, h2d_gbps: float) -> float:
         """Physical floor of one target forward at a measured pinned bandwidth (GB/s, decimal)."""
         return self.offloaded_bytes / (h2d_gbps * GB) * 1000.0
@@ -283,6 +289,8 @@ class Plan:
             f"buffers {self.buffers_bytes / GIB:.2f} GiB ({self.stream_buffers} stream buffers and workspace), "
             f"{self.layers_on_gpu} of {self.layers_total} layers on GPU, "
             f"{self.total_bytes / GIB:.2f} of {self.vram_bytes / GIB:.2f} GiB: {verdict}"
+            + (f"; {self.pinned_host_bytes / GIB:.2f} GiB of pinned host RAM for the streamed layers"
+               if self.fits and self.pinned_host_bytes else "")
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -293,6 +301,7 @@ class Plan:
             estimated_peak_bytes=self.estimated_peak_bytes,
             total_bytes=self.total_bytes,
             offloaded_bytes=self.offloaded_bytes,
+            pinned_host_bytes=self.pinned_host_bytes,
         )
         return data
 
@@ -397,6 +406,7 @@ def estimate_plan(
             workspace_bytes=workspace,
             cuda_context_bytes=cuda_context_bytes,
             safety_margin_bytes=margin,
+            compressed_streaming=compressed_streaming,
         )
 
     # Total memory grows with N except at N = L, where the stream buffers disappear: try all.

@@ -265,7 +265,9 @@ def test_summary_is_one_line_with_the_breakdown():
     plan = estimate_plan(LLAMA31_8B, 12 * GIB, "subspec_sd", max_context=2048)
     line = plan.summary()
     assert "\n" not in line
-    assert "(3 stream buffers and workspace), 9 of 32 layers on GPU" in line and line.endswith("fits")
+    assert "(3 stream buffers and workspace), 9 of 32 layers on GPU" in line and "GiB: fits" in line
+    # 23 streamed layers of 0.406 GiB each stay in pinned host memory.
+    assert line.endswith(f"fits; {23 * plan.layer_bytes / GIB:.2f} GiB of pinned host RAM for the streamed layers")
     data = plan.as_dict()
     assert data["total_bytes"] == plan.total_bytes
     assert data["cuda_context_bytes"] == CUDA_CONTEXT_BYTES
@@ -312,3 +314,6 @@ def test_compressed_streaming_plans_a_staging_buffer_beside_every_stream_buffer(
     assert compressed.stream_buffer_bytes == 3 * (linear + int(linear * 0.72))
     assert compressed.layers_on_gpu == plain.layers_on_gpu - 2
     assert compressed.total_bytes <= 8 * GIB
+    # Host RAM: 20 streamed bf16 layers against 22 compressed ones at 0.72.
+    assert plain.pinned_host_bytes == 20 * plain.layer_bytes
+    assert compressed.pinned_host_bytes == int(22 * plain.layer_bytes * 0.72)
