@@ -10,7 +10,8 @@ from typing import Callable
 import torch
 
 from engine.config import COMPILE_MODES, METHODS, EngineConfig, method_unavailable, row_invariant_by_default
-from engine.drafters import Drafter, TreeDrafter, VanillaDrafter
+from engine.drafters import Drafter, EagleDrafter, TreeDrafter, VanillaDrafter
+from engine.eagle import load_eagle_head
 from engine.engine import Engine
 from engine.errors import EngineError
 from engine.generate import Target
@@ -102,6 +103,10 @@ def _assemble(config: EngineConfig, loaded: LoadedModel, device: torch.device, d
                     "substitute_kernel": substitute.kernel}
     elif config.method == "classic_sd":
         drafter = _classic_drafter(config, device, dtype, max_length, say)
+        details["draft_model"] = config.draft_model_path
+    elif config.method == "eagle_sd":
+        say(f"loading the EAGLE head {config.draft_model_path}")
+        drafter = EagleDrafter(load_eagle_head(config.draft_model_path, transformer), config, max_length)
         details["draft_model"] = config.draft_model_path
     if isinstance(drafter, TreeDrafter):
         drafter.graphs = _draft_graphs(config, drafter, max_length, device)

@@ -94,8 +94,8 @@ class SamplingConfig:
 def method_unavailable(method: str, draft_model_path: str | None) -> str | None:
     """Why `method` cannot run with this draft (one line for the user), or None when it can: the
     engine refuses it at load, and profiles and front ends before measuring anything."""
-    if method == "eagle_sd":
-        return "eagle_sd is not available yet: use subspec_sd, classic_sd or vanilla"
+    if method == "eagle_sd" and not draft_model_path:
+        return "eagle_sd needs an EAGLE head: pass --draft-model-path (a folder with config.json and weights)"
     if method == "classic_sd" and not draft_model_path:
         return "classic_sd needs a draft model: pass --draft-model-path"
     return None

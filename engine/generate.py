@@ -61,8 +61,12 @@ def run(
 
     started = time.perf_counter()
     prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device)
-    last_logits = target.transformer.prefill(target.stack, cache, prompt, config.prefill_chunk, kept, target.ops)
-    drafter.prefill(prompt, config.prefill_chunk, kept)
+    # An EAGLE head drafts from the target's features: the prefill's and each accepted path's.
+    wants_features = drafter.needs_features
+    prefilled = target.transformer.prefill(target.stack, cache, prompt, config.prefill_chunk, kept, target.ops,
+                                           features=wants_features)
+    last_logits, prompt_features = prefilled if wants_features else (prefilled, None)
+    drafter.prefill(prompt, config.prefill_chunk, kept, prompt_features)
     held = list(prompt_ids)
     root = int(choose(last_logits[None], sampling, generator)[0])
     target.transfer_ms()  # the prefill's copies are not a verification's
@@ -90,7 +94,7 @@ def run(
             emitter.finish("cancelled")
             break
         with timer.span("verify"):
-            chosen, lenient = _verify(target, tree, sampling, generator, config)
+            chosen, lenient, node_features = _verify(target, tree, sampling, generator, config, wants_features)
         if lenient is not None:
             tokens, parents, chosen_ids, lenient_ids = tree.host_view(chosen, lenient)
             result = walk_lossy(tokens, parents, chosen_ids, [bool(x) for x in lenient_ids], config.window_size)
@@ -101,7 +105,10 @@ def run(
         path_tokens = [tokens[0]] + [tokens[node] for node in result.path]
         with nvtx_range("commit", config.nvtx_profiling):
             cache.commit(path_slots)
-            drafter.commit(path_slots, path_tokens)
+            path_features = None
+            if node_features is not None:  # from pageable memory without waiting, as cache.commit
+                path_features = node_features[torch.tensor([0, *result.path]).to(device, non_blocking=True)]
+            drafter.commit(path_slots, path_tokens, path_features)
         held += path_tokens
         accepted = [tokens[node] for node in result.path] + [result.bonus]
         emitted = emitter.push(accepted)  # tau counts what reached the user, not what ran past EOS
@@ -126,14 +133,16 @@ def run(
 
 
 def _verify(
-    target: Target, tree: Tree, sampling: SamplingConfig, generator: torch.Generator | None, config: EngineConfig
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The target's token at every node of the tree and, verifying lossily, which nodes may pass
-    leniently. The [nodes, vocab] logits live only in here: the next verification's are never
-    allocated while these are still held (on a 7B model that is 176 MB of peak memory)."""
+    target: Target, tree: Tree, sampling: SamplingConfig, generator: torch.Generator | None, config: EngineConfig,
+    features: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The target's token at every node of the tree, verifying lossily which nodes may pass
+    leniently, and with `features` every node's final-normed hidden state. The [nodes, vocab]
+    logits live only in here: the next verification's are never allocated while these are still
+    held (on a 7B model that is 176 MB of peak memory)."""
     cache = target.cache
     nodes = torch.arange(tree.size, device=target.transformer.device)
-    logits = target.transformer.forward(
+    out = target.transformer.forward(
         target.stack,
         cache,
         tree.tokens[: tree.size],
@@ -142,13 +151,15 @@ def _verify(
         tree.mask(nodes) if tree.size > 1 else None,
         kv_end=cache.length + tree.size,
         ops=target.ops,
+        features=features,
     )
+    logits, node_features = out if features else (out, None)
     with nvtx_range("sample", config.nvtx_profiling):
         chosen = choose(logits, sampling, generator)
     if config.verify_method != "lossy":
-        return chosen, None
+        return chosen, None, node_features
     return chosen, lenient_nodes(logits, tree.tokens[: tree.size], tree.parents[: tree.size],
-                                 config.threshold_method, config.threshold)
+                                 config.threshold_method, config.threshold), node_features
 
 
 def _generator(sampling: SamplingConfig, device: torch.device) -> torch.Generator | None:

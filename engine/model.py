@@ -83,8 +83,10 @@ class Transformer:
         logits_rows: torch.Tensor | slice = slice(None),
         ops: Pointwise = EAGER,
         fixed_shape: bool = False,  # this shape is replayed many times (a CUDA-graph draft step)
-    ) -> torch.Tensor:
-        """Logits (float32) of the selected rows, after writing the tokens' KV at `slots`."""
+        features: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (float32) of the selected rows, after writing the tokens' KV at `slots`; with
+        `features`, also every row's final-normed hidden state [T, hidden] (an EAGLE head's input)."""
         x = self.embed(tokens)
         cos, sin = self.cos[positions], self.sin[positions]
         # The row-invariant target's rows, padded once here (padding rows compute and store nothing
@@ -96,13 +98,15 @@ class Transformer:
             for i in range(stack.num_layers):
                 x, h = self._layer(stack.weights(i), cache, i, x, h, cos, sin, slots, attn_mask, kv_end, ops)
                 stack.done(i)
-        return self._logits(h[: tokens.shape[0]][logits_rows], ops)
+        logits = self._logits(h[: tokens.shape[0]][logits_rows], ops)
+        return (logits, h[: tokens.shape[0]]) if features else logits
 
     @torch.inference_mode()
     def prefill(self, stack: Stack, cache: KVCache, prompt: torch.Tensor, chunk: int, kept: int = 0,
-                ops: Pointwise = EAGER) -> torch.Tensor:
+                ops: Pointwise = EAGER, features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run the prompt from slot `kept` (slots [0, kept) already hold the KV of its first `kept`
-        tokens, reused from an earlier generation); returns the last token's logits [V].
+        tokens, reused from an earlier generation); returns the last token's logits [V] (with
+        `features`, also the final-normed hidden states of the tokens it ran, [len - kept, hidden]).
 
         Layer by layer, each over every causal chunk of `chunk` new tokens: an offloaded layer
         crosses PCIe once per prefill however long the prompt (chunk by chunk through all layers,
@@ -124,7 +128,10 @@ class Transformer:
                 stack.done(i)
         cache.truncate(prompt.numel())
         last = spans[-1][1] - spans[-1][0] - 1
-        return self._logits(rows[-1][1][last : last + 1], ops)[0]
+        logits = self._logits(rows[-1][1][last : last + 1], ops)[0]
+        if not features:
+            return logits
+        return logits, torch.cat([h[: end - start] for (_, h, _, _), (start, end) in zip(rows, spans)])
 
     def _prefill_rows(self, prompt: torch.Tensor, start: int, end: int, ops: Pointwise) -> tuple[torch.Tensor, ...]:
         """The first layer's input of prompt[start:end]: (x, h = its input norm, cos, sin), padded."""

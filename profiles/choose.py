@@ -163,7 +163,7 @@ def memory_estimate(config: EngineConfig, vram_bytes: int, download: bool = Fals
     from profiles.memory import ModelShapeError, estimate_plan, longest_context
     from profiles.source import model_config
 
-    draft = model_config(config.draft_model_path) if config.method == "classic_sd" else None
+    draft = model_config(config.draft_model_path) if config.method in ("classic_sd", "eagle_sd") else None
     model = model_config(config.llm_path, download=download)
 
     def plan_at(context: int) -> Plan:

@@ -71,17 +71,20 @@ CPU_CANDIDATES = (
 )
 CPU_PROMPT = "Write the numbers from 1 to 40, separated by commas."
 CLASSIC_CPU_CANDIDATE = CpuCandidate("classic_sd depth 6 top-2", "classic_sd", 6, 2)
+EAGLE_CPU_CANDIDATE = CpuCandidate("eagle_sd depth 8 top-10", "eagle_sd", 8, 10)  # the preset's tree
 
 
 def cpu_candidates_for(
     method: str | None, draft_model_path: str | None, candidates: tuple[CpuCandidate, ...] = CPU_CANDIDATES
 ) -> tuple[CpuCandidate, ...]:
     """What a CPU profile measures: every candidate when it chooses the method (`method` None),
-    else only that method's (classic_sd: one tree over its draft)."""
+    else only that method's (classic_sd and eagle_sd: one tree over their draft)."""
     if method is None:
         return candidates
     if method == "classic_sd":
         return (CLASSIC_CPU_CANDIDATE,)
+    if method == "eagle_sd":
+        return (EAGLE_CPU_CANDIDATE,)
     chosen = tuple(c for c in candidates if c.method == method)
     if not chosen:
         raise ProfileError(f"{method} cannot be profiled on this machine: use vanilla, subspec_sd or classic_sd")
@@ -132,7 +135,7 @@ def fit_gpu(
 ) -> ModelPlan:
     """The largest resident-layer count (with as many stream buffers as fit, up to 3) whose measured
     peak fits `vram_bytes`, and a tree budget."""
-    draft_config = read_model_config(draft_model_path) if method == "classic_sd" else None
+    draft_config = read_model_config(draft_model_path) if method in ("classic_sd", "eagle_sd") else None
     estimate = _trial_estimate(model_config, vram_bytes, method, max_context, draft_config)
     if not estimate.fits:
         raise ProfileError(f"the model does not fit this GPU with {method}: {estimate.reason}"
@@ -225,7 +228,7 @@ def _trial_estimate(model_config: dict, vram_bytes: int, method: str, max_contex
 
 def planned_context(model_config: dict, vram_bytes: int, method: str, draft_model_path: str | None = None) -> int:
     """The context to plan when the user chose none: profiles.memory.longest_context of the trial's plans."""
-    draft_config = read_model_config(draft_model_path) if method == "classic_sd" else None
+    draft_config = read_model_config(draft_model_path) if method in ("classic_sd", "eagle_sd") else None
     return longest_context(lambda context: _trial_estimate(model_config, vram_bytes, method, context, draft_config),
                            model_config)
 

@@ -134,11 +134,11 @@ def run_profile(
 
 def plan_key(method: str | None, draft_model_path: str | None, gpu: bool) -> str:
     """The name of a plan under its model in the profile file: the method measured (a CPU's own
-    choice is "auto"), and for classic_sd the draft too."""
+    choice is "auto"), and for classic_sd and eagle_sd the draft too."""
     if method is None:
         return GPU_METHOD if gpu else AUTO
-    if method == "classic_sd":
-        return f"classic_sd@{model_key(draft_model_path)}"
+    if method in ("classic_sd", "eagle_sd"):
+        return f"{method}@{model_key(draft_model_path)}"
     return method
 
 

@@ -62,9 +62,9 @@ def test_the_user_s_own_settings_win_over_the_profile():
     assert "max_depth" not in planned.overrides and "method" not in planned.overrides
 
 
-def test_unavailable_methods_are_refused_before_anything_is_measured():
+def test_methods_without_their_draft_are_refused_before_anything_is_measured():
     profiler = FakeProfiler()
-    with pytest.raises(ProfileError, match="eagle_sd is not available yet"):
+    with pytest.raises(ProfileError, match="eagle_sd needs an EAGLE head"):
         choose_plan(EngineConfig(method="eagle_sd"), {"method"}, profiler=profiler, gpu=False)
     with pytest.raises(ProfileError, match="needs a draft model"):
         choose_plan(EngineConfig(method="classic_sd"), {"method"}, profiler=profiler, gpu=False)

@@ -337,3 +337,12 @@ def test_a_gpu_profile_plans_the_longest_context_that_costs_no_stream_buffer(tmp
     assert again.reused and measured == [context]  # the planned context finds the stored profile
     asked = run_profile("m", 8.0, None, store=store, max_context=8192)  # --max-length 8192: the user's
     assert asked.reused == (context == 8192) and measured[-1] == asked.plan.max_context == 8192
+
+
+def test_eagle_sd_is_profiled_with_its_preset_tree_under_its_own_head():
+    from profiles.fit import EAGLE_CPU_CANDIDATE, cpu_candidates_for
+    from profiles.runner import plan_key
+
+    assert cpu_candidates_for("eagle_sd", "/heads/a") == (EAGLE_CPU_CANDIDATE,)
+    assert (EAGLE_CPU_CANDIDATE.max_depth, EAGLE_CPU_CANDIDATE.topk_len) == (8, 10)  # configs/methods/eagle_sd.yaml
+    assert plan_key("eagle_sd", "/heads/a", gpu=True) != plan_key("eagle_sd", "/heads/b", gpu=True)

@@ -1,7 +1,7 @@
 """Sampling is lossless: SubSpec's first generated tokens follow the target's exact distribution.
 
 On a tiny-vocabulary random model the exact probability of every two-token continuation is
-computed from the target's logits; vanilla and subspec_sd samples (one seed each) must both fit it
+computed from the target's logits; vanilla, subspec_sd and eagle_sd samples must all fit it
 (chi-square goodness of fit at a fixed level), and a deliberately wrong acceptance rule (take the
 draft's first child whenever there is one) must be rejected by the very same test.
 """
@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 import engine.generate as generate_module
 from engine import EngineConfig, SamplingConfig, load_engine
 from engine.verify import Walk, processed_probs
+from tests.eagle_heads import save_random_head
 from tests.random_models import save_random_model
 
 VOCAB = 8
@@ -75,6 +76,10 @@ def test_sampled_tokens_follow_the_target_distribution(tiny, monkeypatch):
     subspec = load_engine(EngineConfig(method="subspec_sd", llm_path=str(tiny), substitute_bits=4,
                                        max_depth=3, topk_len=2))
     assert fits(subspec, expected)
+    head = save_random_head(tiny.parent / "eagle-head", tiny, std=0.3)
+    eagle = load_engine(EngineConfig(method="eagle_sd", llm_path=str(tiny), draft_model_path=str(head),
+                                     max_depth=3, topk_len=2))
+    assert fits(eagle, expected)
 
     # Control: a rule that trusts the draft must be caught by the same test.
     def trust_the_draft(tokens, parents, chosen):

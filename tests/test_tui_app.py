@@ -754,7 +754,7 @@ async def test_subspec_chat_with_the_real_bundled_model_equals_vanilla_greedy(bu
 
 
 @pytest.mark.parametrize(("method", "draft", "message"), [
-    ("eagle_sd", None, "eagle_sd is not available yet"),
+    ("eagle_sd", None, "eagle_sd needs an EAGLE head"),
     ("classic_sd", None, "classic_sd needs a draft model"),
 ])
 async def test_an_unavailable_method_is_refused_before_any_measurement(method, draft, message):
