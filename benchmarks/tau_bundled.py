@@ -5,7 +5,7 @@ are printed and saved after each prompt); each policy's tokens are compared with
 (the lossless promise, reported per prompt). tau = emitted tokens / verifications over all prompts.
 
     python benchmarks/tau_bundled.py [--prompts 20] [--new-tokens 128] [--device cuda] [--dtype float32]
-                                     [--row-invariant]
+                                     [--row-invariant] [--policies best-first] [--eagle-head DIR]
 
 In bfloat16 a policy can differ from vanilla at near-ties unless --row-invariant (README: "Greedy
 output and bfloat16"); this counts the identical replies either way.
@@ -50,15 +50,20 @@ def main() -> None:
                         help="EngineConfig.row_invariant for every engine (default: the engine's, on in 16-bit dtypes)")
     parser.add_argument("--json")
     parser.add_argument("--policies", help="comma-separated names' first words to run, e.g. best-first (default: all)")
+    parser.add_argument("--eagle-head", help="also eagle_sd with this EAGLE head (benchmarks/train_eagle.py) on the "
+                                             "default tree")
     args = parser.parse_args()
-    policies = {name: tree for name, tree in POLICIES.items()
+    policies = {name: dict(method="subspec_sd", **tree) for name, tree in POLICIES.items()
                 if not args.policies or any(name.startswith(p) for p in args.policies.split(","))}
+    if args.eagle_head:
+        policies["eagle_sd (best-first 192-node budget, 16 per draft forward)"] = dict(
+            method="eagle_sd", draft_model_path=args.eagle_head, **POLICIES["best-first (192-node budget, 16 per draft forward)"])
     questions = [json.loads(line)["turns"][0] for line in DATA.read_text().splitlines()[: args.prompts]]
     sampling = SamplingConfig(max_new_tokens=args.new_tokens)
     common = dict(device=args.device, dtype=args.dtype, row_invariant=args.row_invariant)
 
     vanilla = load_engine(EngineConfig(method="vanilla", **common))
-    engines = {name: load_engine(EngineConfig(method="subspec_sd", **common, **tree)) for name, tree in policies.items()}
+    engines = {name: load_engine(EngineConfig(**common, **tree)) for name, tree in policies.items()}
     rows = {name: {"iterations": 0, "emitted": 0, "identical_to_vanilla": 0, "seconds": 0.0, "draft_forwards": 0,
                    "tree_nodes": 0}
             for name in policies}

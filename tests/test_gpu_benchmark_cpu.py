@@ -188,3 +188,18 @@ def test_compress_benchmark_runs_on_cpu(tmp_path):
     report = json.loads(out.read_text())
     assert [c["weights"] for c in report["cases"]] == ["gaussian", "student-t"]
     assert all(0.6 < c["ratio"] < 0.75 and c["max_code_bits"] <= 12 for c in report["cases"])
+
+
+@pytest.mark.slow
+def test_an_eagle_head_trained_by_the_script_drafts_losslessly(tmp_path, bundled_engine):
+    # Two replies, one epoch: the script end to end, and its head in the authors' format loads.
+    from engine import EngineConfig, SamplingConfig, load_engine
+
+    head = tmp_path / "head"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_eagle.py"), "--prompts", "2", "--new-tokens", "8",
+                    "--epochs", "1", "--out", str(head)], cwd=ROOT, check=True, timeout=600, capture_output=True, text=True)
+    eagle = load_engine(EngineConfig(method="eagle_sd", draft_model_path=str(head), max_depth=4, topk_len=2))
+    vanilla = bundled_engine("vanilla")
+    prompt = vanilla.chat_ids([{"role": "user", "content": "Name three colours."}])
+    sampling = SamplingConfig(max_new_tokens=16)
+    assert eagle.generate(prompt, sampling).token_ids == vanilla.generate(prompt, sampling).token_ids
