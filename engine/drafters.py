@@ -169,7 +169,8 @@ class EagleDrafter:
         hidden = target.embed.weight.shape[1]
         self.features = torch.zeros(max_length, hidden, dtype=target.dtype, device=target.device)  # true, by position
         # The input feature of node i's children: predicted[i + 1]; predicted[0] is the root's input.
-        self._predicted = torch.zeros(max_length + 1, hidden, dtype=target.dtype, device=target.device)
+        # Sized by the tree (draft): a profile's trial grows the tree of a loaded engine.
+        self._predicted = torch.zeros(0, hidden, dtype=target.dtype, device=target.device)
         self._pending: tuple[int, list[int]] | None = None  # (first position, tokens) to enter with true features
         self._cancel: threading.Event | None = None
         self._forwards = 0
@@ -186,6 +187,8 @@ class EagleDrafter:
         self._enter_pending()
         self._forwards = 0
         self._cancel = cancel
+        if self._predicted.shape[0] < tree.capacity + 1:
+            self._predicted = self._predicted.new_zeros(tree.capacity + 1, self._predicted.shape[1])
         self._predicted[0] = self.features[tree.prefix_len - 1]
         try:
             grow(tree, self.draft_step, shape, self.config)
