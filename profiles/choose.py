@@ -96,10 +96,6 @@ def choose_plan(
         return Planned("flags", {})
     if not use_profile:
         return _estimate(config, on_gpu, "max_length" in explicit)
-    if config.compressed_streaming and on_gpu:
-        # Profiles measure bf16 streaming only (so far): their plan has no room for the staging
-        # buffers, the memory model's has.
-        return _estimate(config, on_gpu, "max_length" in explicit, why="compressed streaming is not profiled yet")
     if profiler is None:
         from profiles.runner import run_profile as profiler
     method = config.method if "method" in explicit else None
@@ -107,6 +103,14 @@ def choose_plan(
     context = config.max_length if "max_length" in explicit else None
     profile = profiler(config.llm_path, config.vram_limit_gb, method, progress or (lambda _text: None), force,
                        max_context=context, draft_model_path=config.draft_model_path)
+    plan = profile.plan
+    if "compressed_streaming" in explicit and plan.stream_buffers and config.compressed_streaming != plan.compressed_streaming:
+        # The profile placed and timed the other streaming form: its plan has no room for (or wastes)
+        # the staging buffers; the memory model plans the one asked for.
+        flag = "--compressed-streaming" if config.compressed_streaming else "--no-compressed-streaming"
+        measured = "compressed" if plan.compressed_streaming else "bf16"
+        return _estimate(config, on_gpu, "max_length" in explicit,
+                         why=f"{flag} (this GPU's profile measured {measured} streaming faster)")
     return _from_profile(profile, method, explicit)
 
 

@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -132,9 +132,11 @@ def fit_gpu(
     progress: Progress,
     loader: Loader = engine_loader,
     draft_model_path: str | None = None,
+    compare_compressed: bool = True,
 ) -> ModelPlan:
     """The largest resident-layer count (with as many stream buffers as fit, up to 3) whose measured
-    peak fits `vram_bytes`, and a tree budget."""
+    peak fits `vram_bytes`, and a tree budget. With `compare_compressed`, where layers stream, the
+    same tree also runs with compressed streaming under its own placement: the faster is kept."""
     draft_config = read_model_config(draft_model_path) if method in ("classic_sd", "eagle_sd") else None
     estimate = _trial_estimate(model_config, vram_bytes, method, max_context, draft_config)
     if not estimate.fits:
@@ -142,41 +144,10 @@ def fit_gpu(
                            + _shorter_context_hint(model_config, vram_bytes, method, max_context, draft_config))
     allowed = allocation_budget(estimate)
     progress(f"memory model: {estimate.summary()}")
-    layers = estimate.layers_on_gpu
-    # All resident: no buffer is budgeted, but should a layer have to stream after all, the most
-    # preferred count is tried first.
-    buffers = estimate.stream_buffers or STREAM_BUFFER_FALLBACK[0]
-    while True:
-        base = EngineConfig(
-            method=method,
-            llm_path=source,
-            draft_model_path=draft_model_path,
-            vram_limit_gb=vram_limit_gb,
-            keep_first_n_layers_on_gpu=layers,
-            offload_slots=buffers,
-            max_length=max_context,
-            max_depth=TRIAL_DEPTH,
-            topk_len=TOPK,
-            prefill_chunk=DEFAULT_PREFILL_CHUNK,
-        )
-        trial = _try(base, loader, progress, timed=True)
-        if trial is not None and trial.peak_bytes <= allowed:
-            break
-        if trial is not None:
-            progress(
-                f"{layers} layers, {buffers} stream buffers: measured peak {trial.peak_bytes / 2**30:.2f} GiB "
-                f"> budget {allowed / 2**30:.2f} GiB"
-            )
-            trial.engine.close()
-            excess_layers = math.ceil((trial.peak_bytes - allowed) / estimate.layer_bytes)
-        else:
-            excess_layers = 1
-        if layers == 0 and buffers == 1:
-            raise ProfileError(
-                f"the model does not fit this GPU with {method} even with every layer streamed through one buffer: "
-                "lower --max-length or use a larger --vram-limit-gb"
-            )
-        layers, buffers = shrink(layers, buffers, excess_layers)
+    base = EngineConfig(method=method, llm_path=source, draft_model_path=draft_model_path, vram_limit_gb=vram_limit_gb,
+                        max_length=max_context, max_depth=TRIAL_DEPTH, topk_len=TOPK, prefill_chunk=DEFAULT_PREFILL_CHUNK)
+    trial, base = _fit_placement(base, estimate, allowed, loader, progress)
+    layers, buffers = base.keep_first_n_layers_on_gpu or 0, base.offload_slots
 
     drafts = method != "vanilla"
     nodes = choose_node_budget(trial.forward_ms_by_nodes, FREE_TOLERANCE) if drafts else 1
@@ -187,13 +158,31 @@ def fit_gpu(
         engine, peak, nodes = _confirm_bigger_tree(base, nodes, peak, allowed, loader, progress)
     tok_per_s: dict[str, float] = {}
     batch = None
+    compare = compare_compressed and layers < estimate.layers_total
     try:
         if drafts:
             nodes, batch, tok_per_s, reply_peak = choose_tree(engine, nodes, allowed, progress)
             peak = max(peak, reply_peak)
+        if compare and not drafts:
+            tok_per_s[VANILLA_LABEL] = _reply(engine, TREE_TRIAL_PROMPT, TREE_TRIAL_TOKENS, VANILLA_LABEL, progress).tok_per_s
     finally:
         engine.close()
     depth = (nodes - 1) // TOPK
+    tree = {"node_budget": nodes - 1, "max_depth": depth, "draft_batch": batch} if drafts else {}
+    verify_ms = trial.forward_ms_by_nodes
+    compressed = False
+    measured = _compressed_streaming(base, tree, model_config, vram_bytes, max_context, draft_config, allowed, loader,
+                                     progress) if compare else None
+    if measured is not None:
+        label, placed, speed = measured
+        tok_per_s[label] = speed
+        bf16_speed = tok_per_s[_tree_label(nodes - 1, batch) if drafts else VANILLA_LABEL]
+        compressed = speed > bf16_speed
+        progress(f"compressed streaming {speed:.1f} tok/s against {bf16_speed:.1f} streaming bf16: "
+                 + ("kept" if compressed else "not used"))
+        if compressed:
+            layers, buffers, peak, verify_ms = placed
+            estimate = _trial_estimate(model_config, vram_bytes, method, max_context, draft_config, compressed=True)
     streamed = estimate.layers_total - layers
     return ModelPlan(
         method=method,
@@ -213,17 +202,106 @@ def fit_gpu(
         topk_len=TOPK if drafts else None,
         node_budget=nodes - 1 if drafts else None,
         draft_batch=batch,
+        compressed_streaming=compressed,
         estimated_peak_bytes=estimate.estimated_peak_bytes,
         measured_peak_bytes=peak,
-        verify_ms_by_nodes=trial.forward_ms_by_nodes,
+        verify_ms_by_nodes=verify_ms,
         tok_per_s_by_candidate=tok_per_s,
     )
 
 
-def _trial_estimate(model_config: dict, vram_bytes: int, method: str, max_context: int, draft_config: dict | None = None) -> Plan:
+VANILLA_LABEL = "vanilla"
+COMPRESSED_SUFFIX = ", compressed streaming"
+
+
+class _Placed(NamedTuple):
+    """A placement that ran within the budget, measured (its engine closed)."""
+
+    layers_on_gpu: int
+    stream_buffers: int
+    peak_bytes: int
+    forward_ms_by_nodes: dict[int, float]
+
+
+def _fit_placement(
+    base: EngineConfig, estimate: Plan, allowed: int, loader: Loader, progress: Progress
+) -> tuple[_Trial, EngineConfig]:
+    """From the memory model's placement down (resident layers, then stream buffers), the first that
+    loads and runs a full-context generation within `allowed`: its trial (engine open) and config."""
+    layers = estimate.layers_on_gpu
+    # All resident: no buffer is budgeted, but should a layer have to stream after all, the most
+    # preferred count is tried first.
+    buffers = estimate.stream_buffers or STREAM_BUFFER_FALLBACK[0]
+    while True:
+        config = replace(base, keep_first_n_layers_on_gpu=layers, offload_slots=buffers)
+        trial = _try(config, loader, progress, timed=True)
+        if trial is not None and trial.peak_bytes <= allowed:
+            return trial, config
+        if trial is not None:
+            progress(
+                f"{layers} layers, {buffers} stream buffers: measured peak {trial.peak_bytes / 2**30:.2f} GiB "
+                f"> budget {allowed / 2**30:.2f} GiB"
+            )
+            trial.engine.close()
+            excess_layers = math.ceil((trial.peak_bytes - allowed) / estimate.layer_bytes)
+        else:
+            excess_layers = 1
+        if layers == 0 and buffers == 1:
+            raise ProfileError(
+                f"the model does not fit this GPU with {base.method} even with every layer streamed through one "
+                "buffer: lower --max-length or use a larger --vram-limit-gb"
+            )
+        layers, buffers = shrink(layers, buffers, excess_layers)
+
+
+def _compressed_streaming(
+    base: EngineConfig, tree: dict, model_config: dict, vram_bytes: int, max_context: int, draft_config: dict | None,
+    allowed: int, loader: Loader, progress: Progress,
+) -> tuple[str, _Placed, float] | None:
+    """The chosen tree's reply with compressed streaming under that form's own placement (its
+    staging buffers can cost a resident layer): (label, placement, tok/s), or None where it does not
+    fit or the model cannot be streamed compressed (not bfloat16)."""
+    estimate = _trial_estimate(model_config, vram_bytes, base.method, max_context, draft_config, compressed=True)
+    if not estimate.fits or estimate.layers_on_gpu >= estimate.layers_total:
+        return None
+    progress(f"compressed streaming: {estimate.summary()}")
+    try:
+        trial, config = _fit_placement(replace(base, compressed_streaming=True), estimate, allowed, loader, progress)
+    except EngineError as err:  # it does not fit, or this model's weights are not bfloat16 (a one-line refusal)
+        progress(f"compressed streaming not used: {err}")
+        return None
+    engine = trial.engine
+    try:
+        for key, value in tree.items():
+            setattr(engine.config, key, value)
+        label = (_tree_label(tree["node_budget"], tree["draft_batch"]) if tree else VANILLA_LABEL) + COMPRESSED_SUFFIX
+        stats = _reply(engine, TREE_TRIAL_PROMPT, TREE_TRIAL_TOKENS, label, progress)
+    except EngineError as err:
+        if not _is_out_of_memory(err):
+            raise
+        progress("compressed streaming not used: out of memory with the chosen tree")
+        return None
+    finally:
+        engine.close()
+    peak = max(trial.peak_bytes, stats.peak_gpu_bytes or 0)
+    if peak > allowed:
+        progress(f"compressed streaming not used: peak {peak / 2**30:.2f} GiB is over the budget")
+        return None
+    placed = _Placed(config.keep_first_n_layers_on_gpu or 0, config.offload_slots, peak, trial.forward_ms_by_nodes)
+    return label, placed, stats.tok_per_s
+
+
+def _tree_label(budget: int, batch: int | None) -> str:
+    return f"best-first {budget + 1} nodes, {batch} per draft forward"
+
+
+def _trial_estimate(
+    model_config: dict, vram_bytes: int, method: str, max_context: int, draft_config: dict | None = None,
+    compressed: bool = False,
+) -> Plan:
     """The memory model's plan for the first trial load's tree."""
     return estimate_plan(model_config, vram_bytes, method, max_context=max_context, tree_nodes=1 + TRIAL_DEPTH * TOPK,
-                         draft_config=draft_config)
+                         draft_config=draft_config, compressed_streaming=compressed)
 
 
 def planned_context(model_config: dict, vram_bytes: int, method: str, draft_model_path: str | None = None) -> int:
@@ -273,7 +351,7 @@ def choose_tree(
     peak = 0
     for budget in budgets:
         for batch in DRAFT_BATCHES if budget == budgets[0] else DRAFT_BATCHES[:1]:
-            label = f"best-first {budget + 1} nodes, {batch} per draft forward"
+            label = _tree_label(budget, batch)
             config.node_budget, config.max_depth, config.draft_batch = budget, budget // TOPK, batch
             try:
                 stats = _reply(engine, TREE_TRIAL_PROMPT, TREE_TRIAL_TOKENS, label, progress)

@@ -217,7 +217,9 @@ def format_profile(profile: Profile) -> str:
         streamed = plan.layers_total - plan.layers_on_gpu
         if streamed:
             plural = "s" if plan.stream_buffers > 1 else ""
-            streaming = f"{streamed} streamed from pinned memory through {plan.stream_buffers} device buffer{plural}"
+            form = "compressed (Huffman-coded exponents)" if plan.compressed_streaming else "bf16"
+            streaming = (f"{streamed} streamed from pinned memory through {plan.stream_buffers} device buffer{plural}, "
+                         f"{form}")
         else:
             streaming = "none streamed (no stream buffers)"
         lines.append(f"Layers:   {plan.layers_on_gpu} of {plan.layers_total} on the GPU, {streaming}")

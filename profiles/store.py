@@ -77,6 +77,8 @@ class ModelPlan:
     topk_len: int | None = None
     node_budget: int | None = None
     draft_batch: int | None = None  # best_first nodes per draft forward; None = topk_len
+    # Streamed layers cross PCIe Huffman-coded (engine.compress): measured faster than bf16 here.
+    compressed_streaming: bool = False
     estimated_peak_bytes: int | None = None
     measured_peak_bytes: int | None = None
     verify_ms_by_nodes: dict[int, float] = field(default_factory=dict)  # forward cost by tokens
@@ -94,6 +96,7 @@ class ModelPlan:
             # H200, 2 slots stream at 0.82 of the PCIe bound, 3 at 1.00), fewer only to fit at all.
             # With every layer resident nothing streams and the engine's own default is moot.
             overrides["offload_slots"] = self.stream_buffers
+            overrides["compressed_streaming"] = self.compressed_streaming
         for name, key in (
             ("substitute_bits", "substitute_bits"),
             ("substitute_group", "substitute_group_size"),

@@ -157,15 +157,31 @@ def test_the_load_is_read_from_this_machine_where_it_can_be():
     assert busy > 0 and own > 0 and wall > 0
 
 
-def test_compressed_streaming_takes_the_memory_models_plan_which_counts_its_staging(monkeypatch):
-    # A profile measures bf16 streaming only: its plan has no room for the staging buffers.
+def test_the_profiles_streaming_form_is_used_unless_the_user_asks_for_the_other(monkeypatch):
+    # The profile measured both forms; asking for the one it did not keep takes the memory model's
+    # plan for that form (compressed: its staging buffers cost resident layers), with a note.
+    import dataclasses
+
     import profiles.choose
 
     monkeypatch.setattr(profiles.choose, "vram_budget", lambda index, cap: 950 * 2**20)  # the bundled model streams
-    profiler = FakeProfiler(gpu_plan())
+    bf16 = gpu_plan(layers_on_gpu=20)
+    compressed = dataclasses.replace(bf16, layers_on_gpu=18, compressed_streaming=True)
+    assert choose_plan(EngineConfig(), set(), profiler=FakeProfiler(bf16), gpu=True).overrides["compressed_streaming"] is False
+    kept = choose_plan(EngineConfig(), set(), profiler=FakeProfiler(compressed), gpu=True)
+    assert kept.source == "profile" and kept.overrides["compressed_streaming"] is True
+    assert kept.overrides["keep_first_n_layers_on_gpu"] == 18
+    same = choose_plan(EngineConfig(compressed_streaming=True), {"compressed_streaming"}, profiler=FakeProfiler(compressed), gpu=True)
+    assert same.source == "profile" and same.overrides["keep_first_n_layers_on_gpu"] == 18
+
     plain = choose_plan(EngineConfig(), set(), use_profile=False, gpu=True)
-    planned = choose_plan(EngineConfig(compressed_streaming=True), {"compressed_streaming"}, profiler=profiler, gpu=True)
-    assert profiler.calls == [] and planned.source == "estimate"
-    assert planned.notes[0].startswith("compressed streaming is not profiled yet: the memory model's estimate")
-    layers = planned.overrides["keep_first_n_layers_on_gpu"]
-    assert layers < plain.overrides["keep_first_n_layers_on_gpu"]
+    asked = choose_plan(EngineConfig(compressed_streaming=True), {"compressed_streaming"}, profiler=FakeProfiler(bf16), gpu=True)
+    assert asked.source == "estimate"
+    assert asked.notes[0].startswith("--compressed-streaming (this GPU's profile measured bf16 streaming faster): "
+                                     "the memory model's estimate")
+    assert asked.overrides["keep_first_n_layers_on_gpu"] < plain.overrides["keep_first_n_layers_on_gpu"]
+    declined = choose_plan(EngineConfig(compressed_streaming=False), {"compressed_streaming"},
+                           profiler=FakeProfiler(compressed), gpu=True)
+    assert declined.source == "estimate"
+    assert declined.overrides["keep_first_n_layers_on_gpu"] == plain.overrides["keep_first_n_layers_on_gpu"]
+    assert declined.notes[0].startswith("--no-compressed-streaming (this GPU's profile measured compressed streaming faster)")

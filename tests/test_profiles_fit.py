@@ -49,8 +49,13 @@ def fit_7b(gpu: FakeGpu, gib: float = 8):
     return fit.fit_gpu(None, "subspec_sd", QWEN25_7B, int(gib * GIB), float(gib), 2048, "fp", lambda _m: None, gpu.load)
 
 
+def bf16_loads(gpu: FakeGpu) -> list[EngineConfig]:
+    """The loads that fit the plan streaming bf16 (the compressed form's trial follows them)."""
+    return [c for c in gpu.loads if not c.compressed_streaming]
+
+
 def loaded(gpu: FakeGpu) -> list[tuple[int, int]]:
-    return [(c.keep_first_n_layers_on_gpu, c.offload_slots) for c in gpu.loads]
+    return [(c.keep_first_n_layers_on_gpu, c.offload_slots) for c in bf16_loads(gpu)]
 
 
 def test_over_budget_peak_lowers_the_resident_layers_first():
@@ -106,7 +111,7 @@ def test_out_of_memory_load_retries_and_a_bigger_free_tree_is_confirmed():
     # 3 buffers: out of memory while loading; 2 fit; the free 289-node tree (depth 48) is larger
     # than the trial's depth 32, so it is loaded (with the same 2 buffers) and run once more before
     # it is handed out.
-    assert [(c.keep_first_n_layers_on_gpu, c.offload_slots, c.max_depth) for c in gpu.loads] == [
+    assert [(c.keep_first_n_layers_on_gpu, c.offload_slots, c.max_depth) for c in bf16_loads(gpu)] == [
         (0, 3, 32), (0, 2, 32), (0, 2, 48)
     ]
     assert (plan.layers_on_gpu, plan.stream_buffers, plan.max_depth, plan.node_budget) == (0, 2, 48, 288)
@@ -120,7 +125,7 @@ def test_a_bigger_tree_that_does_not_fit_falls_back_to_the_trial_tree():
         forward_s=lambda tokens: FREE_FORWARD_S,
     )
     plan = fit_7b(gpu)
-    assert [c.max_depth for c in gpu.loads] == [32, 64, 32]  # the trial's tree is loaded again
+    assert [c.max_depth for c in bf16_loads(gpu)] == [32, 64, 32]  # the trial's tree is loaded again
     assert (plan.max_depth, plan.node_budget, plan.measured_peak_bytes) == (32, 192, allowed - 1)
     assert all(engine.closed for engine in gpu.engines)
 
@@ -140,6 +145,7 @@ def test_the_tree_is_the_free_budget_that_generates_fastest():
         "best-first 289 nodes, 16 per draft forward", "best-first 289 nodes, 32 per draft forward",
         "best-first 289 nodes, 6 per draft forward", "best-first 193 nodes, 16 per draft forward",
         "best-first 97 nodes, 16 per draft forward",
+        "best-first 193 nodes, 16 per draft forward, compressed streaming",  # the chosen tree, the other form
     ]
     best = max(plan.tok_per_s_by_candidate, key=plan.tok_per_s_by_candidate.get)
     assert best == "best-first 193 nodes, 16 per draft forward"
@@ -192,6 +198,75 @@ def test_the_fastest_draft_width_that_fits_wins(fastest):
     assert (plan.node_budget, plan.max_depth, plan.draft_batch) == (288, 48, fastest)
 
 
+def compressed_faster_gpu(speedup: float) -> FakeGpu:
+    """Compressed streaming decodes `speedup` x as fast; peaks grow with resident layers and buffers."""
+    return FakeGpu(
+        peak_bytes=lambda layers, slots, depth: 4 * GIB + (layers + slots) * 2**20,
+        forward_s=lambda tokens: FREE_FORWARD_S if tokens <= 193 else SLOW_FORWARD_S,
+        decode_s=lambda config: 0.1 / (speedup if config.compressed_streaming else 1.0),
+    )
+
+
+@pytest.mark.parametrize("method", ["subspec_sd", "vanilla"])
+def test_compressed_streaming_is_kept_where_it_measures_faster_with_its_own_placement(method):
+    gpu = compressed_faster_gpu(1.3)
+    messages = []
+    plan = fit.fit_gpu(None, method, QWEN25_7B, 10 * GIB, 10.0, 2048, "fp", messages.append, gpu.load)
+    bf16 = estimate_plan(QWEN25_7B, 10 * GIB, method, tree_nodes=193, max_context=2048)
+    compressed = estimate_plan(QWEN25_7B, 10 * GIB, method, tree_nodes=193, max_context=2048, compressed_streaming=True)
+    assert compressed.layers_on_gpu < bf16.layers_on_gpu  # the staging buffers cost resident layers
+    last = gpu.loads[-1]
+    assert last.compressed_streaming and last.keep_first_n_layers_on_gpu == compressed.layers_on_gpu
+    assert (plan.compressed_streaming, plan.layers_on_gpu, plan.stream_buffers) == (
+        True, compressed.layers_on_gpu, compressed.stream_buffers)
+    assert plan.estimated_peak_bytes == compressed.estimated_peak_bytes
+    assert plan.measured_peak_bytes == 4 * GIB + (compressed.layers_on_gpu + compressed.stream_buffers) * 2**20
+    assert plan.engine_overrides()["compressed_streaming"] is True
+    if method == "vanilla":
+        speeds = plan.tok_per_s_by_candidate
+        assert list(speeds) == ["vanilla", "vanilla, compressed streaming"]
+        assert speeds["vanilla, compressed streaming"] == pytest.approx(1.3 * speeds["vanilla"])
+    else:  # the tree chosen streaming bf16 is the one timed compressed
+        assert plan.tok_per_s_by_candidate[f"best-first {plan.node_budget + 1} nodes, 16 per draft forward, compressed streaming"] > max(
+            v for k, v in plan.tok_per_s_by_candidate.items() if "compressed" not in k)
+    assert any(m.startswith("compressed streaming") and m.endswith("streaming bf16: kept") for m in messages)
+    assert all(engine.closed for engine in gpu.engines)
+    text = format_profile(Profile(GPU_DEVICE, "m", method, plan, None, False))
+    assert "device buffers, compressed (Huffman-coded exponents)" in text
+
+
+def test_bf16_streaming_is_kept_where_compressed_is_slower():
+    gpu = compressed_faster_gpu(0.8)
+    messages = []
+    plan = fit.fit_gpu(None, "subspec_sd", QWEN25_7B, 10 * GIB, 10.0, 2048, "fp", messages.append, gpu.load)
+    assert gpu.loads[-1].compressed_streaming  # measured, then not used
+    assert not plan.compressed_streaming and plan.layers_on_gpu == loaded(gpu)[-1][0]
+    assert plan.engine_overrides()["compressed_streaming"] is False
+    assert any(m.endswith("streaming bf16: not used") for m in messages)
+
+
+def test_a_model_that_cannot_stream_compressed_keeps_bf16_with_a_line():
+    gpu = compressed_faster_gpu(2.0)
+
+    def load(config, progress):
+        if config.compressed_streaming:
+            raise EngineError("--compressed-streaming codes bfloat16 weights, and this model runs in torch.float32")
+        return gpu.load(config, progress)
+
+    messages = []
+    plan = fit.fit_gpu(None, "subspec_sd", QWEN25_7B, 10 * GIB, 10.0, 2048, "fp", messages.append, load)
+    assert not plan.compressed_streaming
+    assert "compressed streaming not used: --compressed-streaming codes bfloat16 weights, and this model runs in torch.float32" in messages
+
+
+def test_nothing_streamed_nothing_compressed():
+    gpu = compressed_faster_gpu(2.0)
+    plan = fit.fit_gpu(None, "subspec_sd", QWEN25_7B, 40 * GIB, 40.0, 2048, "fp", lambda _m: None, gpu.load)
+    assert plan.layers_on_gpu == plan.layers_total and not plan.compressed_streaming
+    assert not any(c.compressed_streaming for c in gpu.loads)
+    assert "compressed_streaming" not in plan.engine_overrides()
+
+
 @pytest.mark.slow
 def test_choose_tree_reconfigures_a_real_engine(monkeypatch):
     """The tree trial on the real bundled model: every budget really generates (with its own draft
@@ -241,8 +316,8 @@ def test_other_engine_errors_are_not_mistaken_for_out_of_memory():
 @pytest.mark.parametrize(
     "layers, buffers, expected",
     [
-        (0, 3, "Layers:   0 of 28 on the GPU, 28 streamed from pinned memory through 3 device buffers"),
-        (0, 1, "Layers:   0 of 28 on the GPU, 28 streamed from pinned memory through 1 device buffer"),
+        (0, 3, "Layers:   0 of 28 on the GPU, 28 streamed from pinned memory through 3 device buffers, bf16"),
+        (0, 1, "Layers:   0 of 28 on the GPU, 28 streamed from pinned memory through 1 device buffer, bf16"),
         (28, 0, "Layers:   28 of 28 on the GPU, none streamed (no stream buffers)"),
     ],
 )
