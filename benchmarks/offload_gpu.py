@@ -30,11 +30,14 @@ import contextlib
 import gc
 import json
 import os
+import shutil
 import statistics
+import tempfile
 import threading
 import time
 import traceback
 import warnings
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -109,21 +112,23 @@ def median_ms(fn: Callable[[], None], timer: Timer, repeats: int) -> float:
     return statistics.median(times)
 
 
-def fitting_plan(config, vram_gb: float, method: str, max_length: int, nodes: int, compressed: bool = False):
+def fitting_plan(config, vram_gb: float, method: str, max_length: int, nodes: int, compressed: bool = False,
+                 draft_config: dict | None = None):
     """The memory model's plan with the most stream buffers (3, else 2, else 1) that fits."""
     for buffers in (3, 2, 1):
         plan = estimate_plan(config, int(vram_gb * 2**30), method, max_context=max_length, tree_nodes=nodes,
-                             stream_buffers=buffers, compressed_streaming=compressed)
+                             stream_buffers=buffers, compressed_streaming=compressed, draft_config=draft_config)
         if plan.fits:
             return plan, buffers
     raise RuntimeError(f"{method} does not fit {vram_gb} GB: {plan.reason}")
 
 
-def build(model, config, args, device, method: str, vram_gb: float, **extra) -> tuple[Engine, object]:
+def build(model, config, args, device, method: str, vram_gb: float, draft_config: dict | None = None,
+          **extra) -> tuple[Engine, object]:
     release_cached_memory()  # what earlier steps cached must not count against this cap
     if device.type == "cuda":
         plan, buffers = fitting_plan(config, vram_gb, method, args.max_length, 1 + 48 * 6 if method != "vanilla" else 1,
-                                     args.compressed_streaming)
+                                     args.compressed_streaming, draft_config)
         keep, estimated = plan.layers_on_gpu, plan.estimated_peak_bytes
         estimated_resident = plan.estimated_peak_bytes - plan.workspace_bytes
     else:
@@ -240,6 +245,49 @@ def bench_subspec(model, config, args, device, vram_gb: float, prompt: list[int]
     out["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
     close(engine)
     return out
+
+
+def bench_eagle(model, config, args, device, vram_gb: float, prompt: list[int], vanilla_tokens: list[int],
+                tree_nodes: int) -> dict:
+    """eagle_sd with a random head of this shape (one bf16 decoder layer + fc, resident): its
+    offloaded iteration with the preset's tree (depth 8 x top-10) and a best-first tree of
+    `tree_nodes` (the subspec case's free budget). Random weights say nothing of tau."""
+    from safetensors.torch import save_file
+    from train_eagle import Head
+
+    folder = Path(tempfile.mkdtemp(prefix="eagle-head-"))
+    head = Head(config, torch.nn.Embedding(1, 1), torch.empty(0), torch.empty(0)).to(torch.bfloat16)
+    head_config = {**head.config.to_dict(), "architectures": ["EagleHead"]}
+    save_file(head.eagle_state(), folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(head_config))
+    del head
+    engine, plan = build(model, config, args, device, "eagle_sd", vram_gb, draft_config=head_config,
+                         draft_model_path=str(folder), tree_policy="reference", max_depth=8, topk_len=10)
+    info = engine.describe()
+    out: dict = {**plan, "layers_on_gpu": info["layers_on_gpu"], "stream_bound_ms": info["stream_bound_ms"]}
+    gen = engine.generate(prompt, SamplingConfig(max_new_tokens=args.tokens))
+    out["greedy_match"] = _matching_prefix(gen.token_ids, vanilla_tokens)
+    out["iteration_preset"] = _iterations(engine, prompt, "reference", 8, 80, args)
+    engine.config.topk_len = 6
+    out["iteration_best_first"] = _iterations(engine, prompt, "best_first", max(1, (tree_nodes - 1) // 6),
+                                              tree_nodes - 1, args, 16)
+    out["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+    close(engine)
+    shutil.rmtree(folder, ignore_errors=True)
+    return out
+
+
+def report_eagle(case: dict) -> None:
+    e = case["eagle"]
+    bound = e["stream_bound_ms"] or float("nan")
+    print(f"eagle_sd (random head): {e['layers_on_gpu']} bf16 layers resident, {e['stream_buffers']} buffers, "
+          f"bound {bound:.1f} ms; greedy tokens equal to vanilla: {e['greedy_match']}")
+    for name, it in (("preset tree", e["iteration_preset"]), ("best-first tree", e["iteration_best_first"])):
+        print(f"  {name} ({it['policy']}, {it['draft_batch']} per draft forward), depth {it['depth']} ({it['nodes']:.0f} "
+              f"nodes): iteration {it['iteration_ms']:.1f} ms = {it['iteration_ms'] / bound:.2f}x bound [draft "
+              f"{it['draft_ms']:.1f} ({it['draft_forwards']:.0f} forwards, {it['draft_ms_per_forward']:.2f} ms each), "
+              f"verify {it['verify_ms']:.1f}, host {it['host_ms']:.1f}]")
+    print("  " + _peak_line(e, case))
 
 
 def _draft_alone(engine: Engine, root: int, depth: int, budget: int, batch: int, args) -> dict:
@@ -559,8 +607,11 @@ def main() -> None:
     parser.add_argument("--compressed-streaming", action="store_true",
                         help="stream offloaded layers compressed (engine.compress; the memory model's plan "
                              "counts the staging buffers)")
+    parser.add_argument("--methods", default="vanilla,subspec_sd",
+                        help="vanilla (always: the baseline), subspec_sd, eagle_sd (a random head of the shape)")
     parser.add_argument("--json")
     args = parser.parse_args()
+    args.methods = set(args.methods.split(","))
     args.draft_batches = [int(b) for b in args.draft_batch.split(",")]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     taus = {name: _tau(value) for name, value in (t.split("=", 1) for t in args.tau)}
@@ -592,9 +643,15 @@ def main() -> None:
         try:
             case["vanilla"] = bench_vanilla(model, config, args, device, vram_gb, prompt)
             report_vanilla(case)
-            case["subspec"] = bench_subspec(model, config, args, device, vram_gb, prompt,
-                                            case["vanilla"]["greedy_tokens"])
-            report_subspec(case, taus)
+            if "subspec_sd" in args.methods:
+                case["subspec"] = bench_subspec(model, config, args, device, vram_gb, prompt,
+                                                case["vanilla"]["greedy_tokens"])
+                report_subspec(case, taus)
+            if "eagle_sd" in args.methods:
+                nodes = case["subspec"]["profile_nodes"] if "subspec" in case else 1 + 48 * 6
+                case["eagle"] = bench_eagle(model, config, args, device, vram_gb, prompt,
+                                            case["vanilla"]["greedy_tokens"], nodes)
+                report_eagle(case)
         except Exception as err:  # noqa: BLE001 - one case failing must not lose the others
             case["error"] = repr(err)[:500]
             if device.type == "cuda":  # where the memory was when it failed

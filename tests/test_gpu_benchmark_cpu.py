@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_offload_benchmark_runs_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "offload_gpu.py"), "--json", str(out),
-                          "--tau", "every-tree=3", "--tau", "one-tree=5@wide16"],
+                          "--tau", "every-tree=3", "--tau", "one-tree=5@wide16",
+                          "--methods", "vanilla,subspec_sd,eagle_sd"],
                          cwd=ROOT, check=True, timeout=600, capture_output=True, text=True)
     # tok/s at a tau: for every tree (reference, profile, wide16, wide32), or only the tree it was measured for
     assert run.stdout.count("(every-tree)") == 4 and run.stdout.count("(one-tree)") == 1
@@ -40,6 +41,10 @@ def test_offload_benchmark_runs_on_cpu(tmp_path):
     assert set(subspec["draft_alone"]) == {"6", "16", "32"}  # the profile tree drafted alone, per width
     assert all(alone["draft_ms"] > 0 and alone["host_issue_ms"] > 0 for alone in subspec["draft_alone"].values())
     assert run.stdout.count("draft alone") == 3
+    eagle = case["eagle"]  # a random head of the shape, resident; its tokens are vanilla's too
+    assert eagle["greedy_match"] == "8/8"
+    assert eagle["iteration_preset"]["nodes"] == 81 and eagle["iteration_best_first"]["draft_batch"] == 16
+    assert all(eagle[tree]["draft_ms"] > 0 for tree in ("iteration_preset", "iteration_best_first"))
 
 
 def _benchmark(name: str):
