@@ -29,7 +29,8 @@ class EngineConfig:
     # exercises the offloader's slot logic; tests and development only).
     emulate_offload: bool = False
     # Offloaded layers cross PCIe with their exponents Huffman-coded (engine.compress: ~68% of the
-    # bytes, decoded bit for bit on the device). bfloat16 only. Not yet planned by the profiles.
+    # bytes, decoded bit for bit on the device). bfloat16 only. A GPU profile times both forms and
+    # stores the faster (profiles.fit).
     compressed_streaming: bool = False
     # Device buffers streamed layers rotate through. Measured on the H200 (7B shape, 8 GB cap):
     # 2 slots ran at 0.82 of the streaming bound, 3 slots at 1.00.
