@@ -128,6 +128,8 @@ class ModelPlan:
         for name in ("layers_on_gpu", "layers_total", "max_context", "stream_buffers"):
             if not isinstance(getattr(plan, name), int):
                 raise TypeError(f"{name} is not an integer")
+        if not isinstance(plan.compressed_streaming, bool):
+            raise TypeError("compressed_streaming is not true or false")
         if plan.machine_load is not None and not isinstance(plan.machine_load, (int, float)):
             raise TypeError("machine_load is not a number")
         if not isinstance(plan.measured_at, datetime) or plan.device not in ("cuda", "cpu"):

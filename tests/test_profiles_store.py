@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import multiprocessing
 import os
 import tomllib
@@ -61,6 +63,21 @@ def test_round_trip_keeps_every_field_and_other_models(tmp_path):
     assert doc["gpu"]["h2d_gbps"] == 55.2
     assert doc["models"]["Qwen/Qwen2.5-7B-Instruct"]["subspec_sd"]["verify_ms_by_nodes"]["193"] == 214.0
     assert doc["models"]["Qwen/Qwen2.5-7B-Instruct"]["subspec_sd"]["stream_buffers"] == 3
+
+
+def test_the_streaming_form_round_trips_and_older_plans_stream_bf16(tmp_path):
+    store = ProfileStore(tmp_path)
+    compressed = dataclasses.replace(gpu_plan(), compressed_streaming=True)
+    path, _ = store.save_plan(GPU_DEVICE, "m", "subspec_sd", compressed)
+    assert tomllib.loads(path.read_text())["models"]["m"]["subspec_sd"]["compressed_streaming"] is True
+    assert store.read(GPU_DEVICE.key)[0].plans["m"]["subspec_sd"] == compressed
+    assert compressed.engine_overrides()["compressed_streaming"] is True
+    # A plan stored before the field existed was measured streaming bf16.
+    path.write_text(path.read_text().replace("compressed_streaming = true\n", ""))
+    assert store.read(GPU_DEVICE.key)[0].plans["m"]["subspec_sd"].compressed_streaming is False
+    path.write_text(path.read_text().replace('method = "subspec_sd"', 'method = "subspec_sd"\ncompressed_streaming = "yes"'))
+    profile, messages = store.read(GPU_DEVICE.key)
+    assert "m" not in (profile.plans if profile else {}) and messages and _backups(tmp_path)
 
 
 def test_cpu_profile_omits_what_does_not_apply(tmp_path):
