@@ -141,8 +141,8 @@ class Engine:
         depth = self.config.max_depth if self.config.method != "vanilla" else 2
         vocab = max(2, min(len(self.tokenizer), self.target.transformer.vocab_size))
         # A prompt that fills the context but for the tree: its prefill compiles the kernels of
-        # whole prefill chunks at every context length (the row-invariant attention compiles per
-        # power of two of 256-key pieces), which a long first turn would otherwise wait for.
+        # whole prefill passes (the row-invariant attention compiles once per cache, whatever the
+        # context length), which a long first turn would otherwise wait for.
         length = max(1, self.max_length - (1 + self.config.draft_nodes()) - depth - 2)
         prompt = [(7 + 31 * k) % vocab for k in range(length)]  # ordinary ids: any tokenizer, no template
         self.generate(prompt, SamplingConfig(max_new_tokens=depth + 2))

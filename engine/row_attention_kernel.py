@@ -145,10 +145,7 @@ def row_invariant_attention(
     group = heads // kv_heads
     block_g = max(16, triton.next_power_of_2(group))  # a tensor-core tile has at least 16 rows
     pieces = triton.cdiv(slots, CHUNK)
-    # The kernels loop to a compile-time count (the interpreter cannot loop to a runtime one) and skip
-    # the pieces past a row's keys: rounded up to a power of two, a context growing token by token
-    # compiles them a few times, not every 256 tokens.
-    loop_pieces = triton.next_power_of_2(pieces)
+    loop_pieces = piece_loop_count(keys)
     # Plain decoding's one row (it sees every slot): its pieces in parallel. A verification has rows enough.
     split = visible is None and tokens == 1 and pieces > 1
     out = torch.empty(tokens, heads, dim, dtype=q.dtype, device=q.device)
@@ -166,6 +163,17 @@ def row_invariant_attention(
         _merge_parts[(tokens * kv_heads,)](partial, stats, out, slots, PIECE_KEYS=CHUNK, PIECES=loop_pieces,
                                            num_warps=NUM_WARPS, enable_fp_fusion=False, **constants)
     return out
+
+
+def piece_loop_count(keys: torch.Tensor) -> int:
+    """The kernels' compile-time piece count for `keys` [KVH, slots, D], a view of a cache's first
+    slots: every piece the whole cache could hold, rounded up to a power of two. The kernels loop to a
+    compile-time count (the interpreter cannot loop to a runtime one) and skip the pieces past a
+    row's keys, so one compilation serves every context length of a cache: a count from the view's
+    own length compiled anew for each power of two, and a conversation's first turn at a length
+    the warm-up had not reached waited for the compiler."""
+    capacity = max(keys.shape[1], keys.stride(0) // keys.stride(1))  # the head stride spans the cache
+    return triton.next_power_of_2(triton.cdiv(capacity, CHUNK))
 
 
 def supported(head_dim: int) -> bool:

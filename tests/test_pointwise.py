@@ -145,3 +145,15 @@ def test_a_gpu_row_invariant_target_takes_its_attention_kernel_and_128_row_chunk
     assert odd.attend is row_attention and odd.linear.rows == 128
     cpu = target_pointwise(torch.device("cpu"), 128)
     assert cpu.attend is row_attention and cpu.linear.rows == 32
+
+
+def test_the_row_invariant_kernel_compiles_once_for_every_length_of_a_cache():
+    # Its compile-time piece count comes from the cache behind the view, not the view's length: a
+    # first turn of a new length must not wait for the compiler (the warm-up compiled the count).
+    from engine.cache import KVCache
+    from engine.row_attention_kernel import piece_loop_count
+
+    cache = KVCache(2, 2, 16, 8192, torch.float32, torch.device("cpu"))
+    counts = {piece_loop_count(cache.view(1, end)[0]) for end in (1, 300, 1500, 8000, 8192)}
+    assert counts == {32}  # 8192 slots = 32 pieces of 256
+    assert piece_loop_count(torch.zeros(2, 300, 16)) == 2  # a tensor of its own: its own slots

@@ -121,7 +121,8 @@ def row_attention_kernel_is_row_invariant() -> None:
     for bit the row of a one-token call over exactly those keys laid out contiguously, as plain
     decoding has them (its pieces spread over programs and merged by the second kernel); and both
     are torch's attention to float32's last bits. 300 prompt slots: two 256-key pieces; 530: three
-    (the kernels loop to four and skip the last); grouped heads of 3 (a 16-row tile), 4 and 1."""
+    (the kernels loop to the 1024-slot cache's four pieces and skip those past a row's keys); grouped
+    heads of 3 (a 16-row tile), 4 and 1."""
     torch.manual_seed(0)
     for heads, kv_heads, dim, prefix in ((6, 2, 16, 300), (4, 1, 16, 530), (2, 2, 32, 40)):
         parents = PARENTS
