@@ -9,7 +9,9 @@ second small kernel merges the pieces in a fixed order (deterministic, and nothi
 graphs replay it). With one piece the first kernel writes the output itself.
 
 The loops run to compile-time counts (the interpreter that runs the tests on a CPU cannot loop to
-a runtime bound); the number of slots itself is a runtime argument, used only in masks.
+a runtime bound): the merge loops over every piece the whole cache could hold (`piece_loop_count`)
+and skips those past the slots, so one compilation serves every context length; the number of slots
+itself is a runtime argument.
 """
 
 from __future__ import annotations
@@ -43,12 +45,12 @@ def _attend_piece(
     q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, partial_ptr, stats_ptr,
     T, SLOTS, q_head_stride, q_token_stride, kv_head_stride, kv_slot_stride, bias_row_stride, scale,
     GROUP: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
-    STEPS: tl.constexpr, BLOCK: tl.constexpr, PIECES: tl.constexpr,
+    STEPS: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
 ):
     """Program (head, piece): softmax(q K^T * scale + bias) V over slots [piece * STEPS * BLOCK, +
     STEPS * BLOCK), q head `head` reading key/value head head // GROUP (grouped-query attention).
-    One piece: the output [T, H, D]. Several: the unnormalised sums [PIECES, H, BLOCK_T, D] and, per
-    row, the running maximum and sum of exponentials [PIECES, H, BLOCK_T, 2] (`_merge_pieces`)."""
+    One piece (SINGLE): the output [T, H, D]. Several: the unnormalised sums [pieces, H, BLOCK_T, D]
+    and, per row, the running maximum and sum of exponentials [pieces, H, BLOCK_T, 2] (`_merge_pieces`)."""
     head = tl.program_id(0)
     piece = tl.program_id(1)
     heads = tl.num_programs(0)
@@ -70,7 +72,7 @@ def _attend_piece(
             scores += tl.load(bias_ptr + rows[:, None] * bias_row_stride + slots[None, :],
                               mask=row_ok[:, None] & slot_ok[None, :], other=0.0).to(tl.float32)
         best, total, acc = softmax_step(scores, values, best, total, acc)
-    if PIECES == 1:
+    if SINGLE:
         out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
         at = (rows[:, None] * heads + head) * D + dims[None, :]
         tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -83,25 +85,28 @@ def _attend_piece(
 
 @triton.jit
 def _merge_pieces(
-    partial_ptr, stats_ptr, out_ptr, T,
+    partial_ptr, stats_ptr, out_ptr, T, pieces,
     D: tl.constexpr, BLOCK_T: tl.constexpr, PIECES: tl.constexpr,
 ):
-    """Program head: the pieces' sums rescaled to their common maximum, added in order, normalised."""
+    """Program head: the `pieces` pieces' sums rescaled to their common maximum, added in order,
+    normalised (the loops run to PIECES and skip the rest)."""
     head = tl.program_id(0)
     heads = tl.num_programs(0)
     rows = tl.arange(0, BLOCK_T)
     dims = tl.arange(0, D)
     best = tl.full((BLOCK_T,), float("-inf"), tl.float32)
-    for piece in tl.static_range(PIECES):
-        best = tl.maximum(best, tl.load(stats_ptr + ((piece * heads + head) * BLOCK_T + rows) * 2))
+    for piece in range(PIECES):
+        if piece < pieces:
+            best = tl.maximum(best, tl.load(stats_ptr + ((piece * heads + head) * BLOCK_T + rows) * 2))
     shift = tl.where(best == float("-inf"), 0.0, best)
     total = tl.zeros((BLOCK_T,), tl.float32)
     acc = tl.zeros((BLOCK_T, D), tl.float32)
-    for piece in tl.static_range(PIECES):
-        at = (piece * heads + head) * BLOCK_T + rows
-        rescale = tl.exp(tl.load(stats_ptr + at * 2) - shift)
-        total += rescale * tl.load(stats_ptr + at * 2 + 1)
-        acc += rescale[:, None] * tl.load(partial_ptr + at[:, None] * D + dims[None, :])
+    for piece in range(PIECES):
+        if piece < pieces:
+            at = (piece * heads + head) * BLOCK_T + rows
+            rescale = tl.exp(tl.load(stats_ptr + at * 2) - shift)
+            total += rescale * tl.load(stats_ptr + at * 2 + 1)
+            acc += rescale[:, None] * tl.load(partial_ptr + at[:, None] * D + dims[None, :])
     out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
     tl.store(out_ptr + (rows[:, None] * heads + head) * D + dims[None, :], out.to(out_ptr.dtype.element_ty),
              mask=(rows < T)[:, None])
@@ -132,11 +137,22 @@ def draft_attention(
         q, keys, values, bias_rows, out, partial, stats,
         tokens, slots, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), bias_rows.stride(0), dim**-0.5,
         GROUP=heads // kv_heads, D=dim, HAS_BIAS=bias is not None, BLOCK_T=block_t, STEPS=steps,
-        BLOCK=BLOCK_SLOTS, PIECES=pieces, num_warps=4, num_stages=2,
+        BLOCK=BLOCK_SLOTS, SINGLE=pieces == 1, num_warps=4, num_stages=2,
     )
     if pieces > 1:
-        _merge_pieces[(heads,)](partial, stats, out, tokens, D=dim, BLOCK_T=block_t, PIECES=pieces, num_warps=4)
+        _merge_pieces[(heads,)](partial, stats, out, tokens, pieces, D=dim, BLOCK_T=block_t,
+                                PIECES=piece_loop_count(keys), num_warps=4)
     return out
+
+
+def piece_loop_count(keys: torch.Tensor) -> int:
+    """The kernels' compile-time piece count for `keys` [KVH, slots, D], a view of a cache's first
+    slots: every CHUNK-slot piece the whole cache could hold, rounded up to a power of two. Loops run
+    to it and skip the pieces past the keys, so one compilation serves every context length of a
+    cache: a count from the view's own length compiled anew as a conversation grew, and its first
+    turn at a length the load's warm-up had not reached waited for the compiler."""
+    capacity = max(keys.shape[1], keys.stride(0) // keys.stride(1))  # the head stride spans the cache
+    return triton.next_power_of_2(triton.cdiv(capacity, CHUNK))
 
 
 def supported(head_dim: int) -> bool:

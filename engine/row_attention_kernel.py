@@ -19,10 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.attention_kernel import softmax_step
+from engine.attention_kernel import CHUNK, piece_loop_count, softmax_step
 from engine.pointwise import VisibleKeys
 
-CHUNK = 256  # logical key positions per piece
+# Pieces of CHUNK (256) logical key positions, as the draft's attention: one piece_loop_count.
 BLOCK_KEYS = 64  # keys per step of a piece
 NUM_WARPS = 4  # the same in both kernels: reductions across a tile follow the warps' layout
 # Both kernels launch without fused multiply-adds, so the merge rounds the same way in either.
@@ -163,17 +163,6 @@ def row_invariant_attention(
         _merge_parts[(tokens * kv_heads,)](partial, stats, out, slots, PIECE_KEYS=CHUNK, PIECES=loop_pieces,
                                            num_warps=NUM_WARPS, enable_fp_fusion=False, **constants)
     return out
-
-
-def piece_loop_count(keys: torch.Tensor) -> int:
-    """The kernels' compile-time piece count for `keys` [KVH, slots, D], a view of a cache's first
-    slots: every piece the whole cache could hold, rounded up to a power of two. The kernels loop to a
-    compile-time count (the interpreter cannot loop to a runtime one) and skip the pieces past a
-    row's keys, so one compilation serves every context length of a cache: a count from the view's
-    own length compiled anew for each power of two, and a conversation's first turn at a length
-    the warm-up had not reached waited for the compiler."""
-    capacity = max(keys.shape[1], keys.stride(0) // keys.stride(1))  # the head stride spans the cache
-    return triton.next_power_of_2(triton.cdiv(capacity, CHUNK))
 
 
 def supported(head_dim: int) -> bool:

@@ -151,7 +151,7 @@ def test_the_row_invariant_kernel_compiles_once_for_every_length_of_a_cache():
     # Its compile-time piece count comes from the cache behind the view, not the view's length: a
     # first turn of a new length must not wait for the compiler (the warm-up compiled the count).
     from engine.cache import KVCache
-    from engine.row_attention_kernel import piece_loop_count
+    from engine.attention_kernel import piece_loop_count
 
     cache = KVCache(2, 2, 16, 8192, torch.float32, torch.device("cpu"))
     counts = {piece_loop_count(cache.view(1, end)[0]) for end in (1, 300, 1500, 8000, 8192)}
