@@ -3,11 +3,11 @@ layer's weights, the encoder's time, the GPU decoder's time and bandwidth, and t
 the raw against the compressed bytes, every decode checked bit for bit.
 
     python benchmarks/compress_gpu.py [--shape qwen2.5-7b] [--lanes-per-program 64,128,256] [--json r.json]
-                                      [--engine-vram-gb 10]
+                                      [--engine-vram-gb 8 [--engine-shape qwen2.5-32b]]
 
 --engine-vram-gb also decodes with the engine's plain offloaded decoding of the whole random model
-under that cap, streamed as bf16 and compressed, each against its own bound (the bytes it streams
-over the pinned link) in the same run.
+(--engine-shape, default the 7B) under that cap, streamed as bf16 and compressed, each against its
+own bound (the bytes it streams over the pinned link) in the same run.
 
 The weights: Gaussian (std 0.02, as the other benchmarks' random models) and row-scaled Student-t
 (heavier tails, closer to trained weights). On a CPU it runs a small layer with the reference
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", choices=LAYER_WEIGHTS, default="qwen2.5-7b")
     parser.add_argument("--lanes-per-program", default="64,128,256")
     parser.add_argument("--engine-vram-gb", type=float)
+    parser.add_argument("--engine-shape", default="qwen2.5-7b", help="a shape of benchmarks/offload_gpu.py")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available()
@@ -106,24 +107,24 @@ def main(argv: list[str] | None = None) -> int:
                      f"compressed {case['copy_compressed_ms']:.2f} ms")
         print(line, flush=True)
     if args.engine_vram_gb and gpu:
-        report["engine"] = engine_cases(args.engine_vram_gb, device)
+        report["engine"] = engine_cases(args.engine_shape, args.engine_vram_gb, device)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0
 
 
-def engine_cases(vram_gb: float, device: torch.device) -> dict:
+def engine_cases(shape: str, vram_gb: float, device: torch.device) -> dict:
     """The engine's vanilla decoding under the cap, bf16 then compressed streaming, each with the
     memory model's plan for it (compressed streaming's staging buffers can cost a resident layer)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from offload_gpu import SHAPES, bench_vanilla, random_model, release_cached_memory
 
-    config = SHAPES["qwen2.5-7b"]()
+    config = SHAPES[shape]()
     model = random_model(config, torch.bfloat16, device)
     prompt = torch.randint(0, config.vocab_size, (64,), generator=torch.Generator().manual_seed(0)).tolist()
     cases = {}
     for compressed in (False, True):
-        args = argparse.Namespace(shape="qwen2.5-7b", max_length=2048, row_invariant=None, tokens=16,
+        args = argparse.Namespace(shape=shape, max_length=2048, row_invariant=None, tokens=16,
                                   compressed_streaming=compressed)
         started = time.perf_counter()
         case = bench_vanilla(model, config, args, device, vram_gb, prompt)
