@@ -22,6 +22,7 @@ import torch
 MAX_CODE_BITS = 12
 LANE_WEIGHTS = 256  # W: 32 offset bits per 256 weights cost 0.125 bits a weight
 _ENCODE_LANES = 1 << 14  # lanes packed at once: bounds the encoder's int64 temporaries (~170 MB)
+_SLAB_WEIGHTS = 1 << 25  # weights read at once from host memory (64 MB of bf16)
 
 
 @dataclass(frozen=True)
@@ -52,12 +53,16 @@ def exponents(flat: torch.Tensor) -> torch.Tensor:
     return ((flat.contiguous().view(torch.int16) >> 7) & 0xFF).to(torch.uint8)
 
 
-def exponent_histogram(flat: torch.Tensor, padded: int | None = None) -> torch.Tensor:
-    """[256] counts of `flat`'s exponents, with the padding zeros up to `padded` weights."""
-    counts = torch.bincount(exponents(flat).flatten(), minlength=256)
+def exponent_histogram(flat: torch.Tensor, padded: int | None = None, device: torch.device | None = None) -> torch.Tensor:
+    """[256] counts of `flat`'s exponents, with the padding zeros up to `padded` weights, counted
+    on `device` (default: flat's) a slab at a time."""
+    device = device or flat.device
+    counts = torch.zeros(256, dtype=torch.int64, device=device)
+    for start in range(0, flat.numel(), _SLAB_WEIGHTS):
+        counts += torch.bincount(exponents(flat[start : start + _SLAB_WEIGHTS].to(device)), minlength=256)
     if padded is not None:
         counts[0] += padded - flat.numel()
-    return counts
+    return counts.cpu()
 
 
 def codebook(histogram: torch.Tensor, max_bits: int = MAX_CODE_BITS) -> Codebook:
@@ -97,19 +102,29 @@ def lanes_for(numel: int, lane_weights: int = LANE_WEIGHTS) -> int:
     return -(-numel // lane_weights)
 
 
-def compress(flat: torch.Tensor, book: Codebook, lane_weights: int = LANE_WEIGHTS) -> CompressedLayer:
-    """Encode a flat bf16 tensor on its device (a GPU encodes a 7B layer in well under a second);
-    the result is on the CPU. 8- and 16-bit fields until the packing, which runs on _ENCODE_LANES
-    lanes at a time: a 7B layer peaks near 4 bytes a weight, not 40."""
+def compress(flat: torch.Tensor, book: Codebook, lane_weights: int = LANE_WEIGHTS,
+             device: torch.device | None = None) -> CompressedLayer:
+    """Encode a flat bf16 tensor on `device` (default: flat's; a GPU encodes a 7B layer in well
+    under a second); the result is on the CPU. `flat` may stay in host memory: it is read a slab
+    at a time, and fields are 8- and 16-bit until the packing, which runs on _ENCODE_LANES lanes at a
+    time, so a 7B layer's encoding holds under 2 bytes a weight on the device (its exponents and
+    the bitstream), not the layer and its 16-bit fields: it runs beside a loaded model under a cap."""
     if flat.dtype != torch.bfloat16:
         raise ValueError(f"compressed streaming is for bfloat16 weights, got {flat.dtype}")
-    numel, device = flat.numel(), flat.device
+    numel, device = flat.numel(), device or flat.device
     lanes = lanes_for(numel, lane_weights)
-    bits = torch.zeros(lanes * lane_weights, dtype=torch.int16, device=device)
-    bits[:numel] = flat.contiguous().view(torch.int16)
-    sign_mantissa = (((bits >> 8) & 0x80) | (bits & 0x7F)).to(torch.uint8).cpu()
-    by_lane = ((bits >> 7) & 0xFF).to(torch.uint8).view(lane_weights, lanes).t()  # [L, W]: lane j in step order
-    del bits
+    bits = flat.contiguous().view(torch.int16)
+    sign_mantissa = torch.zeros(lanes * lane_weights, dtype=torch.uint8)
+    step_exponents = torch.zeros(lane_weights, lanes, dtype=torch.uint8, device=device)  # row k: step k's weights
+    steps = max(1, _SLAB_WEIGHTS // lanes)
+    for k in range(0, lane_weights, steps):
+        start, end = k * lanes, min((k + steps) * lanes, numel)
+        if start >= numel:
+            break  # padding: exponent 0, sign and mantissa 0
+        slab = bits[start:end].to(device)
+        sign_mantissa[start:end] = (((slab >> 8) & 0x80) | (slab & 0x7F)).to(torch.uint8).cpu()
+        step_exponents.view(-1)[start:end] = ((slab >> 7) & 0xFF).to(torch.uint8)
+    by_lane = step_exponents.t()  # [L, W]: lane j's exponents in step order
     lane_bits = torch.empty(lanes, dtype=torch.int64, device=device)
     for start in range(0, lanes, _ENCODE_LANES):
         part = by_lane[start : start + _ENCODE_LANES].long()

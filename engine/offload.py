@@ -200,13 +200,15 @@ class LayerStack:
         padded = lanes * compress.LANE_WEIGHTS
         # On a GPU the encoder's whole-tensor integer math runs there (seconds for a 7B model).
         on = self.device if self._cuda else torch.device("cpu")
-        book = compress.codebook(sum(compress.exponent_histogram(h.to(on), padded).cpu() for h in self._host))
+        book = compress.codebook(sum(compress.exponent_histogram(h, padded, on) for h in self._host))
         for h in self._host:
-            layer = compress.compress(h.to(on), book)
+            layer = compress.compress(h, book, device=on)
             blob = torch.cat([t.view(torch.uint8) for t in _in_blob_order(layer)])
             blob = blob.pin_memory() if self._cuda else blob
             self._compressed.append(_Compressed(layer=_parts(layer, blob), blob=blob))
         self._table = book.table.to(self.device)
+        if self._cuda:  # the encoder's blocks go back: slots and caches must not find them fragmented
+            torch.cuda.empty_cache()
         # What the slots are sized from: a padded bf16 layer (the decoder writes the padding too).
         self._host = [torch.empty(padded, dtype=torch.bfloat16, device="meta") for _ in self._host]
 

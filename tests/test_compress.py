@@ -43,6 +43,23 @@ def test_gaussian_weights_decode_bit_for_bit(numel, lane_weights):
         assert 0.62 < ratio < 0.72
 
 
+@pytest.mark.parametrize("slab", [64, 1000, 4097])
+def test_the_encoder_reads_its_input_in_slabs_with_the_same_result(monkeypatch, slab):
+    # Slabs of whole steps, a partial step, the padding's step: the bytes of the one-slab encoding.
+    import engine.compress
+
+    flat = (torch.randn(70_001, generator=torch.Generator().manual_seed(3)) * 0.02).to(torch.bfloat16)
+    padded = lanes_for(70_001, 256) * 256
+    counts = exponent_histogram(flat, padded)
+    book = codebook(counts)
+    whole = compress(flat, book)
+    monkeypatch.setattr(engine.compress, "_SLAB_WEIGHTS", slab)
+    assert torch.equal(exponent_histogram(flat, padded), counts) and int(counts.sum()) == padded
+    sliced = compress(flat, book)
+    for part in ("sign_mantissa", "words", "offsets"):
+        assert torch.equal(getattr(sliced, part), getattr(whole, part)), part
+
+
 def test_every_bit_pattern_decodes_to_itself():
     # All 65536 bf16 values (every exponent, NaN payloads, subnormals) twice, shuffled: the
     # rarest exponents get the longest codes the limit allows.
