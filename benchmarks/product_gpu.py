@@ -314,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         report["profile"] = {"wall_s": wall, "reused": profile["reused"], "plan": plan}
         print(f"profile (first run, {'reused' if profile['reused'] else 'measured'}): {wall:.1f} s; {plan['method']}, "
               f"{plan['layers_on_gpu']} of {plan['layers_total']} layers, {plan['stream_buffers']} buffers, "
-              f"{plan['tree_policy']} {plan['node_budget']} nodes, {plan['draft_batch']} per draft forward", flush=True)
+              f"{plan['tree_policy']} {plan['node_budget']} nodes, {plan['draft_batch']} per draft forward, streaming "
+              f"{'compressed' if plan.get('compressed_streaming') else 'bf16'}; measured: "
+              + "; ".join(f"{k} {v:.2f} tok/s" for k, v in (plan.get("tok_per_s_by_candidate") or {}).items()), flush=True)
     prompts = {"short": SHORT_PROMPT, "long": long_prompt(tokenizer_folder, args.long_prompt_tokens)}
     if "run-test" in steps:
         report["run_test"] = run_tests(model, cap, env, prompts, args.new_tokens)
