@@ -16,7 +16,7 @@ from engine.engine import Engine
 from engine.errors import EngineError
 from engine.generate import Target
 from engine.graphs import DraftGraphs
-from engine.loading import LoadedModel, load_model, substitute_cache_file
+from engine.loading import LoadedModel, encoded_cache_file, load_model, substitute_cache_file
 from engine.model import Transformer
 from engine.offload import LayerStack, linear_tensors, measure_h2d_gbps
 from engine.pointwise import CPU_ROWS, EAGER, GPU_ROWS, Pointwise, compiled_pointwise, row_invariant
@@ -72,10 +72,11 @@ def _assemble(config: EngineConfig, loaded: LoadedModel, device: torch.device, d
         raise EngineError(f"--compressed-streaming codes bfloat16 weights, and this model runs in {dtype} "
                           "(--dtype bfloat16)")
     if config.compressed_streaming and keep_on_gpu < len(layers):
-        say(f"compressing the {len(layers) - keep_on_gpu} streamed layers")
+        say(f"compressing the {len(layers) - keep_on_gpu} streamed layers (once: kept in the cache)")
     stack = LayerStack(
         layers, device, keep_on_gpu, config.offload_slots, stream=True if config.emulate_offload else None,
         nvtx=config.nvtx_profiling, compressed=config.compressed_streaming,
+        encoded_cache=encoded_cache_file(loaded.folder) if loaded.folder and config.compressed_streaming else None,
     )
     del layers, hf
     gc.collect()

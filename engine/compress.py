@@ -69,6 +69,12 @@ def codebook(histogram: torch.Tensor, max_bits: int = MAX_CODE_BITS) -> Codebook
     lengths = torch.zeros(256, dtype=torch.int64)
     for symbol, length in _limited_lengths(histogram.tolist(), max_bits).items():
         lengths[symbol] = length
+    return codebook_of_lengths(lengths, max_bits)
+
+
+def codebook_of_lengths(lengths: torch.Tensor, max_bits: int = MAX_CODE_BITS) -> Codebook:
+    """The canonical code of these [256] code lengths (0: no code), as stored with encoded layers."""
+    lengths = lengths.to(torch.int64)
     codes = torch.zeros(256, dtype=torch.int64)
     table = torch.zeros(1 << max_bits, dtype=torch.int32)
     code, previous = 0, 0

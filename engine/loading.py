@@ -107,6 +107,18 @@ def substitute_cache_file(folder: Path, config, dtype: torch.dtype) -> Path:
     return cache_dir() / "substitutes" / f"{folder.name}-{key}.safetensors"
 
 
+def encoded_cache_file(folder: Path) -> Path:
+    """Where compressed streaming's encoded layers of the weights in `folder` are kept between
+    starts, keyed like the substitute's and on the encoding's own parameters."""
+    from engine.compress import LANE_WEIGHTS, MAX_CODE_BITS
+
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    identity = ";".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    identity += f";lanes of {LANE_WEIGHTS};codes up to {MAX_CODE_BITS} bits"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    return cache_dir() / "compressed" / f"{folder.name}-{key}.safetensors"
+
+
 def read_config(folder: Path) -> dict:
     """config.json of a model folder, checked for a supported architecture."""
     config_file = folder / "config.json"

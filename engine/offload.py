@@ -18,10 +18,14 @@ copies (and the torch reference decoder), so the slot logic is tested on machine
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from engine import compress
 from engine.stats import nvtx_range
@@ -72,6 +76,7 @@ class LayerStack:
         stream: bool | None = None,
         nvtx: bool = False,
         compressed: bool = False,
+        encoded_cache: Path | None = None,
     ) -> None:
         self.device = device
         self._nvtx = nvtx
@@ -90,7 +95,7 @@ class LayerStack:
         self._compressed: list[_Compressed] = []
         self._table: torch.Tensor | None = None
         if compressed and self._host:
-            self._compress()
+            self._compress(layers, encoded_cache)
         self.num_slots = min(num_slots, len(self._host))
         self._slots = [self._new_slot() for _ in range(self.num_slots)]
         self._copy_stream = torch.cuda.Stream(device) if self._cuda and self._host else None
@@ -188,24 +193,36 @@ class LayerStack:
 
         with torch.cuda.stream(self._decode_stream):
             self._decode_stream.wait_event(slot.copied)
-            decompress_kernel.decode(_parts(host.layer, slot.staging[: host.blob.numel()]), self._table, slot.flat)
+            staged = _split(slot.staging[: host.blob.numel()], host.layer.numel, host.layer.lanes)
+            decompress_kernel.decode(staged, self._table, slot.flat)
             decoded = torch.cuda.Event()
             decoded.record(self._decode_stream)
         return decoded
 
-    def _compress(self) -> None:
-        """Every streamed layer into engine.compress's form, with one codebook for them all; the
-        bf16 copies are dropped (the pinned memory is the compressed bytes)."""
+    def _compress(self, layers: list[LayerWeights], cache_file: Path | None) -> None:
+        """Every streamed layer into engine.compress's form, the bf16 copies dropped (the pinned
+        memory is the compressed bytes). One codebook for the whole model, from every layer's
+        exponents (resident ones too), so the layers encoded for one placement serve any other:
+        they are kept in `cache_file` between starts (a GPU encodes a 7B layer in under a second,
+        a 2-core CPU in ~17 s)."""
         lanes = compress.lanes_for(self._host[0].numel())
         padded = lanes * compress.LANE_WEIGHTS
-        # On a GPU the encoder's whole-tensor integer math runs there (seconds for a 7B model).
+        # On a GPU the encoder's whole-tensor integer math runs there, a slab of host memory at a time.
         on = self.device if self._cuda else torch.device("cpu")
-        book = compress.codebook(sum(compress.exponent_histogram(h, padded, on) for h in self._host))
-        for h in self._host:
-            layer = compress.compress(h, book, device=on)
-            blob = torch.cat([t.view(torch.uint8) for t in _in_blob_order(layer)])
+        cached = _CachedBlobs(cache_file)
+        if cached.lengths is not None:
+            book = compress.codebook_of_lengths(cached.lengths)
+        else:
+            book = compress.codebook(sum(_exponent_counts(w, padded, on) for w in layers))
+        first = self.num_layers - len(self._host)
+        for index, host in enumerate(self._host, start=first):
+            blob = cached.blob(index)
+            if blob is None:
+                layer = compress.compress(host, book, device=on)
+                blob = cached.add(index, torch.cat([t.view(torch.uint8) for t in _in_blob_order(layer)]))
             blob = blob.pin_memory() if self._cuda else blob
-            self._compressed.append(_Compressed(layer=_parts(layer, blob), blob=blob))
+            self._compressed.append(_Compressed(layer=_split(blob, host.numel(), lanes), blob=blob))
+        cached.save(book.lengths)
         self._table = book.table.to(self.device)
         if self._cuda:  # the encoder's blocks go back: slots and caches must not find them fragmented
             torch.cuda.empty_cache()
@@ -228,14 +245,61 @@ class LayerStack:
         return _Slot(flat=flat, views=views, staging=staging)
 
 
-def _parts(layer: compress.CompressedLayer, blob: torch.Tensor) -> compress.CompressedLayer:
-    """`layer` with its three parts as views into `blob` (their bytes laid end to end)."""
-    parts, start = [], 0
-    for t in _in_blob_order(layer):
-        parts.append(blob[start : start + t.nbytes].view(t.dtype))
-        start += t.nbytes
-    offsets, words, sign_mantissa = parts
-    return compress.CompressedLayer(layer.numel, layer.lanes, layer.lane_weights, sign_mantissa, words, offsets)
+def _split(blob: torch.Tensor, numel: int, lanes: int) -> compress.CompressedLayer:
+    """A layer's three parts as views into its `blob`, laid end to end in _in_blob_order."""
+    weights = lanes * compress.LANE_WEIGHTS
+    offsets = blob[: lanes * 8].view(torch.int64)
+    words = blob[lanes * 8 : blob.numel() - weights].view(torch.int32)
+    sign_mantissa = blob[blob.numel() - weights :]
+    return compress.CompressedLayer(numel, lanes, compress.LANE_WEIGHTS, sign_mantissa, words, offsets)
+
+
+def _exponent_counts(weights: LayerWeights, padded: int, device: torch.device) -> torch.Tensor:
+    """engine.compress.exponent_histogram of the layer as packed: its tensors, zeros elsewhere."""
+    counts = sum(compress.exponent_histogram(t.flatten(), device=device) for t in weights.values())
+    counts[0] += padded - sum(t.numel() for t in weights.values())
+    return counts
+
+
+class _CachedBlobs:
+    """Encoded layers kept on disk between starts (safetensors: the code lengths and one uint8 blob
+    per layer index, each read when asked for). A file that does not read is encoded again."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.lengths: torch.Tensor | None = None
+        self._keys: set[str] = set()
+        self._added: dict[str, torch.Tensor] = {}
+        try:
+            if path is not None and path.is_file():
+                with safe_open(path, "pt") as stored:
+                    self._keys = set(stored.keys()) - {"lengths"}
+                    self.lengths = stored.get_tensor("lengths")
+        except Exception:  # noqa: BLE001 - a damaged or foreign file: encode again, write it anew
+            self._keys, self.lengths = set(), None
+
+    def blob(self, index: int) -> torch.Tensor | None:
+        if str(index) not in self._keys:
+            return None
+        with safe_open(self.path, "pt") as stored:
+            return stored.get_tensor(str(index))
+
+    def add(self, index: int, blob: torch.Tensor) -> torch.Tensor:
+        self._added[str(index)] = blob
+        return blob
+
+    def save(self, lengths: torch.Tensor) -> None:
+        """Write the layers encoded now beside those stored (a new file, renamed over the old)."""
+        if self.path is None or not self._added:
+            return
+        staging = self.path.with_suffix(f".tmp{os.getpid()}")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            stored = {key: self.blob(int(key)) for key in self._keys if key not in self._added}
+            save_file({**stored, **self._added, "lengths": lengths.contiguous()}, staging)
+            os.replace(staging, self.path)
+        except OSError:  # a full or read-only disk: the next start encodes again
+            staging.unlink(missing_ok=True)
 
 
 def _in_blob_order(layer: compress.CompressedLayer) -> tuple[torch.Tensor, ...]:

@@ -211,3 +211,50 @@ def test_sampling_with_compressed_streaming_draws_what_plain_decoding_draws(rand
     sampling = SamplingConfig(max_new_tokens=12, do_sample=True, temperature=0.9, seed=5)
     for prompt in random_prompts(3, 512, seed=22):
         assert streamed.generate(prompt, sampling).token_ids == vanilla.generate(prompt, sampling).token_ids
+
+
+def test_encoded_layers_are_kept_between_starts_and_serve_another_placement(random_folder, tmp_path, monkeypatch):
+    # The first start encodes and stores; a start that streams fewer layers reads every one of them
+    # from the cache (one codebook for the model); one that streams more encodes only the new one;
+    # a damaged file is encoded again and rewritten. Every weight still arrives bit for bit.
+    import engine.compress
+    from transformers import AutoModelForCausalLM
+
+    from engine.loading import encoded_cache_file
+
+    monkeypatch.setenv("SUBSPEC_CACHE_DIR", str(tmp_path))
+    model = AutoModelForCausalLM.from_pretrained(random_folder, dtype=torch.bfloat16)
+    layers = [linear_tensors(layer) for layer in model.model.layers]
+    cache = encoded_cache_file(random_folder)
+    real = engine.compress.compress
+    encoded: list[int] = []
+    monkeypatch.setattr(engine.compress, "compress", lambda *a, **k: encoded.append(1) or real(*a, **k))
+
+    def start(keep: int) -> None:
+        stack = LayerStack(layers, torch.device("cpu"), keep_on_gpu=keep, num_slots=2, stream=True,
+                           compressed=True, encoded_cache=cache)
+        for i in range(len(layers)):
+            for name, tensor in stack.weights(i).items():
+                assert torch.equal(tensor.view(torch.int16), layers[i][name].view(torch.int16)), (keep, i, name)
+            stack.done(i)
+
+    total = len(layers)
+    start(keep=1)
+    assert len(encoded) == total - 1 and cache.is_file()
+    start(keep=2)
+    assert len(encoded) == total - 1  # nothing encoded: read back
+    start(keep=0)
+    assert len(encoded) == total  # only layer 0
+    cache.write_bytes(b"not safetensors")
+    start(keep=1)
+    assert len(encoded) == 2 * total - 1 and cache.stat().st_size > 100  # encoded again, written anew
+
+
+def test_the_encoded_cache_follows_the_weight_files(tmp_path):
+    from engine.loading import encoded_cache_file
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"x" * 10)
+    first = encoded_cache_file(tmp_path)
+    weights.write_bytes(b"y" * 11)
+    assert encoded_cache_file(tmp_path) != first and first.parent.name == "compressed"
