@@ -64,6 +64,8 @@ class Planned:
             "layers_on_gpu": engine_details.get("layers_on_gpu") if on_gpu else None,
             "layers_total": engine_details.get("layers_total"),
             "stream_buffers": engine_details.get("stream_buffers", 0) if on_gpu else 0,
+            # Streamed layers cross compressed (only where some stream).
+            "compressed_streaming": bool(config.compressed_streaming and engine_details.get("stream_buffers")),
             "tree_policy": config.tree_policy if drafts else None,
             "node_budget": config.draft_nodes() if drafts else None,
             "max_depth": config.max_depth if drafts else None,

@@ -82,7 +82,7 @@ def test_describe_reports_which_plan_ran():
     config = dataclasses.replace(EngineConfig(method="subspec_sd", max_depth=6, topk_len=2), node_budget=None)
     described = planned.describe(config, {"device": "cpu", "layers_total": 30, "layers_on_gpu": 30, "max_length": 2048})
     assert described == {"source": "profile", "method": "subspec_sd", "device": "cpu", "layers_on_gpu": None,
-                         "layers_total": 30, "stream_buffers": 0, "tree_policy": "best_first", "node_budget": 12, "max_depth": 6,
+                         "layers_total": 30, "stream_buffers": 0, "compressed_streaming": False, "tree_policy": "best_first", "node_budget": 12, "max_depth": 6,
                          "draft_batch": 16, "max_length": 2048, "profile_path": None}
 
 
