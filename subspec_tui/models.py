@@ -578,11 +578,26 @@ def remove_model(repo_id: str) -> int:
     repo = next((r for r in (info.repos if info else []) if r.repo_id == repo_id and r.repo_type == "model"), None)
     if repo is None:
         raise EngineError(f"model '{repo_id}' is not in the hub cache at {hub_cache_dir()}")
-    strategy = info.delete_revisions(*(rev.commit_hash for rev in repo.revisions))
+    revisions = [rev.commit_hash for rev in repo.revisions]
+    strategy = info.delete_revisions(*revisions)
     freed = strategy.expected_freed_size
     strategy.execute()
     # delete_revisions keeps the repo folder (refs, partial downloads) when it still holds anything else.
     shutil.rmtree(repo.repo_path, ignore_errors=True)
+    return freed + _remove_converted(revisions)
+
+
+def _remove_converted(revisions: list[str]) -> int:
+    """Delete what the engine made from these snapshots (the quantized substitute, the encoded
+    layers of compressed streaming: named after the snapshot folder); returns the bytes freed."""
+    from engine.loading import cache_dir
+
+    freed = 0
+    for kind in ("substitutes", "compressed"):
+        for revision in revisions:
+            for made in (cache_dir() / kind).glob(f"{revision}-*.safetensors"):
+                freed += made.stat().st_size
+                made.unlink(missing_ok=True)
     return freed
 
 

@@ -96,9 +96,19 @@ def test_pull_lists_shows_and_removes_a_model(hub):
     # pulling again downloads nothing: everything is cached
     assert models.pull_model(REPO, dry_run=True).download_bytes == 0
 
+    # What the engine made from the snapshot goes with it; another model's stays.
+    from engine.loading import cache_dir
+
+    made = [cache_dir() / kind / f"{result.path.name}-0123456789abcdef.safetensors" for kind in ("substitutes", "compressed")]
+    other = cache_dir() / "substitutes" / "another-snapshot-0123456789abcdef.safetensors"
+    for path in (*made, other):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * 100)
     freed = models.remove_model(REPO)
-    assert freed == model.size_bytes
+    assert freed == model.size_bytes + 200
     assert models.find_model(REPO) is None
+    assert not any(path.exists() for path in made) and other.exists()
+    other.unlink()
 
 
 def test_extra_patterns_opt_in_to_pickled_weights(hub):
