@@ -54,6 +54,8 @@ ID_STRIDE = 7919
 TREE_FRACTIONS = (1.0, 2 / 3, 1 / 3)
 TREE_TRIAL_PROMPT = "Explain in a few sentences why the sky looks blue during the day."
 TREE_TRIAL_TOKENS = 64
+VANILLA_LABEL = "vanilla"  # the tok/s label of vanilla's reply (timed where both streaming forms are compared)
+COMPRESSED_SUFFIX = ", compressed streaming"  # appended to the label of a reply streamed compressed
 
 
 @dataclass(frozen=True)
@@ -208,10 +210,6 @@ def fit_gpu(
         verify_ms_by_nodes=verify_ms,
         tok_per_s_by_candidate=tok_per_s,
     )
-
-
-VANILLA_LABEL = "vanilla"
-COMPRESSED_SUFFIX = ", compressed streaming"
 
 
 class _Placed(NamedTuple):
