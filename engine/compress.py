@@ -22,7 +22,7 @@ import torch
 MAX_CODE_BITS = 12
 LANE_WEIGHTS = 256  # W: 32 offset bits per 256 weights cost 0.125 bits a weight
 _ENCODE_LANES = 1 << 14  # lanes packed at once: bounds the encoder's int64 temporaries (~170 MB)
-_SLAB_WEIGHTS = 1 << 25  # weights read at once from host memory (64 MB of bf16)
+SLAB_WEIGHTS = 1 << 25  # weights read at once from host memory (64 MB of bf16)
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,8 @@ def exponent_histogram(flat: torch.Tensor, padded: int | None = None, device: to
     on `device` (default: flat's) a slab at a time."""
     device = device or flat.device
     counts = torch.zeros(256, dtype=torch.int64, device=device)
-    for start in range(0, flat.numel(), _SLAB_WEIGHTS):
-        counts += torch.bincount(exponents(flat[start : start + _SLAB_WEIGHTS].to(device)), minlength=256)
+    for start in range(0, flat.numel(), SLAB_WEIGHTS):
+        counts += torch.bincount(exponents(flat[start : start + SLAB_WEIGHTS].to(device)), minlength=256)
     if padded is not None:
         counts[0] += padded - flat.numel()
     return counts.cpu()
@@ -122,7 +122,7 @@ def compress(flat: torch.Tensor, book: Codebook, lane_weights: int = LANE_WEIGHT
     bits = flat.contiguous().view(torch.int16)
     sign_mantissa = torch.zeros(lanes * lane_weights, dtype=torch.uint8)
     step_exponents = torch.zeros(lane_weights, lanes, dtype=torch.uint8, device=device)  # row k: step k's weights
-    steps = max(1, _SLAB_WEIGHTS // lanes)
+    steps = max(1, SLAB_WEIGHTS // lanes)
     for k in range(0, lane_weights, steps):
         start, end = k * lanes, min((k + steps) * lanes, numel)
         if start >= numel:

@@ -28,11 +28,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engine import compress
+from engine.errors import EngineError
 from engine.stats import nvtx_range
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-LayerWeights = dict[str, torch.Tensor]  # "q_proj" -> weight, "q_proj.bias" -> bias, ...
+LayerWeights = dict[str, torch.Tensor]
+# Bytes past a checked blob's end: a lane reads at most 256 codes of 12 bits past its offset.
+_DECODE_MARGIN = 512  # "q_proj" -> weight, "q_proj.bias" -> bias, ...
 
 
 def linear_tensors(hf_layer: torch.nn.Module) -> LayerWeights:
@@ -214,20 +217,56 @@ class LayerStack:
             book = compress.codebook_of_lengths(cached.lengths)
         else:
             book = compress.codebook(sum(_exponent_counts(w, padded, on) for w in layers))
+        self._table = book.table.to(self.device)
+        decoded = torch.empty(padded, dtype=torch.bfloat16, device=on)  # no more than the slots allocated next
         first = self.num_layers - len(self._host)
         for index, host in enumerate(self._host, start=first):
             blob = cached.blob(index)
-            if blob is None:
+            # A cached layer is decoded and compared before use: a stale or damaged file must never
+            # reach the compute (lossless is the promise); one that differs is encoded again.
+            if blob is None or not self._decodes_to(blob, host, decoded):
                 layer = compress.compress(host, book, device=on)
                 blob = cached.add(index, torch.cat([t.view(torch.uint8) for t in _in_blob_order(layer)]))
+                if not self._decodes_to(blob, host, decoded):
+                    raise EngineError(f"compressed streaming: layer {index} does not decode to its weights "
+                                      "(an encoder fault): run without --compressed-streaming")
             blob = blob.pin_memory() if self._cuda else blob
             self._compressed.append(_Compressed(layer=_split(blob, host.numel(), lanes), blob=blob))
         cached.save(book.lengths)
-        self._table = book.table.to(self.device)
+        del decoded
         if self._cuda:  # the encoder's blocks go back: slots and caches must not find them fragmented
             torch.cuda.empty_cache()
         # What the slots are sized from: a padded bf16 layer (the decoder writes the padding too).
         self._host = [torch.empty(padded, dtype=torch.bfloat16, device="meta") for _ in self._host]
+
+    def _decodes_to(self, blob: torch.Tensor, host: torch.Tensor, out: torch.Tensor) -> bool:
+        """Whether `blob` decodes (with this stack's table, into `out`) to `host`'s bits exactly.
+        A blob read from disk may be anything: its lane offsets are checked to stay inside its
+        bitstream, and it is decoded from a copy with room past its end (the last lane's reads)."""
+        lanes = compress.lanes_for(host.numel())
+        words_bytes = blob.numel() - lanes * (8 + compress.LANE_WEIGHTS)
+        if words_bytes < 8 or words_bytes % 4:
+            return False
+        offsets = blob[: lanes * 8].view(torch.int64)
+        if offsets[0] != 0 or bool((offsets.diff() < 0).any()) or offsets[-1] > words_bytes * 8:
+            return False
+        padded = torch.zeros(blob.numel() + _DECODE_MARGIN, dtype=torch.uint8, device=out.device)
+        padded[: blob.numel()].copy_(blob)
+        layer = _split(padded[: blob.numel()], host.numel(), lanes)
+        if self._cuda:
+            from engine import decompress_kernel  # Triton: imported only where a GPU runs it
+
+            decompress_kernel.decode(layer, self._table, out)
+        else:
+            try:
+                compress.decode_reference(layer, self._table, out)
+            except IndexError:  # torch checks a CPU index: a code ran past the bitstream
+                return False
+        expected = host.view(torch.int16)
+        got = out[: host.numel()].view(torch.int16)
+        step = compress.SLAB_WEIGHTS
+        return all(torch.equal(got[i : i + step], expected[i : i + step].to(out.device))
+                   for i in range(0, host.numel(), step))
 
     def _pack(self, weights: LayerWeights, pinned: bool) -> torch.Tensor:
         dtype = next(iter(weights.values())).dtype

@@ -53,7 +53,7 @@ def test_the_encoder_reads_its_input_in_slabs_with_the_same_result(monkeypatch, 
     counts = exponent_histogram(flat, padded)
     book = codebook(counts)
     whole = compress(flat, book)
-    monkeypatch.setattr(engine.compress, "_SLAB_WEIGHTS", slab)
+    monkeypatch.setattr(engine.compress, "SLAB_WEIGHTS", slab)
     assert torch.equal(exponent_histogram(flat, padded), counts) and int(counts.sum()) == padded
     sliced = compress(flat, book)
     for part in ("sign_mantissa", "words", "offsets"):
@@ -248,6 +248,23 @@ def test_encoded_layers_are_kept_between_starts_and_serve_another_placement(rand
     cache.write_bytes(b"not safetensors")
     start(keep=1)
     assert len(encoded) == 2 * total - 1 and cache.stat().st_size > 100  # encoded again, written anew
+    # A file that reads but holds other bits (damaged data, a stale layer): every blob is decoded
+    # and compared before use; a layer that differs is encoded again and the file rewritten.
+    from safetensors.torch import load_file, save_file
+
+    start(keep=0)  # layer 0 back in the file
+    assert len(encoded) == 2 * total
+    stored = load_file(cache)
+    assert total == 3
+    stored["0"][8] ^= 1  # one bit of lane 1's offset: the lane decodes from the wrong bit
+    stored["1"] = stored["2"].clone()  # another layer's blob under this index
+    stored["2"] = stored["2"][:-3].clone()  # a truncated blob
+    save_file(stored, cache)
+    before = len(encoded)
+    start(keep=0)
+    assert len(encoded) == before + 3
+    start(keep=0)
+    assert len(encoded) == before + 3  # the rewritten file is good again
 
 
 def test_the_encoded_cache_follows_the_weight_files(tmp_path):
