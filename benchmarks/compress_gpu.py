@@ -124,7 +124,7 @@ def layer_case(kind: str, numel: int, device: torch.device, args) -> dict:
 
 def engine_cases(shape: str, vram_gb: float, device: torch.device) -> dict:
     """The engine's vanilla decoding under the cap, bf16 then compressed streaming, each with the
-    memory model's plan for it (compressed streaming's staging buffers can cost a resident layer)."""
+    memory model's plan for it (compressed streaming's staging buffer can cost a resident layer)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from offload_gpu import SHAPES, bench_vanilla, random_model, release_cached_memory
 

@@ -606,7 +606,7 @@ def main() -> None:
                         help="EngineConfig.row_invariant for every engine (default: the engine's, on in 16-bit dtypes)")
     parser.add_argument("--compressed-streaming", action="store_true",
                         help="stream offloaded layers compressed (engine.compress; the memory model's plan "
-                             "counts the staging buffers)")
+                             "counts the staging buffer)")
     parser.add_argument("--methods", default="vanilla,subspec_sd",
                         help="vanilla (always: the baseline), subspec_sd, eagle_sd (a random head of the shape)")
     parser.add_argument("--json")

@@ -8,9 +8,11 @@ the first offloaded layers of the NEXT forward load while this one finishes (and
 works). Waits are per event; nothing synchronizes the whole device.
 
 With `compressed`, a streamed layer is kept and copied in engine.compress's form (exponents
-Huffman-coded, ~68% of its bf16 bytes) into a staging buffer beside its slot, and decoded on a
-decode stream into the slot's bf16 buffer, bit for bit the weights it was given, while the next
-layer's copy runs.
+Huffman-coded, ~68% of its bf16 bytes) into one staging buffer shared by the slots, and decoded on
+a decode stream into its slot's bf16 buffer, bit for bit the weights it was given. The layer is
+encoded in PIECES independent pieces, each with a region of the staging buffer: the next layer's
+piece p crosses as soon as this layer's piece p is decoded, so copies never wait for a whole
+decode, and one staging buffer (not one per slot) keeps the copy engine busy.
 
 A "fake device" (device = CPU with streaming forced on) runs the same bookkeeping with synchronous
 copies (and the torch reference decoder), so the slot logic is tested on machines without a GPU.
@@ -35,7 +37,11 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 LayerWeights = dict[str, torch.Tensor]
 # Bytes past a checked blob's end: a lane reads at most 256 codes of 12 bits past its offset.
-_DECODE_MARGIN = 512  # "q_proj" -> weight, "q_proj.bias" -> bias, ...
+_DECODE_MARGIN = 512
+# Pieces a compressed layer is encoded in: the next layer's copy waits for the decode of one piece
+# (~0.2 ms of a 7B layer's ~0.9 ms), and more pieces only add launches.
+PIECES = 4
+_ALIGN = 16  # bytes: every piece's blob (and staging region) starts aligned for its int64 offsets
 
 
 def linear_tensors(hf_layer: torch.nn.Module) -> LayerWeights:
@@ -51,10 +57,12 @@ def linear_tensors(hf_layer: torch.nn.Module) -> LayerWeights:
 
 
 @dataclass
-class _Compressed:
-    """One streamed layer in engine.compress's form: `blob` (pinned) holds its three parts."""
+class _Piece:
+    """One piece of a streamed layer in engine.compress's form: weights [start, start + its
+    padded length) of the layer, its three parts as views into `blob` (pinned)."""
 
-    layer: compress.CompressedLayer  # the parts: views into `blob`
+    start: int
+    layer: compress.CompressedLayer
     blob: torch.Tensor  # uint8
 
 
@@ -62,8 +70,7 @@ class _Compressed:
 class _Slot:
     flat: torch.Tensor  # device buffer holding one layer
     views: LayerWeights  # named views into `flat`
-    staging: torch.Tensor | None = None  # compressed: where the layer's blob lands before decoding
-    copied: torch.cuda.Event | None = None  # the layer's copy has landed
+    copied: torch.cuda.Event | None = None  # the layer is in `flat` (copied, or decoded)
     freed: torch.cuda.Event | None = None  # the layer's compute no longer reads it
 
 
@@ -95,14 +102,17 @@ class LayerStack:
         self._layout = _layout(offloaded[0]) if offloaded else {}
         self._host = [self._pack(w, pinned=self._cuda and not compressed) for w in offloaded]
         self.weight_bytes = sum(h.nbytes for h in self._host)  # bf16 bytes of the streamed layers
-        self._compressed: list[_Compressed] = []
+        self._compressed: list[list[_Piece]] = []  # per streamed layer, its pieces
         self._table: torch.Tensor | None = None
         if compressed and self._host:
             self._compress(layers, encoded_cache)
         self.num_slots = min(num_slots, len(self._host))
         self._slots = [self._new_slot() for _ in range(self.num_slots)]
+        self._regions = self._staging_regions()
+        # The decode of the piece last staged in each region (the next copy there waits for it).
+        self._region_read: list[torch.cuda.Event | None] = [None] * len(self._regions)
         self._copy_stream = torch.cuda.Stream(device) if self._cuda and self._host else None
-        # Decoding runs beside the copies: the next layer's blob crosses PCIe while this one decodes.
+        # Decoding runs beside the copies: the next piece crosses PCIe while this one decodes.
         self._decode_stream = torch.cuda.Stream(device) if self._cuda and self._compressed else None
         self._timings: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._cpu_transfer_s = 0.0
@@ -113,7 +123,7 @@ class LayerStack:
     @property
     def offloaded_bytes(self) -> int:
         """Bytes one forward streams: the physical floor's numerator."""
-        return sum(c.blob.nbytes for c in self._compressed) or sum(h.nbytes for h in self._host)
+        return sum(p.blob.nbytes for pieces in self._compressed for p in pieces) or sum(h.nbytes for h in self._host)
 
     @property
     def layers_streamed(self) -> int:
@@ -122,9 +132,8 @@ class LayerStack:
 
     @property
     def resident_bytes(self) -> int:
-        return sum(t.nbytes for w in self.resident for t in w.values()) + sum(
-            s.flat.nbytes + (s.staging.nbytes if s.staging is not None else 0) for s in self._slots
-        )
+        return (sum(t.nbytes for w in self.resident for t in w.values()) + sum(s.flat.nbytes for s in self._slots)
+                + sum(r.nbytes for r in self._regions))
 
     def weights(self, i: int) -> LayerWeights:
         """Layer i's weights on the device; for a streamed layer, after its copy has landed."""
@@ -167,49 +176,60 @@ class LayerStack:
         if not self._cuda:
             started = time.perf_counter()
             if self._compressed:
-                compress.decode_reference(self._compressed[n % len(self._host)].layer, self._table, slot.flat)
+                for piece in self._compressed[n % len(self._host)]:
+                    compress.decode_reference(piece.layer, self._table, slot.flat[piece.start :])
             else:
                 slot.flat.copy_(host)
             self._cpu_transfer_s += time.perf_counter() - started
             return
+        if self._compressed:
+            self._copy_pieces(self._compressed[n % len(self._host)], slot)
+            return
         with torch.cuda.stream(self._copy_stream), nvtx_range(f"transfer layer {n % len(self._host)}", self._nvtx):
             if slot.freed is not None:
                 self._copy_stream.wait_event(slot.freed)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(self._copy_stream)
-            if self._compressed:
-                blob = self._compressed[n % len(self._host)].blob
-                slot.staging[: blob.numel()].copy_(blob, non_blocking=True)
-            else:
-                slot.flat.copy_(host, non_blocking=True)
-            end.record(self._copy_stream)
-            slot.copied = end
-            self._timings.append((start, end))
-        if self._compressed:
-            slot.copied = self._decode(self._compressed[n % len(self._host)], slot)
+            slot.copied = self._timed_copy(slot.flat, host)
 
-    def _decode(self, host: _Compressed, slot: _Slot) -> torch.cuda.Event:
-        """Decode the slot's staged blob into its bf16 buffer once the blob has landed; returns the
-        event the layer's compute waits for. The staging buffer is next written by the copy that
-        waits for this slot's `freed`, recorded after that compute: never while decoding."""
+    def _copy_pieces(self, pieces: list[_Piece], slot: _Slot) -> None:
+        """Each piece crosses into its staging region once that region's last piece is decoded,
+        and is decoded into the slot once it has landed and the slot's last layer is computed;
+        the layer's compute waits for the last decode."""
         from engine import decompress_kernel  # Triton: imported only where a GPU runs it
 
-        with torch.cuda.stream(self._decode_stream):
-            self._decode_stream.wait_event(slot.copied)
-            staged = _split(slot.staging[: host.blob.numel()], host.layer.numel, host.layer.lanes)
-            decompress_kernel.decode(staged, self._table, slot.flat)
-            decoded = torch.cuda.Event()
-            decoded.record(self._decode_stream)
-        return decoded
+        for index, (piece, region) in enumerate(zip(pieces, self._regions)):
+            with torch.cuda.stream(self._copy_stream), nvtx_range(f"transfer piece {index}", self._nvtx):
+                if self._region_read[index] is not None:
+                    self._copy_stream.wait_event(self._region_read[index])
+                staged = region[: piece.blob.numel()]
+                landed = self._timed_copy(staged, piece.blob)
+            with torch.cuda.stream(self._decode_stream):
+                self._decode_stream.wait_event(landed)
+                if index == 0 and slot.freed is not None:
+                    self._decode_stream.wait_event(slot.freed)
+                decompress_kernel.decode(_split(staged, piece.layer.numel, piece.layer.lanes), self._table,
+                                         slot.flat[piece.start :])
+                decoded = torch.cuda.Event()
+                decoded.record(self._decode_stream)
+            self._region_read[index] = decoded
+        slot.copied = decoded
+
+    def _timed_copy(self, dst: torch.Tensor, src: torch.Tensor) -> torch.cuda.Event:
+        """Copy on the copy stream, timed for take_transfer_ms; returns the event of its landing."""
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(self._copy_stream)
+        dst.copy_(src, non_blocking=True)
+        end.record(self._copy_stream)
+        self._timings.append((start, end))
+        return end
 
     def _compress(self, layers: list[LayerWeights], cache_file: Path | None) -> None:
-        """Every streamed layer into engine.compress's form, the bf16 copies dropped (the pinned
-        memory is the compressed bytes). One codebook for the whole model, from every layer's
-        exponents (resident ones too), so the layers encoded for one placement serve any other:
-        they are kept in `cache_file` between starts (a GPU encodes a 7B layer in under a second,
-        a 2-core CPU in ~17 s)."""
-        lanes = compress.lanes_for(self._host[0].numel())
-        padded = lanes * compress.LANE_WEIGHTS
+        """Every streamed layer into engine.compress's form, in PIECES pieces, the bf16 copies
+        dropped (the pinned memory is the compressed bytes). One codebook for the whole model, from
+        every layer's exponents (resident ones too), so the layers encoded for one placement serve
+        any other: they are kept in `cache_file` between starts (a GPU encodes a 7B layer in under a
+        second, a 2-core CPU in ~17 s)."""
+        ranges = _piece_ranges(self._host[0].numel())
+        padded = ranges[-1][0] + ranges[-1][1]
         # On a GPU the encoder's whole-tensor integer math runs there, a slab of host memory at a time.
         on = self.device if self._cuda else torch.device("cpu")
         cached = _CachedBlobs(cache_file)
@@ -218,26 +238,43 @@ class LayerStack:
         else:
             book = compress.codebook(sum(_exponent_counts(w, padded, on) for w in layers))
         self._table = book.table.to(self.device)
-        decoded = torch.empty(padded, dtype=torch.bfloat16, device=on)  # no more than the slots allocated next
+        decoded = torch.empty(ranges[0][1], dtype=torch.bfloat16, device=on)  # less than the slots allocated next
         first = self.num_layers - len(self._host)
         for index, host in enumerate(self._host, start=first):
-            blob = cached.blob(index)
-            # A cached layer is decoded and compared before use: a stale or damaged file must never
-            # reach the compute (lossless is the promise); one that differs is encoded again.
-            if blob is None or not self._decodes_to(blob, host, decoded):
-                layer = compress.compress(host, book, device=on)
-                blob = cached.add(index, torch.cat([t.view(torch.uint8) for t in _in_blob_order(layer)]))
-                if not self._decodes_to(blob, host, decoded):
-                    raise EngineError(f"compressed streaming: layer {index} does not decode to its weights "
-                                      "(an encoder fault): run without --compressed-streaming")
-            blob = blob.pin_memory() if self._cuda else blob
-            self._compressed.append(_Compressed(layer=_split(blob, host.numel(), lanes), blob=blob))
+            blobs = []
+            for number, (start, length) in enumerate(ranges):
+                weights, key = host[start : start + length], f"{index}.{number}"
+                blob = cached.blob(key)
+                # A cached piece is decoded and compared before use: a stale or damaged file must
+                # never reach the compute (lossless is the promise); one that differs is encoded again.
+                if blob is None or not self._decodes_to(blob, weights, decoded):
+                    piece = compress.compress(weights, book, device=on)
+                    blob = cached.add(key, torch.cat([t.view(torch.uint8) for t in _in_blob_order(piece)]))
+                    if not self._decodes_to(blob, weights, decoded):
+                        raise EngineError(f"compressed streaming: layer {index} does not decode to its weights "
+                                          "(an encoder fault): run without --compressed-streaming")
+                blobs.append(blob)
+            starts = [(start, host[start : start + length].numel()) for start, length in ranges]
+            self._compressed.append(self._pinned_pieces(blobs, starts))
         cached.save(book.lengths)
         del decoded
         if self._cuda:  # the encoder's blocks go back: slots and caches must not find them fragmented
             torch.cuda.empty_cache()
         # What the slots are sized from: a padded bf16 layer (the decoder writes the padding too).
         self._host = [torch.empty(padded, dtype=torch.bfloat16, device="meta") for _ in self._host]
+
+    def _pinned_pieces(self, blobs: list[torch.Tensor], starts: list[tuple[int, int]]) -> list[_Piece]:
+        """A layer's piece blobs in one host buffer (pinned on a GPU machine), each aligned;
+        `starts`: each piece's first weight and number of weights."""
+        sizes = [-(-b.numel() // _ALIGN) * _ALIGN for b in blobs]
+        packed = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=self._cuda)
+        pieces, at = [], 0
+        for blob, size, (start, numel) in zip(blobs, sizes, starts):
+            view = packed[at : at + blob.numel()]
+            view.copy_(blob)
+            pieces.append(_Piece(start=start, layer=_split(view, numel, compress.lanes_for(numel)), blob=view))
+            at += size
+        return pieces
 
     def _decodes_to(self, blob: torch.Tensor, host: torch.Tensor, out: torch.Tensor) -> bool:
         """Whether `blob` decodes (with this stack's table, into `out`) to `host`'s bits exactly.
@@ -279,9 +316,25 @@ class LayerStack:
     def _new_slot(self) -> _Slot:
         flat = torch.empty_like(self._host[0], device=self.device)
         views = {n: flat[o : o + s.numel()].view(s) for n, (o, s) in self._layout.items()}
-        largest = max((c.blob.numel() for c in self._compressed), default=0)
-        staging = torch.empty(largest, dtype=torch.uint8, device=self.device) if self._compressed and self._cuda else None
-        return _Slot(flat=flat, views=views, staging=staging)
+        return _Slot(flat=flat, views=views)
+
+    def _staging_regions(self) -> list[torch.Tensor]:
+        """Compressed streaming on a GPU: one staging buffer, a region per piece as large as that
+        piece's largest blob over the streamed layers."""
+        if not (self._compressed and self._cuda):
+            return []
+        sizes = [-(-max(p[i].blob.numel() for p in self._compressed) // _ALIGN) * _ALIGN
+                 for i in range(len(self._compressed[0]))]
+        staging = torch.empty(sum(sizes), dtype=torch.uint8, device=self.device)
+        return list(staging.split(sizes))
+
+
+def _piece_ranges(numel: int, pieces: int = PIECES) -> list[tuple[int, int]]:
+    """(start, padded length) of each piece of a flat layer of `numel` weights: whole lanes, so
+    only the last piece is padded, and every piece starts 512-byte aligned."""
+    step = compress.lanes_for(-(-numel // pieces)) * compress.LANE_WEIGHTS
+    starts = range(0, numel, step)
+    return [(start, compress.lanes_for(min(step, numel - start)) * compress.LANE_WEIGHTS) for start in starts]
 
 
 def _split(blob: torch.Tensor, numel: int, lanes: int) -> compress.CompressedLayer:
@@ -302,7 +355,8 @@ def _exponent_counts(weights: LayerWeights, padded: int, device: torch.device) -
 
 class _CachedBlobs:
     """Encoded layers kept on disk between starts (safetensors: the code lengths and one uint8 blob
-    per layer index, each read when asked for). A file that does not read is encoded again."""
+    per piece, keyed "layer.piece", each read when asked for). A file that does not read is encoded
+    again."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
@@ -317,14 +371,14 @@ class _CachedBlobs:
         except Exception:  # noqa: BLE001 - a damaged or foreign file: encode again, write it anew
             self._keys, self.lengths = set(), None
 
-    def blob(self, index: int) -> torch.Tensor | None:
-        if str(index) not in self._keys:
+    def blob(self, key: str) -> torch.Tensor | None:
+        if key not in self._keys:
             return None
         with safe_open(self.path, "pt") as stored:
-            return stored.get_tensor(str(index))
+            return stored.get_tensor(key)
 
-    def add(self, index: int, blob: torch.Tensor) -> torch.Tensor:
-        self._added[str(index)] = blob
+    def add(self, key: str, blob: torch.Tensor) -> torch.Tensor:
+        self._added[key] = blob
         return blob
 
     def save(self, lengths: torch.Tensor) -> None:
@@ -334,7 +388,8 @@ class _CachedBlobs:
         staging = self.path.with_suffix(f".tmp{os.getpid()}")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            stored = {key: self.blob(int(key)) for key in self._keys if key not in self._added}
+            # Keys are "layer.piece"; a key of an older form (a whole layer) is left out.
+            stored = {key: self.blob(key) for key in self._keys if key not in self._added and "." in key}
             save_file({**stored, **self._added, "lengths": lengths.contiguous()}, staging)
             os.replace(staging, self.path)
         except OSError:  # a full or read-only disk: the next start encodes again

@@ -108,7 +108,7 @@ def choose_plan(
     plan = profile.plan
     if "compressed_streaming" in explicit and plan.stream_buffers and config.compressed_streaming != plan.compressed_streaming:
         # The profile placed and timed the other streaming form: its plan has no room for (or wastes)
-        # the staging buffers; the memory model plans the one asked for.
+        # the staging buffer; the memory model plans the one asked for.
         flag = "--compressed-streaming" if config.compressed_streaming else "--no-compressed-streaming"
         measured = "compressed" if plan.compressed_streaming else "bf16"
         return _estimate(config, on_gpu, "max_length" in explicit,

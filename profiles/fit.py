@@ -257,7 +257,7 @@ def _compressed_streaming(
     allowed: int, loader: Loader, progress: Progress,
 ) -> tuple[str, _Placed, float] | None:
     """The chosen tree's reply with compressed streaming under that form's own placement (its
-    staging buffers can cost a resident layer): (label, placement, tok/s), or None where it does not
+    staging buffer can cost a resident layer): (label, placement, tok/s), or None where it does not
     fit or the model cannot be streamed compressed (not bfloat16)."""
     estimate = _trial_estimate(model_config, vram_bytes, base.method, max_context, draft_config, compressed=True)
     if not estimate.fits or estimate.layers_on_gpu >= estimate.layers_total:

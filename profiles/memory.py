@@ -243,7 +243,7 @@ class Plan:
     draft_bytes: int  # a separate draft model (classic_sd / eagle_sd), weights and KV
     kv_cache_bytes: int
     stream_buffers: int  # device buffers offloaded layers stream through; 0 when every layer is resident
-    stream_buffer_bytes: int  # stream_buffers x one layer's bf16 linears (and its compressed staging)
+    stream_buffer_bytes: int  # stream_buffers x one layer's bf16 linears (+ compressed streaming's staging buffer)
     workspace_bytes: int
     cuda_context_bytes: int
     safety_margin_bytes: int
@@ -308,7 +308,7 @@ class Plan:
 
 # engine.compress's size of a layer against its bf16 bytes, rounded up from the 0.678 and 0.700
 # measured on Gaussian and row-scaled Student-t weights (benchmarks/compress_gpu.py): what the
-# staging buffer beside each stream buffer holds with compressed streaming.
+# staging buffer the stream buffers share holds with compressed streaming.
 COMPRESSED_FRACTION = 0.72
 
 
@@ -340,8 +340,8 @@ def estimate_plan(
     resident plus N bf16 layers; classic_sd/eagle_sd keep the whole draft model resident
     (`draft_config` is required for them). Stream buffers are only needed when N < L, and never
     more than the L - N layers that stream (the engine allocates no more). With
-    `compressed_streaming` every stream buffer has a staging buffer beside it for the compressed
-    bytes (COMPRESSED_FRACTION of the layer).
+    `compressed_streaming` the stream buffers share one staging buffer for the compressed bytes
+    (COMPRESSED_FRACTION of a layer).
     Raises ModelShapeError (a ValueError) for a config it cannot plan or a bad argument.
     """
     shape = ModelShape.from_config(model_config)
@@ -368,8 +368,7 @@ def estimate_plan(
         )
     layer = shape.layer_bytes(dtype_bytes)
     buffer = shape.linear_bytes(dtype_bytes)
-    if compressed_streaming:
-        buffer += int(buffer * COMPRESSED_FRACTION)
+    staging = int(buffer * COMPRESSED_FRACTION) if compressed_streaming else 0
     substitute_layer = shape.substitute_layer_bytes(substitute_bits, substitute_group, dtype_bytes) if uses_substitute else 0
     # The target's default (EngineConfig.row_invariant): row-invariant in the 16-bit dtypes.
     row_chunk = GPU_ROWS if row_invariant_by_default(dtype_bytes) else None
@@ -402,7 +401,7 @@ def estimate_plan(
             draft_bytes=draft_bytes,
             kv_cache_bytes=shape.kv_bytes_per_token(dtype_bytes) * max_context,
             stream_buffers=streaming,
-            stream_buffer_bytes=streaming * buffer,
+            stream_buffer_bytes=streaming * buffer + (staging if streaming else 0),
             workspace_bytes=workspace,
             cuda_context_bytes=cuda_context_bytes,
             safety_margin_bytes=margin,

@@ -145,7 +145,7 @@ def test_triton_decoder_under_the_interpreter():
 # --- compressed streaming in the engine ----------------------------------------------------------
 
 from engine import EngineConfig, EngineError, SamplingConfig, load_engine  # noqa: E402
-from engine.offload import LayerStack, linear_tensors  # noqa: E402
+from engine.offload import PIECES, LayerStack, _piece_ranges, linear_tensors  # noqa: E402
 from tests.test_lossless import assert_drafts_lossless, greedy, random_prompts  # noqa: E402
 
 
@@ -163,6 +163,18 @@ def streamed_layers_equal(model: torch.nn.Module, keep: int, slots: int) -> int:
                 compared += i >= keep
             stack.done(i)
     return compared
+
+
+@pytest.mark.parametrize("numel", [1, 255, 256, 1024, 4 * 256 + 1, 70_001, 233_000_000])
+def test_a_layer_is_cut_into_pieces_of_whole_lanes(numel):
+    # Each piece decodes into weights [start, start + padded length): the pieces tile the layer
+    # with no gap or overlap, each whole lanes (only the last one padded), at most PIECES of them.
+    ranges = _piece_ranges(numel)
+    assert 1 <= len(ranges) <= PIECES and ranges[0][0] == 0
+    for (start, length), (following, _) in zip(ranges, ranges[1:]):
+        assert following == start + length and length % LANE_WEIGHTS == 0
+    last_start, last_length = ranges[-1]
+    assert last_start < numel <= last_start + last_length < numel + LANE_WEIGHTS
 
 
 def test_every_streamed_tensor_of_the_bundled_model_decodes_bit_for_bit(bundled_folder):
@@ -238,33 +250,43 @@ def test_encoded_layers_are_kept_between_starts_and_serve_another_placement(rand
                 assert torch.equal(tensor.view(torch.int16), layers[i][name].view(torch.int16)), (keep, i, name)
             stack.done(i)
 
-    total = len(layers)
+    total, pieces = len(layers), len(_piece_ranges(stack_numel(layers)))
+    assert pieces == PIECES  # the random model's layers are large enough for every piece
     start(keep=1)
-    assert len(encoded) == total - 1 and cache.is_file()
+    assert len(encoded) == (total - 1) * pieces and cache.is_file()
     start(keep=2)
-    assert len(encoded) == total - 1  # nothing encoded: read back
+    assert len(encoded) == (total - 1) * pieces  # nothing encoded: read back
     start(keep=0)
-    assert len(encoded) == total  # only layer 0
+    assert len(encoded) == total * pieces  # only layer 0's pieces
     cache.write_bytes(b"not safetensors")
     start(keep=1)
-    assert len(encoded) == 2 * total - 1 and cache.stat().st_size > 100  # encoded again, written anew
+    assert len(encoded) == (2 * total - 1) * pieces and cache.stat().st_size > 100  # encoded again, written anew
     # A file that reads but holds other bits (damaged data, a stale layer): every blob is decoded
-    # and compared before use; a layer that differs is encoded again and the file rewritten.
+    # and compared before use; a piece that differs is encoded again and the file rewritten.
     from safetensors.torch import load_file, save_file
 
     start(keep=0)  # layer 0 back in the file
-    assert len(encoded) == 2 * total
+    assert len(encoded) == 2 * total * pieces
     stored = load_file(cache)
     assert total == 3
-    stored["0"][8] ^= 1  # one bit of lane 1's offset: the lane decodes from the wrong bit
-    stored["1"] = stored["2"].clone()  # another layer's blob under this index
-    stored["2"] = stored["2"][:-3].clone()  # a truncated blob
+    stored["0.0"][8] ^= 1  # one bit of lane 1's offset: the lane decodes from the wrong bit
+    stored["1.1"] = stored["2.1"].clone()  # another layer's piece under this key
+    stored["2.3"] = stored["2.3"][:-3].clone()  # a truncated blob
+    stored["2"] = stored["2.0"].clone()  # a key of an older form (whole layers): dropped on rewrite
     save_file(stored, cache)
     before = len(encoded)
     start(keep=0)
     assert len(encoded) == before + 3
+    assert "2" not in load_file(cache)
     start(keep=0)
     assert len(encoded) == before + 3  # the rewritten file is good again
+
+
+def stack_numel(layers: list) -> int:
+    """Weights of one packed layer as LayerStack lays it out (its gaps included)."""
+    from engine.offload import _layout, _numel
+
+    return _numel(_layout(layers[0]))
 
 
 def test_the_encoded_cache_follows_the_weight_files(tmp_path):

@@ -304,16 +304,19 @@ def test_the_planned_context_stays_within_the_model_and_falls_back_to_the_shorte
                            QWEN25_14B) == CONTEXT_CHOICES[-1]  # fits at none: the profile says why
 
 
-def test_compressed_streaming_plans_a_staging_buffer_beside_every_stream_buffer():
-    # Vanilla 7B at 8 GiB: 8 resident layers and three 0.466 GB buffers in bf16 (test above); each
-    # buffer gains a 0.72 x 0.466 = 0.336 GB staging buffer, 1.01 GB for three: 2 layers fewer.
+def test_compressed_streaming_plans_one_staging_buffer_for_the_stream_buffers():
+    # Vanilla 7B at 8 GiB: 8 resident layers and three 0.466 GB buffers in bf16 (test above); the
+    # buffers share one 0.72 x 0.466 = 0.336 GB staging buffer: 1 layer fewer.
     linear = ModelShape.from_config(QWEN25_7B).linear_bytes()
     plain = estimate_plan(QWEN25_7B, 8 * GIB, "vanilla", max_context=2048)
     compressed = estimate_plan(QWEN25_7B, 8 * GIB, "vanilla", max_context=2048, compressed_streaming=True)
     assert compressed.stream_buffers == plain.stream_buffers == 3
-    assert compressed.stream_buffer_bytes == 3 * (linear + int(linear * 0.72))
-    assert compressed.layers_on_gpu == plain.layers_on_gpu - 2
+    assert compressed.stream_buffer_bytes == 3 * linear + int(linear * 0.72)
+    assert compressed.layers_on_gpu == plain.layers_on_gpu - 1
     assert compressed.total_bytes <= 8 * GIB
-    # Host RAM: 20 streamed bf16 layers against 22 compressed ones at 0.72.
+    # Host RAM: 20 streamed bf16 layers against 21 compressed ones at 0.72.
     assert plain.pinned_host_bytes == 20 * plain.layer_bytes
-    assert compressed.pinned_host_bytes == int(22 * plain.layer_bytes * 0.72)
+    assert compressed.pinned_host_bytes == int(21 * plain.layer_bytes * 0.72)
+    # Nothing streamed, nothing staged.
+    resident = estimate_plan(QWEN25_7B, 40 * GIB, "vanilla", max_context=2048, compressed_streaming=True)
+    assert resident.stream_buffers == 0 and resident.stream_buffer_bytes == 0
