@@ -487,6 +487,8 @@ async def test_first_start_shows_the_measurement_then_lands_in_the_chat_with_the
     app = make_app(loader=loader, profiler=profiler)
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_until(pilot, lambda: app.current_mode == "profile")
+        # the worker's progress reaches the screen through the event loop: wait for the first step
+        await wait_until(pilot, lambda: steps[0] in static_text(app.screen, "#profile-measured"))
         measured = static_text(app.screen, "#profile-measured")
         assert measured.splitlines() == [
             "measuring bundled:SmolLM2-135M-Instruct (method from the profile) on this machine; "
