@@ -240,7 +240,7 @@ class Plan:
     resident_layers_bytes: int
     embedding_bytes: int
     substitute_bytes: int
-    draft_bytes: int  # a separate draft model (classic_sd / eagle_sd), weights and KV
+    draft_bytes: int  # classic_sd's draft model or eagle_sd's head: its own weights and KV
     kv_cache_bytes: int
     stream_buffers: int  # device buffers offloaded layers stream through; 0 when every layer is resident
     stream_buffer_bytes: int  # stream_buffers x one layer's bf16 linears (+ compressed streaming's staging buffer)
@@ -361,9 +361,14 @@ def estimate_plan(
         if draft_config is None:
             raise ModelShapeError(f"{method} needs the draft model's config to estimate its memory")
         draft = ModelShape.from_config(draft_config)
+        # An EAGLE head reads the target's embeddings and lm_head (engine/eagle.py): its own
+        # weights are its decoder layer and fc, [H, 2H] with a bias, where a draft model has
+        # embeddings and a head of its own.
+        own_weights = (2 * draft.hidden * draft.hidden + draft.hidden) * dtype_bytes if method == "eagle_sd" \
+            else draft.embedding_bytes(dtype_bytes)
         draft_bytes = (
             draft.layers * draft.layer_bytes(dtype_bytes)
-            + draft.embedding_bytes(dtype_bytes)
+            + own_weights
             + draft.kv_bytes_per_token(dtype_bytes) * max_context
         )
     layer = shape.layer_bytes(dtype_bytes)

@@ -6,6 +6,8 @@ decimal GB, so `GB` below is 1e9.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -246,6 +248,30 @@ def test_classic_sd_counts_the_whole_draft_model():
     assert plan.substitute_bytes == 0 and plan.substitute_bits is None
     with pytest.raises(ModelShapeError, match="draft model's config"):
         estimate_plan(QWEN25_7B, 24 * GIB, "classic_sd")
+
+
+def test_eagle_sd_counts_the_heads_own_weights_not_embeddings(tmp_path, random_folder):
+    # The head reads the target's embeddings and lm_head: its weights are what load_eagle_head puts
+    # on the device (a layer's linears, fc, the norm), up to the layer's bias and norm vectors.
+    from engine.eagle import load_eagle_head
+    from engine.loading import load_model
+    from engine.model import Transformer
+    from tests.eagle_heads import save_random_head
+
+    head_folder = save_random_head(tmp_path / "head", random_folder)
+    head_config = json.loads((head_folder / "config.json").read_text())
+    target_config = json.loads((random_folder / "config.json").read_text())
+    plan = estimate_plan(target_config, 8 * GIB, "eagle_sd", draft_config=head_config, max_context=256)
+    shape = ModelShape.from_config(head_config)
+    head_kv = 256 * shape.kv_bytes_per_token()
+    target = Transformer(load_model(str(random_folder), dtype=torch.bfloat16).model, torch.device("cpu"), 256)
+    head = load_eagle_head(str(head_folder), target)
+    loaded = sum(t.numel() * t.element_size() for t in head.weights.values())
+    vectors = shape.layer_bytes() - sum(out * inp for out, inp, _ in shape.linear_shapes()) * 2  # biases, norms
+    assert 0 <= (plan.draft_bytes - head_kv) - loaded <= vectors  # a head may lack biases the family allows
+    classic = estimate_plan(target_config, 8 * GIB, "classic_sd", draft_config=head_config, max_context=256)
+    fc_bytes = (2 * shape.hidden * shape.hidden + shape.hidden) * 2
+    assert classic.draft_bytes - plan.draft_bytes == shape.embedding_bytes() - fc_bytes  # a draft model's own embeddings
 
 
 def test_unusable_configs_get_one_line_errors():
