@@ -12,7 +12,7 @@ For each case (Qwen2.5-7B at 8 GB, Llama-3.1-8B at 8 GB, Qwen2.5-14B at 12 GB, Q
   one wait, the tree's transfer to the host, is the design); that tree's draft alone (GPU time,
   host issue time, its kernels); peak GPU memory against the cap;
 - tok/s of SubSpec = tau / iteration time, for stated taus (random weights say nothing about tau);
-  a tau measured for one tree (`name=value@tree`, tree = reference, profile, wide16, wide32) is
+  a tau measured for one tree (`name=value@tree`, tree = reference, profile, wide16, wide32, floor16) is
   applied to that tree only.
 The first case also compares the substitute's 4-bit kernels per layer (triton and tinygemm with fused q/k/v
 and gate/up, gemlite, dense dequantized weights) and bf16, eager and inside a CUDA graph, and
@@ -73,6 +73,7 @@ HBM_GBPS = 4800.0  # H200 datasheet: the floor of anything that reads its bytes 
 VERIFY_NODES = (1, 97, 193, 289)
 REFERENCE_TREE = (48, 6)  # depth x top-k: 289 nodes with the root
 WIDTH = 6
+FLOOR_TREE = "floor16"  # best-first, 16 per draft forward, the engine's default floor
 
 
 class _NoText:
@@ -239,6 +240,10 @@ def bench_subspec(model, config, args, device, vram_gb: float, prompt: list[int]
     for batch, wide_out in out["wide"].items():  # the same budget, `batch` nodes per draft forward
         wide_out["iteration"] = _iterations(engine, prompt, "best_first", profile_depth,
                                             out["profile_nodes"] - 1, args, batch)
+    # The floor's host read per draft forward, at the engine's default width (its iteration: a
+    # random draft's tree; what the read costs shows in ms per forward).
+    out["iteration_floor"] = _iterations(engine, prompt, "best_first", profile_depth, out["profile_nodes"] - 1, args,
+                                         EngineConfig.draft_batch, EngineConfig.min_draft_prob)
     target.transformer.prefill(target.stack, target.cache, ids, 512)
     out["draft_alone"] = {batch: _draft_alone(engine, prompt[-1], profile_depth, out["profile_nodes"] - 1, batch, args)
                           for batch in (WIDTH, *out["wide"])}
@@ -293,7 +298,7 @@ def report_eagle(case: dict) -> None:
 def _draft_alone(engine: Engine, root: int, depth: int, budget: int, batch: int, args) -> dict:
     """The profile's best-first draft with no verification around it: its GPU time, how long the
     host took to issue it, and its kernels (the graph replays plus the tree's bookkeeping)."""
-    engine.config.tree_policy, engine.config.draft_batch = "best_first", batch
+    engine.config.tree_policy, engine.config.draft_batch, engine.config.min_draft_prob = "best_first", batch, 0.0
     tree, shape = Tree(budget + 1, engine.target.transformer.device), TreeShape(depth, budget)
 
     def draft() -> None:
@@ -337,11 +342,13 @@ def kernel_breakdown(step: Callable[[], None], steps: int = 3) -> dict:
 
 
 def _iterations(engine: Engine, prompt: list[int], policy: str, depth: int, budget: int, args,
-                batch: int | None = None) -> dict:
-    """Median split of real iterations (the first two capture graphs and are left out)."""
+                batch: int | None = None, min_draft_prob: float = 0.0) -> dict:
+    """Median split of real iterations (the first two capture graphs and are left out). Best-first
+    without a floor by default: random weights' draft probabilities would shape a floored tree
+    unlike a real model's (the floor's own row times its forwards, whatever their number)."""
     # The drafter reads the same config object.
     engine.config.tree_policy, engine.config.max_depth, engine.config.node_budget = policy, depth, budget
-    engine.config.draft_batch = batch
+    engine.config.draft_batch, engine.config.min_draft_prob = batch, min_draft_prob
     cancel, seen = threading.Event(), []
     watch = engine.target.transformer.device.type == "cuda"
 
@@ -364,6 +371,7 @@ def _iterations(engine: Engine, prompt: list[int], policy: str, depth: int, budg
 
     draft, verify, total = med("draft_ms"), med("verify_ms"), med("iteration_ms")
     return {"policy": policy, "draft_batch": batch or engine.config.topk_len, "depth": depth,
+            "min_draft_prob": min_draft_prob,
             "nodes": statistics.median(it.tree_nodes for it in steady), "draft_ms": draft,
             "draft_forwards": forwards_per_iteration, "draft_ms_per_forward": draft / forwards_per_iteration,
             "verify_ms": verify, "transfer_ms": med("transfer_ms"),
@@ -538,7 +546,7 @@ def _tau(value: str) -> tuple[float, str | None]:
     return float(tau), tree or None
 
 
-def report_subspec(case: dict, taus: dict[str, tuple[float, str | None]]) -> None:
+def report_subspec(case: dict, taus: dict[str, tuple[float, str | None]], floor_forwards: float | None = None) -> None:
     v, s = case["vanilla"], case["subspec"]
     bound = s["stream_bound_ms"] or float("nan")
     print(f"subspec: {s['layers_on_gpu']} bf16 layers resident, {s['stream_buffers']} buffers, "
@@ -559,6 +567,7 @@ def report_subspec(case: dict, taus: dict[str, tuple[float, str | None]]) -> Non
             _print_kernels(f"{batch}-token draft step on the GPU", wide.get("draft_step_kernels"))
     iterations = [("reference", s["iteration_reference"]), ("profile", s["iteration_profile"])]
     iterations += [(f"wide{batch}", wide["iteration"]) for batch, wide in s["wide"].items()]
+    iterations += [(FLOOR_TREE, s["iteration_floor"])] if "iteration_floor" in s else []
     for tree_name, it in iterations:
         print(f"  {tree_name} tree ({it['policy']}, {it['draft_batch']} per draft forward), depth {it['depth']} ({it['nodes']:.0f} nodes): iteration {it['iteration_ms']:.1f} ms "
               f"= {it['iteration_ms'] / bound:.2f}x bound [draft {it['draft_ms']:.1f} ({it['draft_forwards']:.0f} forwards, {it['draft_ms_per_forward']:.2f} ms each), "
@@ -567,10 +576,16 @@ def report_subspec(case: dict, taus: dict[str, tuple[float, str | None]]) -> Non
         if it["host_waits_per_iteration"] is not None:
             print("    host waits per iteration: " + (", ".join(
                 f"{site} x{n:.1f}" for site, n in it["host_waits_per_iteration"].items()) or "none"))
+        iteration_ms = it["iteration_ms"]
+        if tree_name == FLOOR_TREE and floor_forwards:
+            # A real model's floored tree: the profile's verification, the forwards it drafts.
+            iteration_ms = s["iteration_profile"]["verify_ms"] + floor_forwards * it["draft_ms_per_forward"] + it["host_ms"]
+            print(f"    with {floor_forwards} draft forwards per verification (a real model's): iteration "
+                  f"{iteration_ms:.1f} ms = {iteration_ms / bound:.2f}x bound")
         for tau_name, (tau, tree) in taus.items():
             if tree not in (None, tree_name):  # a tau measured for another tree says nothing here
                 continue
-            print(f"    with tau {tau} ({tau_name}): {tau / it['iteration_ms'] * 1e3:.2f} tok/s "
+            print(f"    with tau {tau} ({tau_name}): {tau / iteration_ms * 1e3:.2f} tok/s "
                   f"vs vanilla {v['tok_per_s']:.2f} tok/s measured in this run")
     for batch, alone in s["draft_alone"].items():
         kernels = alone.get("kernels") or {}
@@ -596,7 +611,10 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=4, help="steady iterations timed per tree")
     parser.add_argument("--tau", action="append", default=[],
                         help="name=value[@tree]: report tok/s at this tau (for that tree only: reference, profile, "
-                             "wide16, wide32)")
+                             "wide16, wide32, floor16)")
+    parser.add_argument("--floor-forwards", type=float,
+                        help=f"draft forwards per verification of the {FLOOR_TREE} tree on a real model "
+                             "(benchmarks/tau_bundled.py): its iteration is projected from them")
     parser.add_argument("--depth", type=int, default=REFERENCE_TREE[0], help="reference tree depth (top-6)")
     parser.add_argument("--draft-batch", default="16,32", help="best-first nodes per draft forward, also timed (a list)")
     parser.add_argument("--skip-kernels", action="store_true")
@@ -615,7 +633,7 @@ def main() -> None:
     args.draft_batches = [int(b) for b in args.draft_batch.split(",")]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     taus = {name: _tau(value) for name, value in (t.split("=", 1) for t in args.tau)}
-    trees = {"reference", "profile"} | {f"wide{batch}" for batch in args.draft_batches if batch != WIDTH}
+    trees = {"reference", "profile", FLOOR_TREE} | {f"wide{batch}" for batch in args.draft_batches if batch != WIDTH}
     for name, (_, tree) in taus.items():
         if tree is not None and tree not in trees:
             parser.error(f"--tau {name}: no tree {tree!r} in this run (trees: {', '.join(sorted(trees))})")
@@ -646,7 +664,7 @@ def main() -> None:
             if "subspec_sd" in args.methods:
                 case["subspec"] = bench_subspec(model, config, args, device, vram_gb, prompt,
                                                 case["vanilla"]["greedy_tokens"])
-                report_subspec(case, taus)
+                report_subspec(case, taus, args.floor_forwards)
             if "eagle_sd" in args.methods:
                 nodes = case["subspec"]["profile_nodes"] if "subspec" in case else 1 + 48 * 6
                 case["eagle"] = bench_eagle(model, config, args, device, vram_gb, prompt,

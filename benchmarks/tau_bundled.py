@@ -21,22 +21,36 @@ from pathlib import Path
 from engine import EngineConfig, SamplingConfig, load_engine
 
 DATA = Path(__file__).resolve().parents[1] / "subspec_tui" / "data" / "mt_bench_questions.jsonl"
+# Best-first trees without a floor draft `draft_batch` nodes every forward (their rows here predate
+# the floor); "floor" rows leave out nodes below the engine's default cumulative draft probability.
+NO_FLOOR = dict(min_draft_prob=0.0)
+FLOOR = dict(min_draft_prob=EngineConfig.min_draft_prob)
 POLICIES = {
     "reference tree (depth 32, top-6)": dict(tree_policy="reference", max_depth=32, topk_len=6),
     "best-first (192-node budget)": dict(tree_policy="best_first", max_depth=32, topk_len=6, node_budget=192,
-                                         draft_batch=6),
+                                         draft_batch=6, **NO_FLOOR),
     "best-first (192-node budget, 16 per draft forward)": dict(tree_policy="best_first", max_depth=32, topk_len=6,
-                                                                node_budget=192, draft_batch=16),
+                                                                node_budget=192, draft_batch=16, **NO_FLOOR),
+    "best-first floor (192-node budget, 16 per draft forward)": dict(tree_policy="best_first", max_depth=32,
+                                                                      topk_len=6, node_budget=192, draft_batch=16,
+                                                                      **FLOOR),
+    "best-first floor (192-node budget, 32 per draft forward)": dict(tree_policy="best_first", max_depth=32,
+                                                                      topk_len=6, node_budget=192, draft_batch=32,
+                                                                      **FLOOR),
     "chain (depth 32, top-1)": dict(tree_policy="reference", max_depth=32, topk_len=1),
     # The GPU profile's tree (289 nodes: free to verify on the 7B shape), 6, 16 or 32 nodes per
     # draft forward.
     "best-first 288 (6 per draft forward)": dict(tree_policy="best_first", max_depth=48, topk_len=6, node_budget=288,
-                                                 draft_batch=6),
+                                                 draft_batch=6, **NO_FLOOR),
     "best-first 288 (16 per draft forward)": dict(tree_policy="best_first", max_depth=48, topk_len=6, node_budget=288,
-                                                  draft_batch=16),
+                                                  draft_batch=16, **NO_FLOOR),
     # With the Triton int4 kernel a 32-token draft forward costs ~1.2x a 16-token one (H200, 7B).
     "best-first 288 (32 per draft forward)": dict(tree_policy="best_first", max_depth=48, topk_len=6, node_budget=288,
-                                                  draft_batch=32),
+                                                  draft_batch=32, **NO_FLOOR),
+    "best-first floor 288 (16 per draft forward)": dict(tree_policy="best_first", max_depth=48, topk_len=6,
+                                                        node_budget=288, draft_batch=16, **FLOOR),
+    "best-first floor 288 (32 per draft forward)": dict(tree_policy="best_first", max_depth=48, topk_len=6,
+                                                        node_budget=288, draft_batch=32, **FLOOR),
 }
 
 
@@ -49,15 +63,16 @@ def main() -> None:
     parser.add_argument("--row-invariant", action=argparse.BooleanOptionalAction, default=None,
                         help="EngineConfig.row_invariant for every engine (default: the engine's, on in 16-bit dtypes)")
     parser.add_argument("--json")
-    parser.add_argument("--policies", help="comma-separated names' first words to run, e.g. best-first (default: all)")
+    parser.add_argument("--policies", help="comma-separated prefixes of the names to run, e.g. 'best-first floor' "
+                                           "(default: all)")
     parser.add_argument("--eagle-head", help="also eagle_sd with this EAGLE head (benchmarks/train_eagle.py) on the "
                                              "default tree")
     args = parser.parse_args()
     policies = {name: dict(method="subspec_sd", **tree) for name, tree in POLICIES.items()
                 if not args.policies or any(name.startswith(p) for p in args.policies.split(","))}
     if args.eagle_head:
-        policies["eagle_sd (best-first 192-node budget, 16 per draft forward)"] = dict(
-            method="eagle_sd", draft_model_path=args.eagle_head, **POLICIES["best-first (192-node budget, 16 per draft forward)"])
+        policies["eagle_sd (best-first floor, 192-node budget, 16 per draft forward)"] = dict(
+            method="eagle_sd", draft_model_path=args.eagle_head, **POLICIES["best-first floor (192-node budget, 16 per draft forward)"])
     questions = [json.loads(line)["turns"][0] for line in DATA.read_text().splitlines()[: args.prompts]]
     sampling = SamplingConfig(max_new_tokens=args.new_tokens)
     common = dict(device=args.device, dtype=args.dtype, row_invariant=args.row_invariant)

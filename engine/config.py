@@ -11,6 +11,13 @@ COMPILE_MODES: tuple[str | None, ...] = ("auto", "cuda-graphs", None)
 SUBSTITUTE_KERNELS: tuple[str, ...] = ("auto", "triton", "tinygemm", "gemlite", "hqq", "dense")
 
 
+# The default floor of best-first trees. Bundled SmolLM2, 20 MT-Bench prompts, float32, 192 nodes, 16
+# per draft forward (benchmarks/tau_bundled.py): tau 10.34 without a floor (12.8 draft forwards per
+# verification), 10.85 at 1e-8 (13.4), 11.10 at 1e-6 (14.1), 11.52 at 1e-4 (15.1); the reference
+# tree 10.70 in 32 forwards.
+MIN_DRAFT_PROB = 1e-6
+
+
 @dataclass
 class EngineConfig:
     method: Method = "vanilla"
@@ -46,6 +53,11 @@ class EngineConfig:
     # 19 forwards instead of 48 at the same tau (bundled SmolLM2: 11.95 vs 11.78); a 16-token
     # forward costs 1.8x a 6-token one on an H200 (7B shape), so drafting takes 188 ms, not 288.
     draft_batch: int | None = 16
+    # best_first: a node whose cumulative draft probability (at draft_temperature) is below this is
+    # not drafted, and the tree ends when no candidate reaches it, so the budget the draft all but
+    # rules out goes to depth where it is sure (engine.tree.grow_best_first). 0 = off: every draft
+    # forward drafts draft_batch nodes and the host never waits for the draft.
+    min_draft_prob: float = MIN_DRAFT_PROB
     draft_temperature: float = 0.2
     substitute_bits: int = 4
     substitute_group_size: int = 64

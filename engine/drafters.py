@@ -12,6 +12,7 @@ loop (engine.generate) verifies and emits the same way for all of them.
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -63,7 +64,9 @@ def grow(tree: Tree, step: DraftStep, shape: TreeShape, config: EngineConfig) ->
     forwards) leaves a partial tree."""
     try:
         if config.tree_policy == "best_first":
-            grow_best_first(tree, step, shape, batch=config.draft_batch or config.topk_len, children=config.topk_len)
+            floor = math.log(config.min_draft_prob) if config.min_draft_prob > 0 else None
+            grow_best_first(tree, step, shape, batch=config.draft_batch or config.topk_len, children=config.topk_len,
+                            min_score=floor)
         else:
             grow_reference(tree, step, shape, topk=config.topk_len)
     except _Cancelled:

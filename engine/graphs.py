@@ -5,8 +5,10 @@ launch overhead, not their memory traffic, sets the speed. Captured once into a 
 replays with one launch. A graph fixes tensor shapes and addresses, so each (frontier width,
 attention length) pair gets its own graph, captured on first use, fed through static input
 buffers. The attention length is the tree's `kv_end` rounded up to a bucket (`attention_bucket`);
-the mask hides the padding, so a padded step computes what the eager step computes. Graphs
-share one memory pool (their scratch memory is reused) and, per width, one output buffer.
+the mask hides the padding, so a padded step computes what the eager step computes. The width is
+rounded up to a power of two (`padded_width`) by repeating the last row, which writes the same
+keys and values to the same slot; the extra rows' outputs are dropped. Graphs share one memory
+pool (their scratch memory is reused) and, per width, one output buffer.
 
 On a CPU there is nothing to capture: the same padded fixed-shape step runs eagerly (tests use this
 to check that padding changes no output).
@@ -27,6 +29,12 @@ MIN_BUCKET = 256
 BUCKETS_PER_OCTAVE = 8  # padding stays under 1/8 of the attention length past the first bucket
 
 
+def padded_width(width: int) -> int:
+    """Rows of the graph that runs a `width`-row frontier: a tree whose forwards take any width
+    (best-first with a probability floor) captures a handful of widths, not one per width."""
+    return 1 << (width - 1).bit_length()
+
+
 def attention_bucket(kv_end: int, max_length: int) -> int:
     """The padded attention length for `kv_end`: few distinct lengths, little padding."""
     step = max(MIN_BUCKET, (1 << max(kv_end - 1, 1).bit_length()) // BUCKETS_PER_OCTAVE)
@@ -43,11 +51,13 @@ class _Captured:
     output: torch.Tensor | None = None
 
     def load(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor) -> None:
-        self.tokens.copy_(tokens)
-        self.positions.copy_(positions)
-        self.slots.copy_(slots)
-        kv_end = mask.shape[1]
-        self.mask[:, :kv_end].copy_(mask)
+        """The frontier's rows, then copies of its last row up to the graph's width."""
+        width, kv_end = mask.shape
+        for static, given in ((self.tokens, tokens), (self.positions, positions), (self.slots, slots)):
+            static[:width].copy_(given)
+            static[width:].copy_(given[-1:].expand(static.shape[0] - width))
+        self.mask[:width, :kv_end].copy_(mask)
+        self.mask[width:, :kv_end].copy_(mask[-1:].expand(self.mask.shape[0] - width, kv_end))
         self.mask[:, kv_end:].zero_()
 
 
@@ -71,17 +81,18 @@ class DraftGraphs:
         self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor, kv_end: int
     ) -> torch.Tensor:
         padded = attention_bucket(kv_end, self.max_length)
-        key = (tokens.numel(), padded)
+        width = tokens.numel()
+        key = (padded_width(width), padded)
         shape = self._shapes.get(key)
         if shape is None:
-            shape = self._shapes[key] = self._static_inputs(tokens.numel(), padded)
+            shape = self._shapes[key] = self._static_inputs(*key)
         shape.load(tokens, positions, slots, mask)
         if self.capture and shape.graph is None:
             self._capture(shape, padded)
         if shape.graph is None:
-            return self.step(shape.tokens, shape.positions, shape.slots, shape.mask, padded)
+            return self.step(shape.tokens, shape.positions, shape.slots, shape.mask, padded)[:width]
         shape.graph.replay()
-        return shape.output
+        return shape.output[:width]
 
     def _static_inputs(self, width: int, padded: int) -> _Captured:
         def ids() -> torch.Tensor:

@@ -98,13 +98,20 @@ def grow_reference(tree: Tree, step: DraftStep, shape: TreeShape, topk: int) -> 
         frontier = tree.add(frontier[flat // vocab], flat % vocab, scores)
 
 
-def grow_best_first(tree: Tree, step: DraftStep, shape: TreeShape, batch: int, children: int) -> None:
+def grow_best_first(
+    tree: Tree, step: DraftStep, shape: TreeShape, batch: int, children: int, min_score: float | None = None
+) -> None:
     """Best-first: repeatedly add the `batch` most probable (cumulative) nodes not in the tree yet,
     among the top `children` continuations of every node drafted so far, then draft them.
 
-    Node counts never depend on device values (the host never waits): when fewer real candidates
-    remain than the batch (a tiny vocabulary, the depth cap), the picks with score -inf are added as
-    placeholders that no acceptance walk can reach (Tree.host_view)."""
+    Without `min_score`, node counts never depend on device values (the host never waits): when
+    fewer real candidates remain than the batch (a tiny vocabulary, the depth cap), the picks with
+    score -inf are added as placeholders that no acceptance walk can reach (Tree.host_view).
+
+    With `min_score` (a cumulative log-probability), a pick below it is not drafted, and the tree
+    ends when no candidate reaches it: the host reads the count once per forward. Nodes the draft
+    all but rules out then leave their budget to the paths it is sure of, so a confident stretch is
+    drafted deeper than `max_nodes / batch` forwards would reach, and an unsure one stops early."""
     device = tree.tokens.device
     candidate_scores = torch.full((tree.capacity, children), float("-inf"), device=device)
     candidate_tokens = torch.zeros((tree.capacity, children), dtype=torch.long, device=device)
@@ -125,6 +132,11 @@ def grow_best_first(tree: Tree, step: DraftStep, shape: TreeShape, batch: int, c
         # at most this many real ones remain (with children = 1 the tree stays a chain at any batch).
         remaining = tree.size * (children - 1) + 1
         scores, flat = pool.topk(min(batch, room, remaining, pool.numel()))
+        if min_score is not None:
+            likely = int((scores >= min_score).sum())  # the host waits for the draft here
+            if likely == 0:
+                break
+            scores, flat = scores[:likely], flat[:likely]
         parents, picks = flat // children, flat % children
         # A placeholder hangs off the root: depth 1 keeps its rotary position inside the context.
         hang_from = torch.where(torch.isfinite(scores), parents, 0)

@@ -70,6 +70,7 @@ class Planned:
             "node_budget": config.draft_nodes() if drafts else None,
             "max_depth": config.max_depth if drafts else None,
             "draft_batch": config.draft_batch if drafts and config.tree_policy == "best_first" else None,
+            "min_draft_prob": config.min_draft_prob if drafts and config.tree_policy == "best_first" else None,
             "max_length": engine_details.get("max_length", config.max_length),
             "profile_path": str(path) if path else None,
         }

@@ -39,6 +39,9 @@ TREE_POLICY = "best_first"  # the engine's default: measured the higher tau (eng
 # drafted it: a model whose drafts are accepted deep needs the narrow, deep tree. The trial replies
 # measure which wins for this model.
 DRAFT_BATCHES = (EngineConfig.draft_batch, 32, 6)
+# The best-first floor (engine/config.py) is tried against none at the full budget: the floor costs
+# a host read per draft forward and pays only where this model's drafts run deep.
+MIN_DRAFT_PROBS = (EngineConfig.min_draft_prob, 0.0)
 # Reference trees of depth 4, 8, 16, 32, 48, 64 (1 + 6 * depth nodes), all within one prefill chunk.
 NODE_CANDIDATES = (1, 25, 49, 97, 193, 289, 385)
 TRIAL_DEPTH = 32  # the tree of the first trial load (the reference default, 193 nodes)
@@ -159,18 +162,18 @@ def fit_gpu(
         engine.close()
         engine, peak, nodes = _confirm_bigger_tree(base, nodes, peak, allowed, loader, progress)
     tok_per_s: dict[str, float] = {}
-    batch = None
+    chosen = None
     compare = compare_compressed and layers < estimate.layers_total
     try:
         if drafts:
-            nodes, batch, tok_per_s, reply_peak = choose_tree(engine, nodes, allowed, progress)
-            peak = max(peak, reply_peak)
+            chosen, tok_per_s, reply_peak = choose_tree(engine, nodes, allowed, progress)
+            nodes, peak = chosen.budget + 1, max(peak, reply_peak)
         if compare and not drafts:
             tok_per_s[VANILLA_LABEL] = _reply(engine, TREE_TRIAL_PROMPT, TREE_TRIAL_TOKENS, VANILLA_LABEL, progress).tok_per_s
     finally:
         engine.close()
     depth = (nodes - 1) // TOPK
-    tree = {"node_budget": nodes - 1, "max_depth": depth, "draft_batch": batch} if drafts else {}
+    tree = chosen.engine_fields() if chosen else {}
     verify_ms = trial.forward_ms_by_nodes
     compressed = False
     measured = _compressed_streaming(base, tree, model_config, vram_bytes, max_context, draft_config, allowed, loader,
@@ -178,7 +181,7 @@ def fit_gpu(
     if measured is not None:
         label, placed, speed = measured
         tok_per_s[label] = speed
-        bf16_speed = tok_per_s[_tree_label(nodes - 1, batch) if drafts else VANILLA_LABEL]
+        bf16_speed = tok_per_s[chosen.label() if chosen else VANILLA_LABEL]
         compressed = speed > bf16_speed
         progress(f"compressed streaming {speed:.1f} tok/s against {bf16_speed:.1f} streaming bf16: "
                  + ("kept" if compressed else "not used"))
@@ -203,7 +206,8 @@ def fit_gpu(
         max_depth=depth if drafts else None,
         topk_len=TOPK if drafts else None,
         node_budget=nodes - 1 if drafts else None,
-        draft_batch=batch,
+        draft_batch=chosen.batch if chosen else None,
+        min_draft_prob=chosen.min_draft_prob if chosen else None,
         compressed_streaming=compressed,
         estimated_peak_bytes=estimate.estimated_peak_bytes,
         measured_peak_bytes=peak,
@@ -272,7 +276,8 @@ def _compressed_streaming(
     try:
         for key, value in tree.items():
             setattr(engine.config, key, value)
-        label = (_tree_label(tree["node_budget"], tree["draft_batch"]) if tree else VANILLA_LABEL) + COMPRESSED_SUFFIX
+        label = (TreeChoice(tree["node_budget"], tree["draft_batch"], tree["min_draft_prob"]).label() if tree
+                 else VANILLA_LABEL) + COMPRESSED_SUFFIX
         stats = _reply(engine, TREE_TRIAL_PROMPT, TREE_TRIAL_TOKENS, label, progress)
     except EngineError as err:
         if not _is_out_of_memory(err):
@@ -289,8 +294,31 @@ def _compressed_streaming(
     return label, placed, stats.tok_per_s
 
 
-def _tree_label(budget: int, batch: int | None) -> str:
-    return f"best-first {budget + 1} nodes, {batch} per draft forward"
+class TreeChoice(NamedTuple):
+    """A best-first tree the profile tries: nodes besides the root, per draft forward, floor."""
+
+    budget: int
+    batch: int
+    min_draft_prob: float
+
+    def label(self) -> str:
+        floor = "" if self.min_draft_prob == EngineConfig.min_draft_prob else (
+            ", no floor" if self.min_draft_prob == 0 else f", floor {self.min_draft_prob:g}")
+        return f"best-first {self.budget + 1} nodes, {self.batch} per draft forward{floor}"
+
+    def engine_fields(self) -> dict[str, int | float]:
+        return {"node_budget": self.budget, "max_depth": self.budget // TOPK, "draft_batch": self.batch,
+                "min_draft_prob": self.min_draft_prob}
+
+
+def tree_candidates(max_nodes: int) -> list[TreeChoice]:
+    """The full budget with every draft width and without the floor, then smaller budgets with the
+    engine's default width and floor."""
+    budgets = sorted({max(DRAFT_BATCHES[0], round((max_nodes - 1) * f)) for f in TREE_FRACTIONS}, reverse=True)
+    floor, widest = MIN_DRAFT_PROBS[0], budgets[0]
+    full = [TreeChoice(widest, batch, floor) for batch in DRAFT_BATCHES]
+    full += [TreeChoice(widest, DRAFT_BATCHES[0], other) for other in MIN_DRAFT_PROBS[1:]]
+    return full + [TreeChoice(budget, DRAFT_BATCHES[0], floor) for budget in budgets[1:]]
 
 
 def _trial_estimate(
@@ -337,37 +365,35 @@ def _confirm_bigger_tree(
 
 def choose_tree(
     engine: Engine, max_nodes: int, allowed_bytes: int | None, progress: Progress
-) -> tuple[int, int, dict[str, float], int]:
-    """The best-first tree (nodes, nodes per draft forward) of at most `max_nodes` nodes that
-    generates a real reply fastest within `allowed_bytes`, the tok/s of each candidate tried and the
-    highest peak among those kept. `engine` is reconfigured in place (its drafter reads its config)."""
-    budgets = sorted({max(DRAFT_BATCHES[0], round((max_nodes - 1) * f)) for f in TREE_FRACTIONS}, reverse=True)
+) -> tuple[TreeChoice, dict[str, float], int]:
+    """The best-first tree of at most `max_nodes` nodes (tree_candidates) that generates a real
+    reply fastest within `allowed_bytes`, the tok/s of each candidate tried and the highest peak
+    among those kept. `engine` is reconfigured in place (its drafter reads its config)."""
     config = engine.config
     config.tree_policy, config.topk_len = TREE_POLICY, TOPK
     speeds: dict[str, float] = {}
-    fitting: dict[tuple[int, int], float] = {}
+    fitting: dict[TreeChoice, float] = {}
     peak = 0
-    for budget in budgets:
-        for batch in DRAFT_BATCHES if budget == budgets[0] else DRAFT_BATCHES[:1]:
-            label = _tree_label(budget, batch)
-            config.node_budget, config.max_depth, config.draft_batch = budget, budget // TOPK, batch
-            try:
-                stats = _reply(engine, TREE_TRIAL_PROMPT, TREE_TRIAL_TOKENS, label, progress)
-            except EngineError as err:  # wider draft widths capture more graphs: they may not fit
-                if not _is_out_of_memory(err):
-                    raise
-                progress(f"{label}: out of memory")
-                continue
-            speeds[label] = stats.tok_per_s
-            if allowed_bytes is not None and (stats.peak_gpu_bytes or 0) > allowed_bytes:
-                progress(f"{label}: peak {stats.peak_gpu_bytes / 2**30:.2f} GiB is over the budget")
-                continue
-            fitting[budget, batch] = stats.tok_per_s
-            peak = max(peak, stats.peak_gpu_bytes or 0)
+    for choice in tree_candidates(max_nodes):
+        label = choice.label()
+        for key, value in choice.engine_fields().items():
+            setattr(config, key, value)
+        try:
+            stats = _reply(engine, TREE_TRIAL_PROMPT, TREE_TRIAL_TOKENS, label, progress)
+        except EngineError as err:  # wider draft widths capture more graphs: they may not fit
+            if not _is_out_of_memory(err):
+                raise
+            progress(f"{label}: out of memory")
+            continue
+        speeds[label] = stats.tok_per_s
+        if allowed_bytes is not None and (stats.peak_gpu_bytes or 0) > allowed_bytes:
+            progress(f"{label}: peak {stats.peak_gpu_bytes / 2**30:.2f} GiB is over the budget")
+            continue
+        fitting[choice] = stats.tok_per_s
+        peak = max(peak, stats.peak_gpu_bytes or 0)
     if not fitting:
         raise ProfileError("no draft tree fits next to the model in a real reply: lower --max-length")
-    budget, batch = max(fitting, key=fitting.get)
-    return budget + 1, batch, speeds, peak
+    return max(fitting, key=fitting.get), speeds, peak
 
 
 def _reply(engine: Engine, question: str, new_tokens: int, label: str, progress: Progress) -> GenerationStats:

@@ -191,9 +191,15 @@ class ModelShape:
     def draft_workspace_bytes(self, rows: int = DRAFT_ROWS, dtype_bytes: int = 2) -> int:
         """What draft steps keep while a tree is verified: their CUDA graphs' memory pool holds the
         widest forward's logits (compute dtype, fp32, scaled, log-softmax) and one output per
-        frontier width (a best-first tree uses up to three: 1 and 6 at the top, then the batch and
-        a last, smaller one), together under 3 * rows rows of fp32."""
+        frontier width (engine.graphs pads widths to powers of two: 1, 2, 4, ... up to the batch,
+        together under 2 * rows rows), under 3 * rows rows of fp32."""
         return self.vocab * rows * (dtype_bytes + 3 * FP32_BYTES + 3 * FP32_BYTES)
+
+
+def eagle_feature_bytes(hidden: int, max_context: int, tree_nodes: int, dtype_bytes: int = 2) -> int:
+    """What engine.drafters.EagleDrafter keeps besides the head: the target's feature at every
+    context position, and the predicted feature of every tree node (+ the root's input)."""
+    return (max_context + tree_nodes + 1) * hidden * dtype_bytes
 
 
 def hqq_linear_bytes(out_features: int, in_features: int, bits: int, group: int) -> int:
@@ -370,6 +376,7 @@ def estimate_plan(
             draft.layers * draft.layer_bytes(dtype_bytes)
             + own_weights
             + draft.kv_bytes_per_token(dtype_bytes) * max_context
+            + (eagle_feature_bytes(shape.hidden, max_context, nodes, dtype_bytes) if method == "eagle_sd" else 0)
         )
     layer = shape.layer_bytes(dtype_bytes)
     buffer = shape.linear_bytes(dtype_bytes)

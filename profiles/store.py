@@ -77,6 +77,7 @@ class ModelPlan:
     topk_len: int | None = None
     node_budget: int | None = None
     draft_batch: int | None = None  # best_first nodes per draft forward; None = topk_len
+    min_draft_prob: float | None = None  # best_first's floor (0 = none); None = the engine's default
     # Streamed layers cross PCIe Huffman-coded (engine.compress): measured faster than bf16 here.
     compressed_streaming: bool = False
     estimated_peak_bytes: int | None = None
@@ -105,6 +106,7 @@ class ModelPlan:
             ("topk_len", "topk_len"),
             ("node_budget", "node_budget"),
             ("draft_batch", "draft_batch"),
+            ("min_draft_prob", "min_draft_prob"),
         ):
             if getattr(self, name) is not None:
                 overrides[key] = getattr(self, name)

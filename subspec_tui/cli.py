@@ -109,6 +109,9 @@ def _add_global_options(parser: argparse.ArgumentParser, default: Any = None) ->
     add("--node-budget", type=_checked("node_budget", int), help="best_first: draft nodes per tree")
     add("--draft-batch", type=_checked("draft_batch", int),
         help="best_first: nodes drafted per draft forward (default 16)")
+    add("--min-draft-prob", type=_checked("min_draft_prob", float),
+        help="best_first: nodes the draft gives a lower cumulative probability are not drafted; the tree ends "
+             "when none is left (default 1e-6; 0 = every forward drafts --draft-batch nodes)")
     add("--verify-method", choices=("exact", "lossy"))
     add("--row-invariant", action=argparse.BooleanOptionalAction,
         help="the target computes each token as plain decoding would: greedy output identical in 16-bit dtypes too "
@@ -130,7 +133,7 @@ def _add_global_options(parser: argparse.ArgumentParser, default: Any = None) ->
 SETTING_KEYS = (
     "method", "llm_path", "draft_model_path", "device", "dtype", "vram_limit_gb", "keep_first_n_layers_on_gpu",
     "max_length", "temperature", "do_sample", "seed", "warmup_iter", "compile_mode", "max_depth",
-    "topk_len", "tree_policy", "node_budget", "draft_batch", "verify_method", "row_invariant", "threshold_method", "threshold",
+    "topk_len", "tree_policy", "node_budget", "draft_batch", "min_draft_prob", "verify_method", "row_invariant", "threshold_method", "threshold",
     "window_size", "substitute_kernel", "compressed_streaming", "nvtx_profiling", "nsys_output", "detailed_analysis", "max_new_tokens",
 )
 

@@ -123,6 +123,7 @@ MINIMUMS: dict[str, float] = {
     "topk_len": 1,
     "node_budget": 1,
     "draft_batch": 1,
+    "min_draft_prob": 0.0,
     "max_new_tokens": 1,
     "max_samples": 1,  # run-benchmark
     "substitute_bits": 1,
@@ -151,6 +152,8 @@ def check_range(key: str, value: Any) -> str | None:
         return f"must be at least {low:g}"
     if key == "top_p" and value > 1:
         return "must be at most 1"
+    if key == "min_draft_prob" and value >= 1:
+        return "must be below 1"
     return None
 
 

@@ -21,11 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_offload_benchmark_runs_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "offload_gpu.py"), "--json", str(out),
-                          "--tau", "every-tree=3", "--tau", "one-tree=5@wide16",
+                          "--tau", "every-tree=3", "--tau", "one-tree=5@wide16", "--floor-forwards", "2",
                           "--methods", "vanilla,subspec_sd,eagle_sd"],
                          cwd=ROOT, check=True, timeout=600, capture_output=True, text=True)
-    # tok/s at a tau: for every tree (reference, profile, wide16, wide32), or only the tree it was measured for
-    assert run.stdout.count("(every-tree)") == 4 and run.stdout.count("(one-tree)") == 1
+    # tok/s at a tau: for every tree (reference, profile, wide16, wide32, floor16), or only the tree it was measured for
+    assert run.stdout.count("(every-tree)") == 5 and run.stdout.count("(one-tree)") == 1
+    assert "with 2.0 draft forwards per verification (a real model's)" in run.stdout
     case = json.loads(out.read_text())["cases"][0]
     assert case["shape"] == "tiny" and "error" not in case
     assert case["vanilla"]["row_invariant"] is False  # float32: the engine's default
@@ -36,6 +37,8 @@ def test_offload_benchmark_runs_on_cpu(tmp_path):
         split = subspec[tree]
         assert split["draft_ms"] > 0 and split["verify_ms"] > 0
         assert split["iteration_ms"] >= split["draft_ms"] + split["verify_ms"] - 1e-6
+    assert subspec["iteration_floor"]["min_draft_prob"] > 0 and subspec["iteration_floor"]["draft_batch"] == 16
+    assert subspec["iteration_profile"]["min_draft_prob"] == 0  # comparable with runs before the floor
     for batch in ("16", "32"):  # best-first with wider draft forwards, same budget
         assert subspec["wide"][batch]["iteration"]["draft_batch"] == int(batch)
     assert set(subspec["draft_alone"]) == {"6", "16", "32"}  # the profile tree drafted alone, per width

@@ -126,8 +126,13 @@ def test_bundled_model_knows_the_capital_of_france(bundled_engine):
 
 SMALL_TREES = [
     {"tree_policy": "reference", "max_depth": 6, "topk_len": 3},
+    # Best-first with the engine's default floor, with a high one (trees end early, forwards take
+    # any width) and with none (fixed widths, placeholders).
     {"tree_policy": "best_first", "max_depth": 8, "topk_len": 3, "node_budget": 16},
+    {"tree_policy": "best_first", "max_depth": 12, "topk_len": 3, "node_budget": 16, "min_draft_prob": 0.05},
+    {"tree_policy": "best_first", "max_depth": 8, "topk_len": 3, "node_budget": 16, "min_draft_prob": 0.0},
 ]
+TREE_IDS = ["reference", "best_first", "best_first-floor", "best_first-no-floor"]
 
 
 @pytest.mark.slow
@@ -154,7 +159,7 @@ def test_bundled_classic_equals_vanilla(bundled_engine, tmp_path, bundled_folder
         assert classic.generate(prompt, SamplingConfig(max_new_tokens=24)).token_ids == greedy(vanilla, prompt, 24)
 
 
-@pytest.mark.parametrize("tree", SMALL_TREES, ids=["reference", "best_first"])
+@pytest.mark.parametrize("tree", SMALL_TREES, ids=TREE_IDS)
 @pytest.mark.parametrize("bits", [4, 8])
 def test_random_subspec_equals_vanilla(random_folder, tree, bits):
     vanilla = load_engine(EngineConfig(llm_path=str(random_folder)))
@@ -162,7 +167,7 @@ def test_random_subspec_equals_vanilla(random_folder, tree, bits):
     assert_drafts_lossless(subspec, vanilla, random_prompts(12, 512, seed=1), 24)
 
 
-@pytest.mark.parametrize("tree", SMALL_TREES, ids=["reference", "best_first"])
+@pytest.mark.parametrize("tree", SMALL_TREES, ids=TREE_IDS)
 def test_random_classic_equals_vanilla(random_folder, tmp_path, bundled_folder, tree):
     arch = json.loads((random_folder / "config.json").read_text())["model_type"]
     draft = save_random_model(tmp_path / "draft", arch, bundled_folder, seed=7, num_hidden_layers=1)
@@ -186,7 +191,7 @@ def test_classic_with_the_target_as_its_own_draft_accepts_whole_chains(random_fo
             assert it.accepted_depth == it.tree_nodes - 1
 
 
-@pytest.mark.parametrize("tree", SMALL_TREES, ids=["reference", "best_first"])
+@pytest.mark.parametrize("tree", SMALL_TREES, ids=TREE_IDS)
 def test_fixed_shape_draft_steps_equal_vanilla(random_folder, tree):
     # compile_mode cuda-graphs on a CPU runs the steps a GPU captures: static inputs, attention
     # padded to a bucket and masked. Padding must change nothing; a tiny context caps the bucket.
@@ -235,6 +240,28 @@ def test_best_first_with_a_wide_draft_batch_equals_vanilla(random_folder):
         forwards[batch] = len(calls) / iterations
         assert max(calls) == batch
     assert forwards[8] < forwards[3]
+
+
+@pytest.mark.parametrize("compile_mode", [None, "cuda-graphs"])
+def test_best_first_with_a_floor_equals_vanilla_at_any_forward_width(random_folder, compile_mode):
+    # The floor leaves out unlikely picks: forwards of every width up to the batch (padded to a
+    # power of two in fixed-shape steps), trees that end before the budget, deeper than
+    # budget / batch forwards.
+    vanilla = load_engine(EngineConfig(llm_path=str(random_folder)))
+    subspec = load_engine(EngineConfig(method="subspec_sd", llm_path=str(random_folder), substitute_bits=8,
+                                       tree_policy="best_first", max_depth=16, topk_len=3, node_budget=24,
+                                       draft_batch=8, min_draft_prob=0.02, compile_mode=compile_mode))
+    step, widths = subspec.drafter.draft_step, []
+    subspec.drafter.draft_step = lambda tree, nodes: widths.append(nodes.numel()) or step(tree, nodes)
+    nodes, forwards = [], []
+    for prompt in random_prompts(6, 512, seed=14):
+        gen = subspec.generate(prompt, SamplingConfig(max_new_tokens=16))
+        assert gen.token_ids == greedy(vanilla, prompt, 16)
+        nodes += [it.tree_nodes for it in gen.stats.iterations]
+        forwards += [it.draft_forwards for it in gen.stats.iterations]
+    assert set(widths) - {1, 8}, "the floor never changed a forward's width"
+    assert min(nodes) < 25, "every tree filled its budget: the floor never ended one"
+    assert max(forwards) > 24 // 8 + 1, "no tree drafted more forwards than a fixed batch takes"
 
 
 def test_trees_deeper_than_the_tokens_left(random_folder):

@@ -83,7 +83,7 @@ def test_describe_reports_which_plan_ran():
     described = planned.describe(config, {"device": "cpu", "layers_total": 30, "layers_on_gpu": 30, "max_length": 2048})
     assert described == {"source": "profile", "method": "subspec_sd", "device": "cpu", "layers_on_gpu": None,
                          "layers_total": 30, "stream_buffers": 0, "compressed_streaming": False, "tree_policy": "best_first", "node_budget": 12, "max_depth": 6,
-                         "draft_batch": 16, "max_length": 2048, "profile_path": None}
+                         "draft_batch": 16, "min_draft_prob": 1e-6, "max_length": 2048, "profile_path": None}
 
 
 def test_a_profile_measured_on_a_busy_machine_is_measured_again_once_it_is_quiet(tmp_path, monkeypatch):

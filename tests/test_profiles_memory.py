@@ -11,7 +11,10 @@ import json
 import pytest
 import torch
 
+from engine.config import EngineConfig
+from engine.drafters import EagleDrafter
 from engine.offload import linear_tensors
+from engine.tree import Tree, TreeShape
 from profiles.memory import (
     CONTEXT_CHOICES,
     CUDA_CONTEXT_BYTES,
@@ -19,6 +22,7 @@ from profiles.memory import (
     GIB,
     ModelShape,
     ModelShapeError,
+    eagle_feature_bytes,
     estimate_plan,
     hqq_linear_bytes,
     longest_context,
@@ -267,11 +271,20 @@ def test_eagle_sd_counts_the_heads_own_weights_not_embeddings(tmp_path, random_f
     target = Transformer(load_model(str(random_folder), dtype=torch.bfloat16).model, torch.device("cpu"), 256)
     head = load_eagle_head(str(head_folder), target)
     loaded = sum(t.numel() * t.element_size() for t in head.weights.values())
+    # The drafter's feature buffers: the context's, and the predicted ones of a full tree.
+    drafter = EagleDrafter(head, EngineConfig(method="eagle_sd", max_length=256), max_length=256)
+    tree = Tree(plan.tree_nodes, target.device)
+    tree.reset(5, prefix_len=8)
+    drafter.features[7] = 1.0
+    drafter.draft(tree, TreeShape(max_depth=1, max_nodes=1))  # sizes the predicted features for this tree
+    features = drafter.features.nbytes + drafter._predicted.nbytes
+    assert features == eagle_feature_bytes(target_config["hidden_size"], 256, plan.tree_nodes)
     vectors = shape.layer_bytes() - sum(out * inp for out, inp, _ in shape.linear_shapes()) * 2  # biases, norms
-    assert 0 <= (plan.draft_bytes - head_kv) - loaded <= vectors  # a head may lack biases the family allows
+    assert 0 <= (plan.draft_bytes - head_kv - features) - loaded <= vectors  # a head may lack biases the family allows
     classic = estimate_plan(target_config, 8 * GIB, "classic_sd", draft_config=head_config, max_context=256)
     fc_bytes = (2 * shape.hidden * shape.hidden + shape.hidden) * 2
-    assert classic.draft_bytes - plan.draft_bytes == shape.embedding_bytes() - fc_bytes  # a draft model's own embeddings
+    # A draft model's own embeddings, and no feature buffers.
+    assert classic.draft_bytes - plan.draft_bytes == shape.embedding_bytes() - fc_bytes - features
 
 
 def test_unusable_configs_get_one_line_errors():

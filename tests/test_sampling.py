@@ -73,12 +73,13 @@ def fits(engine, expected: torch.Tensor) -> bool:
 def test_sampled_tokens_follow_the_target_distribution(tiny, monkeypatch):
     expected = exact_pair_probs(tiny)
     assert fits(load_engine(EngineConfig(llm_path=str(tiny))), expected)
+    # Best-first with a floor that leaves nodes out (subspec) and without one (eagle).
     subspec = load_engine(EngineConfig(method="subspec_sd", llm_path=str(tiny), substitute_bits=4,
-                                       max_depth=3, topk_len=2))
+                                       max_depth=3, topk_len=2, min_draft_prob=0.05))
     assert fits(subspec, expected)
     head = save_random_head(tiny.parent / "eagle-head", tiny, std=0.3)
     eagle = load_engine(EngineConfig(method="eagle_sd", llm_path=str(tiny), draft_model_path=str(head),
-                                     max_depth=3, topk_len=2))
+                                     max_depth=3, topk_len=2, min_draft_prob=0.0))
     assert fits(eagle, expected)
 
     # Control: a rule that trusts the draft must be caught by the same test.

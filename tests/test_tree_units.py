@@ -248,10 +248,12 @@ def test_best_first_expands_the_globally_most_probable_node_first_by_hand():
     check_tree(tree, 2, [0, 0, 1, 0, 2])
 
 
-def best_first_oracle(logp: torch.Tensor, root: int, shape: TreeShape, batch: int, children: int):
+def best_first_oracle(logp: torch.Tensor, root: int, shape: TreeShape, batch: int, children: int,
+                      min_score: float | None = None):
     """Best-first in plain Python, with draft rows `logp` per node index: each round, draft the
     newest nodes, then add the `batch` best candidates (top `children` per drafted node, not
-    deeper than max_depth, not added yet)."""
+    deeper than max_depth, not added yet), only those scoring `min_score` or more when given; no
+    such candidate ends the tree."""
     nodes = [(0, root, 0.0, 0)]  # parent, token, score, depth
     pool: dict[tuple[int, int], float] = {}
     frontier = [0]
@@ -263,8 +265,13 @@ def best_first_oracle(logp: torch.Tensor, root: int, shape: TreeShape, batch: in
                     pool[(f, token)] = nodes[f][2] + value
         wanted = min(batch, shape.max_nodes - (len(nodes) - 1))
         best = sorted(pool.items(), key=lambda item: -item[1])[:wanted]
-        # Fewer real candidates than wanted is the tiny-vocabulary corner, tested separately.
-        assert len(best) == wanted, "test setup: choose a shape with enough candidates"
+        if min_score is not None:
+            best = [(pick, score) for pick, score in best if score >= min_score]
+            if not best:
+                break
+        else:
+            # Fewer real candidates than wanted is the tiny-vocabulary corner, tested separately.
+            assert len(best) == wanted, "test setup: choose a shape with enough candidates"
         frontier = []
         for (parent, token), score in best:
             del pool[(parent, token)]
@@ -295,6 +302,48 @@ def test_best_first_matches_a_plain_python_oracle(batch, children, shape):
     assert tree.size == 1 + shape.max_nodes
     assert all(d <= shape.max_depth for _, _, d, _ in got)
     check_tree(tree, 6, tree.parents[: tree.size].tolist())
+
+
+@pytest.mark.parametrize("min_prob", [0.3, 0.05, 1e-3, 1e-6])
+@pytest.mark.parametrize("batch, children, shape", [(3, 3, TreeShape(max_depth=32, max_nodes=18)),
+                                                    (4, 2, TreeShape(max_depth=4, max_nodes=30))],
+                         ids=["deep", "depth-cap"])
+def test_best_first_with_a_floor_matches_a_plain_python_oracle(batch, children, shape, min_prob):
+    # Peaked rows (temperature 0.3) as a real draft's: some picks fall below each floor.
+    logp = (random_table(1 + shape.max_nodes, 40, seed=batch * 5 + children) / 0.3).log_softmax(dim=-1)
+    floor = math.log(min_prob)
+    tree, step = Tree(1 + shape.max_nodes, CPU), FakeStep(logp, by="node")
+    tree.reset(3, prefix_len=6)
+    grow_best_first(tree, step, shape, batch=batch, children=children, min_score=floor)
+    expected = best_first_oracle(logp, 3, shape, batch, children, min_score=floor)
+    got = nodes_of(tree)
+    assert [(p, t) for p, t, _, _ in got] == [(p, t) for p, t, _ in expected]
+    assert [s for *_, s in got] == pytest.approx([s for *_, s in expected], rel=1e-5, abs=1e-5)
+    assert all(s >= floor for *_, s in got)  # no placeholders: nothing below the floor was added
+    assert all(d <= shape.max_depth for _, _, d, _ in got)
+    check_tree(tree, 6, tree.parents[: tree.size].tolist())
+
+
+def test_a_floor_spends_the_budget_on_depth_where_the_draft_is_sure():
+    # Each token's likely successor is the next token (p .97). Without a floor a batch of 4 spends
+    # the 8 nodes in 3 forwards (2, 4 and 2 nodes: depth 3); with one, every forward extends the
+    # sure chain.
+    logp = table([[0.01 if t != (row + 1) % 4 else 0.97 for t in range(4)] for row in range(4)])
+    shape = TreeShape(max_depth=20, max_nodes=8)
+    plain, plain_step = Tree(9, CPU), FakeStep(logp)
+    plain.reset(0, prefix_len=3)
+    grow_best_first(plain, plain_step, shape, batch=4, children=2)
+    assert max(d for _, _, d, _ in nodes_of(plain)) == 3 and len(plain_step.calls) == 3
+    deep, deep_step = Tree(9, CPU), FakeStep(logp)
+    deep.reset(0, prefix_len=3)
+    grow_best_first(deep, deep_step, shape, batch=4, children=2, min_score=math.log(0.05))
+    assert [(p, t, d) for p, t, d, _ in nodes_of(deep)] == [(i, (i + 1) % 4, i + 1) for i in range(8)]
+    assert len(deep_step.calls) == 8  # the last node added is not drafted
+    # A floor the chain falls under after 3 steps (.97^3 = .913, .97^4 = .885) ends the tree there.
+    short, short_step = Tree(9, CPU), FakeStep(logp)
+    short.reset(0, prefix_len=3)
+    grow_best_first(short, short_step, shape, batch=4, children=2, min_score=math.log(0.9))
+    assert short.size == 4 and short_step.calls == [[0], [1], [2], [3]]
 
 
 def check_genuine_candidates(tree: Tree, step: FakeStep, shape: TreeShape, children: int) -> list[tuple[int, int]]:
