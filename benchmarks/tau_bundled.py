@@ -5,7 +5,7 @@ are printed and saved after each prompt); each policy's tokens are compared with
 (the lossless promise, reported per prompt). tau = emitted tokens / verifications over all prompts.
 
     python benchmarks/tau_bundled.py [--prompts 20] [--new-tokens 128] [--device cuda] [--dtype float32]
-                                     [--row-invariant] [--policies best-first] [--eagle-head DIR]
+                                     [--row-invariant] [--policies 'best-first floor;chain'] [--eagle-head DIR]
 
 In bfloat16 a policy can differ from vanilla at near-ties unless --row-invariant (README: "Greedy
 output and bfloat16"); this counts the identical replies either way.
@@ -63,13 +63,13 @@ def main() -> None:
     parser.add_argument("--row-invariant", action=argparse.BooleanOptionalAction, default=None,
                         help="EngineConfig.row_invariant for every engine (default: the engine's, on in 16-bit dtypes)")
     parser.add_argument("--json")
-    parser.add_argument("--policies", help="comma-separated prefixes of the names to run, e.g. 'best-first floor' "
-                                           "(default: all)")
+    parser.add_argument("--policies", help="prefixes of the names to run, separated by ';' (names hold commas), "
+                                           "e.g. 'best-first floor;chain' (default: all)")
     parser.add_argument("--eagle-head", help="also eagle_sd with this EAGLE head (benchmarks/train_eagle.py) on the "
                                              "default tree")
     args = parser.parse_args()
     policies = {name: dict(method="subspec_sd", **tree) for name, tree in POLICIES.items()
-                if not args.policies or any(name.startswith(p) for p in args.policies.split(","))}
+                if not args.policies or any(name.startswith(p) for p in args.policies.split(";"))}
     if args.eagle_head:
         policies["eagle_sd (best-first floor, 192-node budget, 16 per draft forward)"] = dict(
             method="eagle_sd", draft_model_path=args.eagle_head, **POLICIES["best-first floor (192-node budget, 16 per draft forward)"])

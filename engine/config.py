@@ -49,9 +49,10 @@ class EngineConfig:
     max_depth: int = 32
     topk_len: int = 6
     node_budget: int | None = None  # best_first: nodes besides the root; None = max_depth * topk_len
-    # best_first: nodes drafted per draft forward (None = topk_len). 16 reaches a 288-node budget in
-    # 19 forwards instead of 48 at the same tau (bundled SmolLM2: 11.95 vs 11.78); a 16-token
-    # forward costs 1.8x a 6-token one on an H200 (7B shape), so drafting takes 188 ms, not 288.
+    # best_first: nodes drafted per draft forward (None = topk_len; at most, with the floor below).
+    # 16 reaches a 288-node budget in 19 forwards instead of 48 at the same tau (bundled SmolLM2:
+    # 11.95 vs 11.78); a 16-token forward costs 1.8x a 6-token one on an H200 (7B shape), so
+    # drafting takes 188 ms, not 288.
     draft_batch: int | None = 16
     # best_first: a node whose cumulative draft probability (at draft_temperature) is below this is
     # not drafted, and the tree ends when no candidate reaches it, so the budget the draft all but

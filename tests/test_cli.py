@@ -71,7 +71,7 @@ def test_global_options_reach_the_engine_config(engines, capsys, tmp_path):
     config.write_text("method: classic_sd\ntopk_len: 4\nseed: 3\n")
     code, _, _ = run(
         capsys, "--config", str(config), "--max-depth", "5", "--vram-limit-gb", "8", "--nvtx-profiling",
-        "--tree-policy", "best_first", "--node-budget", "40", "--do-sample", "--temperature", "0.7",
+        "--tree-policy", "best_first", "--node-budget", "40", "--min-draft-prob", "0.001", "--do-sample", "--temperature", "0.7",
         "--llm-path", "some/model", "--draft-model-path", "some/draft", "--device", "cpu", "--keep-first-n-layers-on-gpu", "3",
         "--dtype", "bfloat16", "--row-invariant", "run-test", "--json",
     )
@@ -79,6 +79,7 @@ def test_global_options_reach_the_engine_config(engines, capsys, tmp_path):
     cfg = engines[0].config
     assert (cfg.method, cfg.max_depth, cfg.topk_len, cfg.vram_limit_gb) == ("classic_sd", 5, 4, 8.0)
     assert (cfg.tree_policy, cfg.node_budget, cfg.nvtx_profiling, cfg.row_invariant) == ("best_first", 40, True, True)
+    assert cfg.min_draft_prob == 0.001
     assert (cfg.llm_path, cfg.device, cfg.keep_first_n_layers_on_gpu, cfg.dtype) == ("some/model", "cpu", 3, "bfloat16")
     sampling = engines[0].samplings[0]
     assert (sampling.do_sample, sampling.temperature, sampling.seed) == (True, 0.7, 3)

@@ -92,6 +92,8 @@ def test_values_are_typed_and_converted(tmp_path):
         ("verify_method: fuzzy\n", "key 'verify_method' must be one of 'exact', 'lossy', got 'fuzzy'"),
         ("max_depth: 0\n", "key 'max_depth' must be at least 1, got 0"),
         ("top_p: 1.5\n", "key 'top_p' must be at most 1, got 1.5"),
+        ("min_draft_prob: 1\n", "key 'min_draft_prob' must be below 1, got 1"),
+        ("min_draft_prob: -0.1\n", "key 'min_draft_prob' must be at least 0, got -0.1"),
         ("stop: [1, 2]\n", "key 'stop' must be a list of strings, got [1, 2]"),
         ("- max_depth\n", "the top level must be a mapping of keys, got list"),
         ("max_depth: [3\n", "not valid YAML at line 2, column 1"),

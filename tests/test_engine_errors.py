@@ -95,6 +95,8 @@ def test_bad_settings(tmp_path, bundled_folder):
     folder = str(save_random_model(tmp_path / "m", "llama", bundled_folder))
     assert "needs a draft model" in load_error(method="classic_sd", llm_path=folder)
     assert "unknown method" in load_error(method="magic", llm_path=folder)
+    assert "--min-draft-prob must be in [0, 1), got 1.5" in load_error(method="subspec_sd", llm_path=folder,
+                                                                       min_draft_prob=1.5)
     assert "between 0 and 3" in load_error(llm_path=folder, device="cpu", emulate_offload=True,
                                            keep_first_n_layers_on_gpu=9)
 
