@@ -44,6 +44,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from engine import EngineConfig, SamplingConfig
+from engine.config import MIN_DRAFT_PROB
 from engine.build import engine_from_model
 from engine.engine import Engine
 from engine.loading import LoadedModel
@@ -240,10 +241,10 @@ def bench_subspec(model, config, args, device, vram_gb: float, prompt: list[int]
     for batch, wide_out in out["wide"].items():  # the same budget, `batch` nodes per draft forward
         wide_out["iteration"] = _iterations(engine, prompt, "best_first", profile_depth,
                                             out["profile_nodes"] - 1, args, batch)
-    # The floor's host read per draft forward, at the engine's default width (its iteration: a
-    # random draft's tree; what the read costs shows in ms per forward).
+    # The floor's host read per draft forward (the CPU's default floor), at the engine's default
+    # width (its iteration: a random draft's tree; what the read costs shows in ms per forward).
     out["iteration_floor"] = _iterations(engine, prompt, "best_first", profile_depth, out["profile_nodes"] - 1, args,
-                                         EngineConfig.draft_batch, EngineConfig.min_draft_prob)
+                                         EngineConfig.draft_batch, MIN_DRAFT_PROB)
     target.transformer.prefill(target.stack, target.cache, ids, 512)
     out["draft_alone"] = {batch: _draft_alone(engine, prompt[-1], profile_depth, out["profile_nodes"] - 1, batch, args)
                           for batch in (WIDTH, *out["wide"])}

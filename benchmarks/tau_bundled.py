@@ -19,12 +19,13 @@ import time
 from pathlib import Path
 
 from engine import EngineConfig, SamplingConfig, load_engine
+from engine.config import MIN_DRAFT_PROB
 
 DATA = Path(__file__).resolve().parents[1] / "subspec_tui" / "data" / "mt_bench_questions.jsonl"
 # Best-first trees without a floor draft `draft_batch` nodes every forward (their rows here predate
 # the floor); "floor" rows leave out nodes below the engine's default cumulative draft probability.
 NO_FLOOR = dict(min_draft_prob=0.0)
-FLOOR = dict(min_draft_prob=EngineConfig.min_draft_prob)
+FLOOR = dict(min_draft_prob=MIN_DRAFT_PROB)
 POLICIES = {
     "reference tree (depth 32, top-6)": dict(tree_policy="reference", max_depth=32, topk_len=6),
     "best-first (192-node budget)": dict(tree_policy="best_first", max_depth=32, topk_len=6, node_budget=192,

@@ -216,7 +216,7 @@ def _check_config(config: EngineConfig) -> None:
         raise EngineError("--max-depth must be >= 0 and --topk-len >= 1")
     if config.draft_batch is not None and config.draft_batch < 1:
         raise EngineError(f"--draft-batch must be at least 1, got {config.draft_batch}")
-    if not 0 <= config.min_draft_prob < 1:
+    if config.min_draft_prob is not None and not 0 <= config.min_draft_prob < 1:
         raise EngineError(f"--min-draft-prob must be in [0, 1), got {config.min_draft_prob}")
     if config.draft_temperature <= 0:
         raise EngineError("the draft temperature must be > 0")

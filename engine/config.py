@@ -11,10 +11,11 @@ COMPILE_MODES: tuple[str | None, ...] = ("auto", "cuda-graphs", None)
 SUBSTITUTE_KERNELS: tuple[str, ...] = ("auto", "triton", "tinygemm", "gemlite", "hqq", "dense")
 
 
-# The default floor of best-first trees. Bundled SmolLM2, 20 MT-Bench prompts, float32, 192 nodes, 16
-# per draft forward (benchmarks/tau_bundled.py): tau 10.34 without a floor (12.8 draft forwards per
-# verification), 10.85 at 1e-8 (13.4), 11.10 at 1e-6 (14.1), 11.52 at 1e-4 (15.1); the reference
-# tree 10.70 in 32 forwards.
+# The floor of best-first trees on a CPU. Bundled SmolLM2, 20 MT-Bench prompts, float32, 192 nodes,
+# 16 per draft forward (benchmarks/tau_bundled.py): tau 10.34 without a floor (12.8 draft forwards
+# per verification), 10.85 at 1e-8 (13.4), 11.10 at 1e-6 (14.1, 4% faster), 11.52 at 1e-4 (15.1);
+# the reference tree 10.70 in 32 forwards. On a GPU its host read per forward costs more than it
+# gains (H100, 7B, 288 nodes: 0.89x; docs/engine.md, "Tree policies"): off there by default.
 MIN_DRAFT_PROB = 1e-6
 
 
@@ -57,8 +58,9 @@ class EngineConfig:
     # best_first: a node whose cumulative draft probability (at draft_temperature) is below this is
     # not drafted, and the tree ends when no candidate reaches it, so the budget the draft all but
     # rules out goes to depth where it is sure (engine.tree.grow_best_first). 0 = off: every draft
-    # forward drafts draft_batch nodes and the host never waits for the draft.
-    min_draft_prob: float = MIN_DRAFT_PROB
+    # forward drafts draft_batch nodes and the host never waits for the draft. None = MIN_DRAFT_PROB
+    # on a CPU, off on a GPU (min_draft_prob_by_default).
+    min_draft_prob: float | None = None
     draft_temperature: float = 0.2
     substitute_bits: int = 4
     substitute_group_size: int = 64
@@ -113,6 +115,13 @@ def method_unavailable(method: str, draft_model_path: str | None) -> str | None:
     if method == "classic_sd" and not draft_model_path:
         return "classic_sd needs a draft model: pass --draft-model-path"
     return None
+
+
+def min_draft_prob_by_default(config: EngineConfig, device_type: str) -> float:
+    """EngineConfig.min_draft_prob, resolved for a device when left unset."""
+    if config.min_draft_prob is not None:
+        return config.min_draft_prob
+    return MIN_DRAFT_PROB if device_type == "cpu" else 0.0
 
 
 def row_invariant_by_default(dtype_bytes: int) -> bool:

@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 
 from engine.cache import KVCache
-from engine.config import EngineConfig
+from engine.config import EngineConfig, min_draft_prob_by_default
 from engine.eagle import EagleHead
 from engine.graphs import DraftGraphs
 from engine.model import Stack, Transformer
@@ -64,7 +64,8 @@ def grow(tree: Tree, step: DraftStep, shape: TreeShape, config: EngineConfig) ->
     forwards) leaves a partial tree."""
     try:
         if config.tree_policy == "best_first":
-            floor = math.log(config.min_draft_prob) if config.min_draft_prob > 0 else None
+            min_prob = min_draft_prob_by_default(config, tree.tokens.device.type)
+            floor = math.log(min_prob) if min_prob > 0 else None
             grow_best_first(tree, step, shape, batch=config.draft_batch or config.topk_len, children=config.topk_len,
                             min_score=floor)
         else:

@@ -20,7 +20,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
-from engine.config import EngineConfig, method_unavailable
+from engine.config import EngineConfig, method_unavailable, min_draft_prob_by_default
 from profiles.runner import Profile, vram_budget
 from profiles.store import ProfileError
 
@@ -70,7 +70,8 @@ class Planned:
             "node_budget": config.draft_nodes() if drafts else None,
             "max_depth": config.max_depth if drafts else None,
             "draft_batch": config.draft_batch if drafts and config.tree_policy == "best_first" else None,
-            "min_draft_prob": config.min_draft_prob if drafts and config.tree_policy == "best_first" else None,
+            "min_draft_prob": min_draft_prob_by_default(config, "cuda" if on_gpu else "cpu")
+            if drafts and config.tree_policy == "best_first" else None,
             "max_length": engine_details.get("max_length", config.max_length),
             "profile_path": str(path) if path else None,
         }

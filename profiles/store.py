@@ -77,7 +77,7 @@ class ModelPlan:
     topk_len: int | None = None
     node_budget: int | None = None
     draft_batch: int | None = None  # best_first nodes per draft forward; None = topk_len
-    min_draft_prob: float | None = None  # best_first's floor (0 = none); None = the engine's default
+    min_draft_prob: float | None = None  # best_first's floor (0 = none); None: plans measured before it
     # Streamed layers cross PCIe Huffman-coded (engine.compress): measured faster than bf16 here.
     compressed_streaming: bool = False
     estimated_peak_bytes: int | None = None

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from engine import EngineConfig, EngineError
+from engine.config import MIN_DRAFT_PROB
 from profiles import GIB, Profile, ProfileError, ProfileStore, estimate_plan, format_profile, run_profile
 from profiles import fit, runner
 from profiles_fake_engine import FakeGpu
@@ -143,7 +144,7 @@ def test_the_tree_is_the_free_budget_that_generates_fastest():
     assert (plan.node_budget, plan.max_depth, plan.tree_policy, plan.draft_batch) == (192, 32, "best_first", 16)
     assert list(plan.tok_per_s_by_candidate) == [
         "best-first 289 nodes, 16 per draft forward", "best-first 289 nodes, 32 per draft forward",
-        "best-first 289 nodes, 6 per draft forward", "best-first 289 nodes, 16 per draft forward, no floor",
+        "best-first 289 nodes, 6 per draft forward", "best-first 289 nodes, 16 per draft forward, floor 1e-06",
         "best-first 193 nodes, 16 per draft forward", "best-first 97 nodes, 16 per draft forward",
         "best-first 193 nodes, 16 per draft forward, compressed streaming",  # the chosen tree, the other form
     ]
@@ -201,17 +202,17 @@ def test_the_fastest_draft_width_that_fits_wins(fastest):
 @pytest.mark.parametrize("floor_faster", [True, False])
 def test_the_floor_is_kept_only_where_it_generates_faster(floor_faster):
     """The best-first floor (a host read per draft forward) against none, same tree: the faster is
-    stored, and a plan without it hands the engine 0, not the engine's default."""
+    stored, explicitly either way."""
     gpu = FakeGpu(
         peak_bytes=lambda layers, slots, depth: 4 * GIB,
         forward_s=lambda tokens: FREE_FORWARD_S if tokens <= 289 else SLOW_FORWARD_S,
-        decode_s=lambda config: 0.05 if (config.min_draft_prob > 0) == floor_faster else 0.1,
+        decode_s=lambda config: 0.05 if bool(config.min_draft_prob) == floor_faster else 0.1,
     )
     plan = fit.fit_gpu(None, "subspec_sd", QWEN25_7B, 8 * GIB, 8.0, 2048, "fp", print, gpu.load)
-    want = EngineConfig.min_draft_prob if floor_faster else 0.0
+    want = MIN_DRAFT_PROB if floor_faster else 0.0
     assert (plan.node_budget, plan.draft_batch, plan.min_draft_prob) == (288, 16, want)
     assert plan.engine_overrides()["min_draft_prob"] == want
-    assert "best-first 289 nodes, 16 per draft forward, no floor" in plan.tok_per_s_by_candidate
+    assert "best-first 289 nodes, 16 per draft forward, floor 1e-06" in plan.tok_per_s_by_candidate
 
 
 def compressed_faster_gpu(speedup: float) -> FakeGpu:
@@ -295,7 +296,7 @@ def test_choose_tree_reconfigures_a_real_engine(monkeypatch):
     messages = []
     chosen, speeds, peak = fit.choose_tree(engine, 65, None, messages.append)
     assert list(speeds) == [f"best-first {n} nodes, {b} per draft forward{floor}" for n, b, floor in
-                            ((65, 16, ""), (65, 32, ""), (65, 6, ""), (65, 16, ", no floor"), (22, 16, ""))]
+                            ((65, 16, ""), (65, 32, ""), (65, 6, ""), (65, 16, ", floor 1e-06"), (22, 16, ""))]
     assert all(tps > 0 for tps in speeds.values()) and len(messages) == 5
     assert speeds[chosen.label()] == max(speeds.values())
     assert (engine.config.tree_policy, engine.config.topk_len) == ("best_first", 6)

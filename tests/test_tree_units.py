@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.cache import KVCache
 from engine.tree import Tree, TreeShape, grow_best_first, grow_reference
-from engine.config import SamplingConfig
+from engine.config import MIN_DRAFT_PROB, EngineConfig, SamplingConfig, min_draft_prob_by_default
 from engine.verify import ROWS_AT_ONCE, choose, lenient_nodes, walk, walk_lossy
 
 CPU = torch.device("cpu")
@@ -344,6 +344,14 @@ def test_a_floor_spends_the_budget_on_depth_where_the_draft_is_sure():
     short.reset(0, prefix_len=3)
     grow_best_first(short, short_step, shape, batch=4, children=2, min_score=math.log(0.9))
     assert short.size == 4 and short_step.calls == [[0], [1], [2], [3]]
+
+
+def test_the_floor_is_on_by_default_on_a_cpu_only():
+    # On a GPU its host read per draft forward costs more than it gains (docs/engine.md).
+    assert min_draft_prob_by_default(EngineConfig(), "cpu") == MIN_DRAFT_PROB > 0
+    assert min_draft_prob_by_default(EngineConfig(), "cuda") == 0.0
+    assert min_draft_prob_by_default(EngineConfig(min_draft_prob=0.0), "cpu") == 0.0
+    assert min_draft_prob_by_default(EngineConfig(min_draft_prob=1e-3), "cuda") == 1e-3
 
 
 def check_genuine_candidates(tree: Tree, step: FakeStep, shape: TreeShape, children: int) -> list[tuple[int, int]]:
