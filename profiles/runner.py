@@ -232,8 +232,9 @@ def format_profile(profile: Profile) -> str:
         lines.append(f"Substitute: HQQ {plan.substitute_bits}-bit, group {plan.substitute_group}")
     if plan.max_depth is not None:
         batch = f", {plan.draft_batch} per draft forward" if plan.draft_batch else ""
+        floor = f", floor {plan.min_draft_prob:g}" if plan.min_draft_prob else ""
         lines.append(f"Tree:     {plan.tree_policy}, depth {plan.max_depth}, top-{plan.topk_len} "
-                     f"({(plan.node_budget or 0) + 1} nodes{batch})")
+                     f"({(plan.node_budget or 0) + 1} nodes{batch}{floor})")
     lines.append(f"Context:  {plan.max_context} tokens")
     if plan.verify_ms_by_nodes:
         costs = ", ".join(f"{n}: {ms:.1f} ms" for n, ms in sorted(plan.verify_ms_by_nodes.items()))

@@ -213,6 +213,8 @@ def test_the_floor_is_kept_only_where_it_generates_faster(floor_faster):
     assert (plan.node_budget, plan.draft_batch, plan.min_draft_prob) == (288, 16, want)
     assert plan.engine_overrides()["min_draft_prob"] == want
     assert "best-first 289 nodes, 16 per draft forward, floor 1e-06" in plan.tok_per_s_by_candidate
+    shown = format_profile(Profile(GPU_DEVICE, "fake", "subspec_sd", plan, None, False))
+    assert ("(289 nodes, 16 per draft forward, floor 1e-06)" in shown) == floor_faster
 
 
 def compressed_faster_gpu(speedup: float) -> FakeGpu:
