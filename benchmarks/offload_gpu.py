@@ -74,7 +74,7 @@ HBM_GBPS = 4800.0  # H200 datasheet: the floor of anything that reads its bytes 
 VERIFY_NODES = (1, 97, 193, 289)
 REFERENCE_TREE = (48, 6)  # depth x top-k: 289 nodes with the root
 WIDTH = 6
-FLOOR_TREE = "floor16"  # best-first, 16 per draft forward, the engine's default floor
+FLOOR_TREE = "floor16"  # best-first, 16 per draft forward, the CPU's default floor (MIN_DRAFT_PROB)
 
 
 class _NoText:

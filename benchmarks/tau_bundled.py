@@ -22,36 +22,30 @@ from engine import EngineConfig, SamplingConfig, load_engine
 from engine.config import MIN_DRAFT_PROB
 
 DATA = Path(__file__).resolve().parents[1] / "subspec_tui" / "data" / "mt_bench_questions.jsonl"
-# Best-first trees without a floor draft `draft_batch` nodes every forward (their rows here predate
-# the floor); "floor" rows leave out nodes below the engine's default cumulative draft probability.
-NO_FLOOR = dict(min_draft_prob=0.0)
-FLOOR = dict(min_draft_prob=MIN_DRAFT_PROB)
+
+
+def best_first(budget: int, depth: int, batch: int, floor: bool = False) -> dict:
+    """A best-first tree: without a floor it drafts `batch` nodes every forward (the rows here that
+    predate the floor); with one it leaves out nodes below MIN_DRAFT_PROB (engine/config.py)."""
+    return dict(tree_policy="best_first", max_depth=depth, topk_len=6, node_budget=budget, draft_batch=batch,
+                min_draft_prob=MIN_DRAFT_PROB if floor else 0.0)
+
+
 POLICIES = {
     "reference tree (depth 32, top-6)": dict(tree_policy="reference", max_depth=32, topk_len=6),
-    "best-first (192-node budget)": dict(tree_policy="best_first", max_depth=32, topk_len=6, node_budget=192,
-                                         draft_batch=6, **NO_FLOOR),
-    "best-first (192-node budget, 16 per draft forward)": dict(tree_policy="best_first", max_depth=32, topk_len=6,
-                                                                node_budget=192, draft_batch=16, **NO_FLOOR),
-    "best-first floor (192-node budget, 16 per draft forward)": dict(tree_policy="best_first", max_depth=32,
-                                                                      topk_len=6, node_budget=192, draft_batch=16,
-                                                                      **FLOOR),
-    "best-first floor (192-node budget, 32 per draft forward)": dict(tree_policy="best_first", max_depth=32,
-                                                                      topk_len=6, node_budget=192, draft_batch=32,
-                                                                      **FLOOR),
+    "best-first (192-node budget)": best_first(192, 32, 6),
+    "best-first (192-node budget, 16 per draft forward)": best_first(192, 32, 16),
+    "best-first floor (192-node budget, 16 per draft forward)": best_first(192, 32, 16, floor=True),
+    "best-first floor (192-node budget, 32 per draft forward)": best_first(192, 32, 32, floor=True),
     "chain (depth 32, top-1)": dict(tree_policy="reference", max_depth=32, topk_len=1),
     # The GPU profile's tree (289 nodes: free to verify on the 7B shape), 6, 16 or 32 nodes per
     # draft forward.
-    "best-first 288 (6 per draft forward)": dict(tree_policy="best_first", max_depth=48, topk_len=6, node_budget=288,
-                                                 draft_batch=6, **NO_FLOOR),
-    "best-first 288 (16 per draft forward)": dict(tree_policy="best_first", max_depth=48, topk_len=6, node_budget=288,
-                                                  draft_batch=16, **NO_FLOOR),
+    "best-first 288 (6 per draft forward)": best_first(288, 48, 6),
+    "best-first 288 (16 per draft forward)": best_first(288, 48, 16),
     # With the Triton int4 kernel a 32-token draft forward costs ~1.2x a 16-token one (H200, 7B).
-    "best-first 288 (32 per draft forward)": dict(tree_policy="best_first", max_depth=48, topk_len=6, node_budget=288,
-                                                  draft_batch=32, **NO_FLOOR),
-    "best-first floor 288 (16 per draft forward)": dict(tree_policy="best_first", max_depth=48, topk_len=6,
-                                                        node_budget=288, draft_batch=16, **FLOOR),
-    "best-first floor 288 (32 per draft forward)": dict(tree_policy="best_first", max_depth=48, topk_len=6,
-                                                        node_budget=288, draft_batch=32, **FLOOR),
+    "best-first 288 (32 per draft forward)": best_first(288, 48, 32),
+    "best-first floor 288 (16 per draft forward)": best_first(288, 48, 16, floor=True),
+    "best-first floor 288 (32 per draft forward)": best_first(288, 48, 32, floor=True),
 }
 
 
